@@ -79,6 +79,12 @@ class EncoderConfig:
     seed: int = 42
     embed_batch_size: int = 256
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    warmup_frac: float = 0.06  # share of steps with linear lr warm-up, then linear decay to 0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
+    valid_k: int = 50  # early stopping watches validation Recall@valid_k over the full catalogue
+    valid_max_users: int = 2_000  # validation users sampled (seeded) to keep evaluation cheap
+    tower_refit_steps: int = 300  # user-tower-only steps on the final embeddings (BERT frozen)
 
 
 @dataclass(frozen=True)
