@@ -164,6 +164,12 @@ class ServeConfig:
     max_per_category: int | None = None  # diversity cap; None = off
     diversity_attribute: str = "category"
     pseudonym_key: str = "change-me"
+    default_k: int = 10  # used when a request leaves num_results at 0
+    max_id_chars: int = 256  # longest accepted user/item/request id
+    max_filter_values: int = 1_000  # exclude ids + attribute values per request
+    max_batch_requests: int = 1_000  # requests per BatchRecommend stream
+    keep_previous_bundle: bool = True  # hold the last version in memory for instant rollback
+    shutdown_grace_s: float = 5.0  # in-flight requests get this long on SIGTERM
 
 
 def to_dict(cfg: Any) -> Any:
@@ -194,3 +200,47 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
         else:
             kwargs[name] = value
     return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Default hyper-parameters of the comparison baselines (training/baselines.py).
+
+    `grids` lists what `tune` tries on the validation window (train split by time), never on test.
+    """
+
+    popularity_window_days: float = 7.0  # recent-popularity window; also the fill for every baseline
+    repeat_half_life_days: float = 7.0  # repeat_pop: recency weight of the user's own items
+    knn_neighbours: int = 50  # item-kNN: neighbours kept per item
+    knn_history_half_life_days: float = 3.0  # item-kNN: decay of the user's history items
+    knn_cooc_half_life_days: float = 14.0  # item-kNN: decay of events when counting co-occurrence
+    als_factors: int = 64
+    als_regularization: float = 0.05
+    als_iterations: int = 15
+    als_alpha: float = 1.0  # confidence = alpha * summed event weight
+    als_threads: int = 2
+    batch_users: int = 2048  # users scored per vectorised batch
+    seed: int = 42
+    grids: dict[str, dict[str, list[Any]]] = field(
+        default_factory=lambda: {
+            "popularity": {"popularity_window_days": [1.0, 3.0, 7.0]},
+            "repeat_pop": {"repeat_half_life_days": [1.0, 7.0], "popularity_window_days": [1.0, 7.0]},
+            "itemknn": {"neighbours": [20, 100], "history_half_life_days": [1.0, 7.0]},
+            "als": {"factors": [32, 64], "regularization": [0.01, 0.1]},
+        }
+    )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Offline evaluation protocol (training/evaluate.py, training/eval_cli.py)."""
+
+    ks: tuple[int, ...] = (12, 50, 100, 200)
+    modes: tuple[str, ...] = ("all", "novel")  # see training/evaluate.py for what each means
+    systems: tuple[str, ...] = ("popularity", "repeat_pop", "itemknn", "als", "raw_encoder")
+    max_users: int | None = None  # evaluate a seeded sample of test users; None = all of them
+    tune: bool = True
+    tune_metric: str = "map@12"
+    tune_mode: str = "all"
+    tune_max_users: int | None = 5_000  # validation users per trial, keeps tuning to minutes
+    seed: int = 42
