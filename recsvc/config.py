@@ -114,6 +114,18 @@ class CandidateConfig:
 
 
 @dataclass(frozen=True)
+class RecommenderConfig:
+    """Request-path knobs that do not change features (recsvc/recommender.py)."""
+
+    session_event_weight: float = 1.0  # weight of a request's session items, treated as fresh views
+    session_neighbours: int = 100  # co-occurrence neighbours proposed for session items
+    query_candidates: int = 200  # ANN results for a free-text query
+    overfetch_rounds: int = 3  # times the ANN depth is multiplied by 4 when filters leave < k items
+    explain_history_items: int = 20  # recent history items searched for an explanation
+    query_precision: str = "bf16"  # encoder precision for free-text queries on CPU
+
+
+@dataclass(frozen=True)
 class RankerConfig:
     """LightGBM lambdarank (recsvc/ranker.py, training/train_ranker.py)."""
 

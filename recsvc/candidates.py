@@ -1,0 +1,203 @@
+"""Candidate generation: a union of cheap sources that the ranker then orders.
+
+ANN search itself happens outside (so recsvc-batch can run one batched FAISS search); this module
+turns its result plus the user's own history, popularity and co-occurrence into one deduplicated
+list with a bitmask of which sources proposed each item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from recsvc.behaviour import CoOccurrence, ItemStats, decay
+from recsvc.config import CandidateConfig
+from recsvc.history import UserHistory
+
+SOURCE_BITS: dict[str, int] = {"ann": 1, "repeat": 2, "popular": 4, "cooc": 8, "session": 16, "query": 32}
+SOURCE_NAMES: tuple[str, ...] = tuple(SOURCE_BITS)
+# Order in which sources are kept when the union exceeds max_candidates (most specific first).
+SOURCE_PRIORITY: tuple[str, ...] = ("session", "query", "repeat", "ann", "cooc", "popular")
+# Recent history items whose co-occurrence neighbours are proposed.
+COOC_RECENT_ITEMS = 20
+
+
+@dataclass(frozen=True)
+class SourceList:
+    """One source's proposal: items best first with that source's score."""
+
+    source: str
+    items: np.ndarray  # int32
+    scores: np.ndarray  # float32
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCE_BITS:
+            raise ValueError(f"unknown candidate source {self.source!r} (known: {', '.join(SOURCE_NAMES)})")
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Deduplicated candidates for one user, with per-source evidence used as ranker features."""
+
+    items: np.ndarray  # int32 [n]
+    sources: np.ndarray  # uint8 [n] bitmask of SOURCE_BITS
+    ann_score: np.ndarray  # float32 [n], nan when not proposed by ANN
+    ann_rank: np.ndarray  # float32 [n], 0-based, nan when not proposed by ANN
+    cooc_score: np.ndarray  # float32 [n], summed decayed co-occurrence, nan when not proposed
+    repeat_score: np.ndarray  # float32 [n], recency-weighted own count, nan when not proposed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def has(self, source: str) -> np.ndarray:
+        """Boolean mask of candidates proposed by `source`."""
+        return (self.sources & SOURCE_BITS[source]) != 0
+
+    def source_names(self, i: int) -> tuple[str, ...]:
+        """Names of the sources that proposed candidate `i`."""
+        bits = int(self.sources[i])
+        return tuple(name for name, bit in SOURCE_BITS.items() if bits & bit)
+
+    def take(self, keep: np.ndarray) -> Candidates:
+        """Subset by boolean mask or index array (filters keep evidence aligned)."""
+        return Candidates(
+            self.items[keep],
+            self.sources[keep],
+            self.ann_score[keep],
+            self.ann_rank[keep],
+            self.cooc_score[keep],
+            self.repeat_score[keep],
+        )
+
+    @staticmethod
+    def empty() -> Candidates:
+        f = np.zeros(0, np.float32)
+        return Candidates(np.zeros(0, np.int32), np.zeros(0, np.uint8), f, f, f, f)
+
+
+def merge(lists: Sequence[SourceList], max_candidates: int) -> Candidates:
+    """Union of source lists: one row per item, OR of source bits, per-source scores kept.
+
+    Items keep the position of their first appearance in SOURCE_PRIORITY order, so truncation to
+    `max_candidates` drops the least specific proposals (popular last).
+    """
+    ordered = sorted(lists, key=lambda s: SOURCE_PRIORITY.index(s.source))
+    if not ordered or sum(len(s.items) for s in ordered) == 0:
+        return Candidates.empty()
+    all_items = np.concatenate([np.asarray(s.items, dtype=np.int32) for s in ordered])
+    bits = np.concatenate([np.full(len(s.items), SOURCE_BITS[s.source], np.uint8) for s in ordered])
+    unique, first, inverse = np.unique(all_items, return_index=True, return_inverse=True)
+    sources = np.zeros(len(unique), np.uint8)
+    np.bitwise_or.at(sources, inverse, bits)
+    evidence = {
+        name: np.full(len(unique), np.nan, np.float32) for name in ("ann", "ann_rank", "cooc", "repeat")
+    }
+    offset = 0
+    for s in ordered:
+        rows = inverse[offset : offset + len(s.items)]
+        offset += len(s.items)
+        if s.source == "ann":
+            evidence["ann"][rows] = s.scores
+            evidence["ann_rank"][rows] = np.arange(len(rows), dtype=np.float32)
+        elif s.source == "cooc":
+            evidence["cooc"][rows] = s.scores
+        elif s.source == "repeat":
+            evidence["repeat"][rows] = s.scores
+    order = np.argsort(first, kind="stable")[:max_candidates]
+    return Candidates(
+        unique[order].astype(np.int32),
+        sources[order],
+        evidence["ann"][order],
+        evidence["ann_rank"][order],
+        evidence["cooc"][order],
+        evidence["repeat"][order],
+    )
+
+
+def repeat_source(history: UserHistory, now: int, n: int, half_life_days: float) -> SourceList:
+    """The user's own items by recency-weighted count (repurchase / re-view)."""
+    if len(history) == 0 or n <= 0:
+        return SourceList("repeat", np.zeros(0, np.int32), np.zeros(0, np.float32))
+    w = history.weights * decay(now - history.timestamps, half_life_days)
+    items, inverse = np.unique(history.items, return_inverse=True)
+    scores = np.bincount(inverse, w, minlength=len(items)).astype(np.float32)
+    best = np.argsort(-scores, kind="stable")[:n]
+    return SourceList("repeat", items[best].astype(np.int32), scores[best])
+
+
+def popular_source(stats: ItemStats, n: int) -> SourceList:
+    """Items with the most recent interactions (the cold-start fallback)."""
+    items = stats.top_popular(n)
+    return SourceList("popular", items, stats.popularity[items])
+
+
+def cooc_source(
+    seed_items: np.ndarray,
+    seed_weights: np.ndarray,
+    cooc: CoOccurrence,
+    n: int,
+    source: str = "cooc",
+) -> SourceList:
+    """Neighbours of seed items, each neighbour scored by sum(seed weight x similarity)."""
+    if len(seed_items) == 0 or n <= 0:
+        return SourceList(source, np.zeros(0, np.int32), np.zeros(0, np.float32))
+    lo = cooc.indptr[seed_items]
+    hi = cooc.indptr[np.asarray(seed_items) + 1]
+    lengths = hi - lo
+    if lengths.sum() == 0:
+        return SourceList(source, np.zeros(0, np.int32), np.zeros(0, np.float32))
+    positions = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])
+    neighbours = cooc.indices[positions]
+    scores = cooc.scores[positions] * np.repeat(np.asarray(seed_weights, np.float32), lengths)
+    items, inverse = np.unique(neighbours, return_inverse=True)
+    totals = np.bincount(inverse, scores, minlength=len(items)).astype(np.float32)
+    best = np.argsort(-totals, kind="stable")[:n]
+    return SourceList(source, items[best].astype(np.int32), totals[best])
+
+
+def recent_seeds(history: UserHistory, now: int, half_life_days: float) -> tuple[np.ndarray, np.ndarray]:
+    """The last COOC_RECENT_ITEMS distinct history items with their decayed weight (summed)."""
+    if len(history) == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.float32)
+    tail = slice(max(0, len(history) - 4 * COOC_RECENT_ITEMS), len(history))
+    items = history.items[tail][::-1]
+    w = (history.weights[tail] * decay(now - history.timestamps[tail], half_life_days))[::-1]
+    unique, first, inverse = np.unique(items, return_index=True, return_inverse=True)
+    totals = np.bincount(inverse, w, minlength=len(unique))
+    keep = np.argsort(first, kind="stable")[:COOC_RECENT_ITEMS]
+    return unique[keep].astype(np.int32), totals[keep].astype(np.float32)
+
+
+def generate(
+    history: UserHistory,
+    *,
+    ann_items: np.ndarray | None,
+    ann_scores: np.ndarray | None,
+    stats: ItemStats,
+    cooc: CoOccurrence,
+    cfg: CandidateConfig,
+    now: int,
+    extra: Sequence[SourceList] = (),
+) -> Candidates:
+    """All sources for one user, each capped by `cfg`, merged and capped at `cfg.max_candidates`.
+
+    `ann_items`/`ann_scores` is this user's row of a FAISS search (ids < 0 are padding and
+    dropped); `extra` carries request-specific sources (session, query) built by the caller.
+    """
+    lists: list[SourceList] = list(extra)
+    if ann_items is not None and ann_scores is not None:
+        valid = np.asarray(ann_items) >= 0
+        lists.append(
+            SourceList(
+                "ann",
+                np.asarray(ann_items)[valid][: cfg.ann].astype(np.int32),
+                np.asarray(ann_scores)[valid][: cfg.ann].astype(np.float32),
+            )
+        )
+    lists.append(repeat_source(history, now, cfg.repeat, cfg.cooc_half_life_days))
+    seeds, seed_w = recent_seeds(history, now, cfg.cooc_half_life_days)
+    lists.append(cooc_source(seeds, seed_w, cooc, cfg.cooccurrence))
+    lists.append(popular_source(stats, cfg.popular))
+    return merge(lists, cfg.max_candidates)
