@@ -153,6 +153,9 @@ class TrainConfig:
     candidates: CandidateConfig = field(default_factory=CandidateConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     eval_k: tuple[int, ...] = (12, 50, 100, 200)
+    # Defined further down the file, hence the lambdas (resolved when a TrainConfig is made).
+    baselines: BaselineConfig = field(default_factory=lambda: BaselineConfig())
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig())
 
 
 @dataclass(frozen=True)
@@ -256,3 +259,23 @@ class EvalConfig:
     tune_mode: str = "all"
     tune_max_users: int | None = 5_000  # validation users per trial, keeps tuning to minutes
     seed: int = 42
+
+
+@dataclass(frozen=True)
+class ExperimentsConfig:
+    """How the A/B report attributes events and judges significance (recsvc/ab_report.py)."""
+
+    attribution_window_s: int = DAY  # events without request_id count within this time after exposure
+    click_events: tuple[str, ...] = ("click",)  # event types that make an exposure "clicked"
+    conversion_events: tuple[str, ...] = ("purchase",)  # event types that convert; their value is revenue
+    confidence: float = 0.95
+    control_variant: str = "control"  # compared against; falls back to the first variant by name
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Offline candidate generation (recsvc/batch.py, recsvc-batch)."""
+
+    k: int = 100
+    chunk_size: int = 1_024  # users per recommend_many call and per output part
+    repeat_policy: str = "allow"
