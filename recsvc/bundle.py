@@ -182,18 +182,7 @@ def publish(
         copy = new_staging_dir(root)
         shutil.copytree(staging, copy, dirs_exist_ok=True)
         staging = copy
-    if (staging / MANIFEST_NAME).exists():
-        (staging / MANIFEST_NAME).unlink()
-
-    full = dict(manifest or {})
-    full["format_version"] = FORMAT_VERSION
-    full.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    full.setdefault("code_version", code_version())
-    full.setdefault("packages", package_versions())
-    full["files"] = {rel: sha256_file(staging / rel) for rel in _bundle_files(staging)}
-    with open(staging / MANIFEST_NAME, "w", encoding="utf-8") as fh:
-        json.dump(full, fh, indent=2, sort_keys=True, default=_json_default)
-        fh.write("\n")
+    full = write_manifest(staging, manifest or {})
     _fsync_tree(staging)
 
     version = _rename_to_version(staging, root)
@@ -202,6 +191,24 @@ def publish(
     if make_current:
         set_current(root, version, verify_bundle=False)
     return version
+
+
+def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Complete `manifest` (format, time, code/package versions, sha256 of every file) and
+    write it as `directory/manifest.json`; returns the full manifest. Used by `publish`, and by
+    the pipeline to load a staged bundle through the same `load` path before publishing it."""
+    directory = Path(directory)
+    (directory / MANIFEST_NAME).unlink(missing_ok=True)
+    full = dict(manifest)
+    full["format_version"] = FORMAT_VERSION
+    full.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    full.setdefault("code_version", code_version())
+    full.setdefault("packages", package_versions())
+    full["files"] = {rel: sha256_file(directory / rel) for rel in _bundle_files(directory)}
+    with open(directory / MANIFEST_NAME, "w", encoding="utf-8") as fh:
+        json.dump(full, fh, indent=2, sort_keys=True, default=_json_default)
+        fh.write("\n")
+    return full
 
 
 def _rename_to_version(staging: Path, root: Path) -> str:
