@@ -610,7 +610,20 @@ def _simulate(
     order = np.lexsort((rows.ts, rows.group))  # by session, then time inside it
     keep = order[:n_rows]
     keep = keep[np.argsort(rows.ts[keep], kind="stable")]
-    return _Rows(rows.user[keep], rows.item[keep], rows.ts[keep], rows.event[keep], rows.group[keep])
+    out = _Rows(rows.user[keep], rows.item[keep], rows.ts[keep], rows.event[keep], rows.group[keep])
+    _only_consumables_rebought(out, cat)
+    return out
+
+
+def _only_consumables_rebought(rows: _Rows, cat: _Catalogue) -> None:
+    """A second purchase of the same durable item (a popular backpack drawn twice) becomes a view."""
+    consumable = np.array([c.consumable for c in CATEGORIES])
+    durable_buys = np.flatnonzero((rows.event == PURCHASE) & ~consumable[cat.category[rows.item]])
+    key = rows.user[durable_buys] * cat.category.size + rows.item[durable_buys]
+    _, first = np.unique(key, return_index=True)  # rows are time-sorted: the first is the real purchase
+    again = np.ones(durable_buys.size, dtype=bool)
+    again[first] = False
+    rows.event[durable_buys[again]] = VIEW
 
 
 def _sessions(
