@@ -207,3 +207,14 @@ def _price_features(out: np.ndarray, history: UserHistory, items: np.ndarray, ca
             mean = float(hist_price[known].mean())
             if mean > 0:
                 out[:, _COL["price_ratio_user_mean"]] = price / mean
+
+
+def tower_inputs(
+    history: UserHistory, item_emb: np.ndarray, now: int, history_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """User-tower inputs from a history: the last `history_len` items, MOST RECENT FIRST, as
+    (embeddings [L, d], ages in seconds [L], weights [L]); one definition for training and serving."""
+    tail = slice(max(0, len(history) - history_len), len(history))
+    items = history.items[tail][::-1]
+    ages = np.maximum(now - history.timestamps[tail][::-1], 0).astype(np.float32)
+    return item_emb[items], ages, history.weights[tail][::-1].astype(np.float32)
