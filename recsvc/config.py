@@ -142,6 +142,25 @@ class RankerConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """Run-level budget of `recsvc-train` (training/pipeline.py).
+
+    BERT cost grows with the number of items embedded (fine-tuning re-embeds the catalogue to
+    validate). On a CPU-only host the `cpu_*` caps keep a whole run to minutes; with CUDA only
+    the general caps apply. When the catalogue is capped, every item with an interaction before
+    the test cutoff T is kept first (most recent first) and never-seen items (seeded sample) fill
+    the rest; evaluation still scores against the full catalogue, so capping can only hurt us.
+    """
+
+    max_catalogue_items: int | None = None  # None = every catalogue item
+    cpu_max_catalogue_items: int | None = 8_000
+    cpu_max_finetune_steps: int | None = 60
+    cpu_max_tokens: int | None = 32  # BERT input length on CPU (TextConfig.max_tokens otherwise)
+    cpu_eval_max_users: int | None = 4_000  # test users scored per system on CPU (seeded sample)
+    seed: int = 42
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything the offline pipeline needs; recorded in the bundle manifest."""
 
@@ -156,6 +175,7 @@ class TrainConfig:
     # Defined further down the file, hence the lambdas (resolved when a TrainConfig is made).
     baselines: BaselineConfig = field(default_factory=lambda: BaselineConfig())
     eval: EvalConfig = field(default_factory=lambda: EvalConfig())
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 @dataclass(frozen=True)
