@@ -408,7 +408,9 @@ def _as_float(col: pl.Series, file_name: str) -> pl.Series:
     """A numeric column as Float64; text that is not a number is an error naming the rows."""
     if col.dtype.is_numeric() and col.dtype != pl.Boolean:
         return col.cast(pl.Float64)
-    if col.dtype in (pl.String, pl.Null):
+    if col.dtype == pl.Null:
+        return col.cast(pl.Float64)
+    if col.dtype == pl.String:
         cast = col.cast(pl.Float64, strict=False)
         bad = cast.is_null() & col.is_not_null() & (col.str.strip_chars() != "")
         if not bad.any():

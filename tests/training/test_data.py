@@ -124,6 +124,14 @@ def test_weights_come_from_event_weights_and_ratings_scale_by_value(tmp_path: Pa
     assert ds.interactions["weight"].to_list() == [1.0, 8.0, 10.0, 2.0]
 
 
+def test_all_null_value_column_is_accepted_as_float(tmp_path: Path) -> None:
+    frame = interactions_frame(value=[None, None, None])
+    assert frame.schema["value"] == pl.Null
+    ds = load(write(tmp_path, frame, items_frame()))
+    assert ds.interactions["value"].dtype == pl.Float64
+    assert ds.interactions["value"].null_count() == 3
+
+
 def test_report_counts_rows_users_items_and_time_range(tmp_path: Path) -> None:
     frame = interactions_frame(item_id=["a", "b", "zz"])
     ds = load(write(tmp_path, frame, items_frame()))
