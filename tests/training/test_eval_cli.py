@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.eval_cli import main, parse_systems
+
+
+def test_cli_prints_a_table_and_writes_json(synth_dataset: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "metrics.json"
+    markdown = tmp_path / "metrics.md"
+    code = main(
+        [
+            "--data",
+            str(synth_dataset),
+            "--test-days",
+            "2",
+            "--systems",
+            "popularity,itemknn",
+            "--k",
+            "10",
+            "50",
+            "--no-tune",
+            "--out",
+            str(out),
+            "--markdown",
+            str(markdown),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split()[:4] == ["system", "mode", "users", "map@10"]
+    assert [line.split()[:2] for line in printed[2:]] == [
+        ["popularity", "all"],
+        ["popularity", "novel"],
+        ["itemknn", "all"],
+        ["itemknn", "novel"],
+    ]
+    data = json.loads(out.read_text())
+    assert [r["system"] for r in data["results"]] == ["popularity", "itemknn"]
+    assert data["protocol"]["test_days"] == 2.0 and data["protocol"]["ks"] == [10, 50]
+    assert 0.0 <= data["results"][1]["modes"]["all"]["metrics"]["recall@50"] <= 1.0
+    assert markdown.read_text().startswith("| system | mode | users | map@10 |")
+
+
+def test_cli_tunes_baselines_on_the_validation_window(synth_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "metrics.json"
+    args = ["--data", str(synth_dataset), "--test-days", "2", "--valid-days", "2", "--systems", "popularity"]
+    code = main([*args, "--k", "10", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())["results"][0]
+    tuning = result["tuning"]
+    # The default grid tries three popularity windows; the chosen one is evaluated on test.
+    assert len(tuning["trials"]) == 3
+    assert result["params"]["popularity_window_days"] == tuning["params"]["popularity_window_days"]
+    assert tuning["cutoff"] < json.loads(out.read_text())["protocol"]["cutoff"]
+
+
+def test_missing_data_folder_exits_2_with_a_message(tmp_path: Path, capsys) -> None:
+    code = main(
+        ["--data", str(tmp_path / "nope"), "--systems", "popularity", "--out", str(tmp_path / "m.json")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "nope" in err and "Traceback" not in err
+
+
+def test_unknown_system_exits_2_naming_the_flag(synth_dataset: Path, tmp_path: Path, capsys) -> None:
+    code = main(
+        ["--data", str(synth_dataset), "--systems", "popularity,bpr", "--out", str(tmp_path / "m.json")]
+    )
+    assert code == 2
+    assert "--systems" in capsys.readouterr().err
+
+
+def test_bad_k_exits_2(synth_dataset: Path, tmp_path: Path, capsys) -> None:
+    code = main(["--data", str(synth_dataset), "--k", "0", "--out", str(tmp_path / "m.json")])
+    assert code == 2
+    assert "--k" in capsys.readouterr().err
+
+
+def test_parse_systems_keeps_order_and_drops_repeats() -> None:
+    assert parse_systems("als, popularity,als") == ["als", "popularity"]
+
+
+def test_help_explains_every_flag(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--data", "--test-days", "--systems", "--k", "--out", "--no-tune", "raw_encoder"):
+        assert flag in text

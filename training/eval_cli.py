@@ -1,0 +1,295 @@
+"""recsvc-eval: compare systems on a time split of a canonical data folder.
+
+Loads the folder (training/data.py), holds out the last `--test-days`, tunes each baseline on
+the last `--valid-days` of the remaining train data (never on test), evaluates every system
+under the protocol of training/evaluate.py, prints a table and writes the JSON results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from recsvc.config import BaselineConfig, EvalConfig, SplitConfig
+from training.baselines import BASELINES, CandidateGenerator, make_baseline, tune
+from training.data import DataValidationError, load_dataset
+from training.evaluate import MODES, EvaluationError, EvaluationTable, evaluate_system
+from training.split import holdout_cutoff, time_split
+
+log = logging.getLogger("recsvc.eval")
+
+RAW_ENCODER = "raw_encoder"
+SYSTEM_NAMES = (*BASELINES, RAW_ENCODER)
+
+
+class UsageError(ValueError):
+    """A bad command-line value, reported without a traceback."""
+
+
+def parse_systems(text: str) -> list[str]:
+    """Comma-separated system names, validated against the known ones (order kept, no repeats)."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in SYSTEM_NAMES]
+    if unknown or not names:
+        raise UsageError(
+            f"--systems: unknown system(s) {unknown or '[]'}; choose from {', '.join(SYSTEM_NAMES)}"
+        )
+    return names
+
+
+def load_raw_encoder() -> CandidateGenerator | None:
+    """The untuned BERT retrieval baseline, when training/text_baseline.py is available."""
+    try:
+        from training.text_baseline import EncoderRetrieval
+    except ImportError as err:
+        log.warning(
+            "raw_encoder skipped: training.text_baseline.EncoderRetrieval is not importable (%s)", err
+        )
+        return None
+    return EncoderRetrieval()
+
+
+def build_systems(
+    names: Sequence[str],
+    train: Any,
+    items: Any,
+    *,
+    baseline_config: BaselineConfig,
+    eval_config: EvalConfig,
+    valid_days: float,
+    do_tune: bool,
+) -> tuple[list[CandidateGenerator], dict[str, Any]]:
+    """Instantiate each named system, tuned on the validation window when `do_tune`."""
+    systems: list[CandidateGenerator] = []
+    tuning: dict[str, Any] = {}
+    for name in names:
+        if name == RAW_ENCODER:
+            system = load_raw_encoder()
+            if system is not None:
+                systems.append(system)
+            continue
+        grid = baseline_config.grids.get(name, {})
+        params: dict[str, Any] = {}
+        if do_tune and grid:
+            started = time.perf_counter()
+            result = tune(
+                functools.partial(make_baseline, name, baseline_config),
+                grid,
+                train,
+                items,
+                valid_days,
+                metric=eval_config.tune_metric,
+                mode=eval_config.tune_mode,
+                max_users=eval_config.tune_max_users,
+                seed=eval_config.seed,
+            )
+            params = result.params
+            tuning[name] = {
+                "params": result.params,
+                "metric": result.metric,
+                "mode": result.mode,
+                "score": result.score,
+                "cutoff": result.cutoff,
+                "trials": [{"params": p, "score": s} for p, s in result.trials],
+                "seconds": time.perf_counter() - started,
+            }
+            log.info("%s tuned on validation: %s (%s=%.4f)", name, params, result.metric, result.score)
+        systems.append(make_baseline(name, baseline_config, **params))
+    return systems, tuning
+
+
+def run_evaluation(
+    data_dir: str | Path,
+    *,
+    systems: Sequence[str],
+    test_days: float = SplitConfig.test_days,
+    valid_days: float = SplitConfig.valid_days,
+    eval_config: EvalConfig | None = None,
+    baseline_config: BaselineConfig | None = None,
+) -> EvaluationTable:
+    """Load, split, tune, evaluate: the whole comparison, shared by the CLI and the benchmark."""
+    eval_config = eval_config or EvalConfig()
+    baseline_config = baseline_config or BaselineConfig()
+    dataset = load_dataset(data_dir)
+    cutoff = holdout_cutoff(dataset.interactions, test_days)
+    split = time_split(dataset.interactions, cutoff)
+    if split.train.height == 0 or split.test.height == 0:
+        raise EvaluationError(
+            f"holding out {test_days} day(s) leaves {split.train.height} train and {split.test.height} "
+            "test rows; both must be non-empty"
+        )
+    log.info("split at %d: %d train rows, %d test rows", cutoff, split.train.height, split.test.height)
+    built, tuning = build_systems(
+        systems,
+        split.train,
+        dataset.items,
+        baseline_config=baseline_config,
+        eval_config=eval_config,
+        valid_days=valid_days,
+        do_tune=eval_config.tune,
+    )
+    results = []
+    for system in tqdm(built, desc="evaluating systems", unit="system"):
+        result = evaluate_system(
+            system,
+            split.train,
+            split.test,
+            dataset.items,
+            eval_config.ks,
+            eval_config.modes,
+            max_users=eval_config.max_users,
+            seed=eval_config.seed,
+        )
+        if system.name in tuning:
+            result["tuning"] = tuning[system.name]
+        results.append(result)
+    protocol = {
+        "data": str(data_dir),
+        "cutoff": cutoff,
+        "test_days": test_days,
+        "valid_days": valid_days,
+        "train_rows": split.train.height,
+        "test_rows": split.test.height,
+        "catalogue_items": dataset.items.height,
+        "max_users": eval_config.max_users,
+        "tuned": eval_config.tune,
+        "tune_metric": eval_config.tune_metric,
+        "tune_mode": eval_config.tune_mode,
+        "seed": eval_config.seed,
+    }
+    return EvaluationTable(
+        results=results, ks=tuple(sorted(eval_config.ks)), modes=tuple(eval_config.modes), protocol=protocol
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = EvalConfig()
+    parser = argparse.ArgumentParser(
+        prog="recsvc-eval",
+        description="Compare recommendation systems on a time split of a canonical data folder "
+        "(interactions + items). Baselines are tuned on a validation window inside train.",
+    )
+    parser.add_argument(
+        "--data", required=True, help="folder with interactions.{parquet,csv} and items.{parquet,csv}"
+    )
+    parser.add_argument(
+        "--test-days",
+        type=float,
+        default=SplitConfig.test_days,
+        help="hold out the last N days as test (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--valid-days",
+        type=float,
+        default=SplitConfig.valid_days,
+        help="last N days of train used to tune baselines (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--systems",
+        default=",".join(defaults.systems),
+        help="comma-separated systems to evaluate: popularity (recent popularity), repeat_pop (user's own "
+        "items then popular), itemknn (co-purchase item kNN), als (implicit ALS), raw_encoder (untuned BERT "
+        "retrieval from training/text_baseline.py; skipped with a warning if unavailable). Default: %(default)s",
+    )
+    parser.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=list(defaults.ks),
+        help="cut-offs K for every metric (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--modes",
+        default=",".join(defaults.modes),
+        help="comma-separated: all (repurchases count) and/or novel (only items new to the user). Default: %(default)s",
+    )
+    parser.add_argument(
+        "--max-users",
+        type=int,
+        default=None,
+        help="evaluate a seeded random sample of this many test users (default: all)",
+    )
+    parser.add_argument(
+        "--tune-max-users",
+        type=int,
+        default=defaults.tune_max_users,
+        help="validation users per tuning trial (default: %(default)s)",
+    )
+    parser.add_argument("--no-tune", action="store_true", help="skip tuning; use BaselineConfig defaults")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed for user sampling and ALS (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out", default="metrics.json", help="write all results as JSON here (default: %(default)s)"
+    )
+    parser.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """EvalConfig from parsed flags, with values checked so errors name the flag."""
+    if any(k <= 0 for k in args.k):
+        raise UsageError(f"--k: cut-offs must be positive, got {args.k}")
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not modes or any(m not in MODES for m in modes):
+        raise UsageError(
+            f"--modes: expected a comma-separated subset of {', '.join(MODES)}, got {args.modes!r}"
+        )
+    for flag, value in (("--test-days", args.test_days), ("--valid-days", args.valid_days)):
+        if value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    for flag, value in (("--max-users", args.max_users), ("--tune-max-users", args.tune_max_users)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    return EvalConfig(
+        ks=tuple(sorted(set(args.k))),
+        modes=modes,
+        systems=tuple(parse_systems(args.systems)),
+        max_users=args.max_users,
+        tune=not args.no_tune,
+        tune_max_users=args.tune_max_users,
+        seed=args.seed,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = config_from_args(args)
+        table = run_evaluation(
+            args.data,
+            systems=config.systems,
+            test_days=args.test_days,
+            valid_days=args.valid_days,
+            eval_config=config,
+        )
+    except (UsageError, DataValidationError, EvaluationError) as err:
+        print(f"recsvc-eval: error: {err}", file=sys.stderr)
+        return 2
+    print(table.to_console())
+    path = table.to_json(args.out)
+    log.info("wrote %s", path)
+    if args.markdown:
+        Path(args.markdown).write_text(table.to_markdown() + "\n")
+        log.info("wrote %s", args.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
