@@ -381,11 +381,14 @@ def _footer(report: ABReport) -> str:
 
 
 def format_text(report: ABReport) -> str:
-    parts = [_plain_table(*report_rows(report))]
+    parts: list[str] = []
+    header, rows = report_rows(report)
+    if rows:
+        parts += [_plain_table(header, rows), ""]
     header, rows = interleaving_rows(report)
     if rows:
-        parts += ["", "Interleaving (Δ_AB > 0 favours team A):", _plain_table(header, rows)]
-    parts += ["", _footer(report)]
+        parts += ["Interleaving (Δ_AB > 0 favours team A):", _plain_table(header, rows), ""]
+    parts.append(_footer(report))
     return "\n".join(parts)
 
 
@@ -395,7 +398,10 @@ def format_markdown(report: ABReport) -> str:
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
         return "\n".join(lines)
 
-    parts = ["# A/B test report", "", "## Variants vs control", "", table(*report_rows(report))]
+    parts = ["# A/B test report"]
+    header, rows = report_rows(report)
+    if rows:
+        parts += ["", "## Variants vs control", "", table(header, rows)]
     header, rows = interleaving_rows(report)
     if rows:
         parts += ["", "## Interleaving", "", "Δ_AB > 0 favours team A.", "", table(header, rows)]
@@ -412,9 +418,11 @@ def format_html(report: ABReport, plot_name: str | None = None) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>A/B test report</title>",
         "<style>table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}</style></head><body>",
-        "<h1>A/B test report</h1><h2>Variants vs control</h2>",
-        table(*report_rows(report)),
+        "<h1>A/B test report</h1>",
     ]
+    header, rows = report_rows(report)
+    if rows:
+        parts += ["<h2>Variants vs control</h2>", table(header, rows)]
     header, rows = interleaving_rows(report)
     if rows:
         parts += ["<h2>Interleaving</h2><p>Δ<sub>AB</sub> &gt; 0 favours team A.</p>", table(header, rows)]
