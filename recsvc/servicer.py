@@ -1,0 +1,502 @@
+"""gRPC handlers: admission, deadlines, validation, then one call into the Recommender.
+
+The servicer is thin on purpose. Every RPC goes through `_run`, which
+- answers RESOURCE_EXHAUSTED at once when `max_in_flight` requests are already admitted
+  (so overload queues nowhere and latency stays bounded),
+- answers DEADLINE_EXCEEDED without computing if the caller's deadline has passed (checked on
+  arrival and again when a worker thread picks the request up),
+- runs the CPU-heavy part in the ThreadPoolExecutor, off the event loop,
+- maps domain errors to precise status codes and anything unexpected to INTERNAL with a generic
+  message (the details go to the log, keyed by request id),
+- records metrics and one structured log line without the raw user id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from recsvc import validation
+from recsvc.bundle import BundleError
+from recsvc.config import ServeConfig
+from recsvc.exposures import Exposure, ExposureLog, pseudonymise, shown_items
+from recsvc.interleaving import team_draft
+from recsvc.model_manager import LoadedModel, ModelManager, NoModelError, UnknownVersionError
+from recsvc.recommender import RankingPolicy, RecommendRequest, RecommendResult, UnknownItemError
+from recsvc.serving_metrics import ServingMetrics
+from recsvc.v1 import recommender_pb2 as pb
+from recsvc.v1 import recommender_pb2_grpc as pb_grpc
+
+log = logging.getLogger("recsvc.access")
+
+T = TypeVar("T")
+
+
+class Assignment(Protocol):
+    """What `recsvc.experiments.ExperimentRouter.assign` returns (docs/ARCHITECTURE.md)."""
+
+    experiment: str
+    variant: str
+    bundle_version: str | None
+    policy: RankingPolicy
+    interleave_with: str | None
+
+
+class _Named(Protocol):
+    name: str
+
+
+class Router(Protocol):
+    """`recsvc.experiments.ExperimentRouter`, as the servicer uses it."""
+
+    @property
+    def experiments(self) -> Sequence[_Named]: ...
+
+    def assign(self, user_id: str, forced_variant: str | None = None) -> Assignment: ...
+
+    def assignment_for(self, experiment: str, variant: str) -> Assignment: ...
+
+
+class RpcAbort(Exception):
+    """Answer the RPC with this status and message (raised anywhere below `_run`)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class RecommenderServicer(pb_grpc.RecommenderServicer):
+    def __init__(
+        self,
+        *,
+        models: ModelManager,
+        config: ServeConfig,
+        metrics: ServingMetrics,
+        executor: Executor,
+        router: Router | None = None,
+        exposures: ExposureLog | None = None,
+    ) -> None:
+        self._models = models
+        self._config = config
+        self._limits = validation.Limits.from_config(config)
+        self._metrics = metrics
+        self._executor = executor
+        self._router = router
+        self._exposures = exposures
+        self._default_policy = RankingPolicy(
+            max_per_category=config.max_per_category, diversity_attribute=config.diversity_attribute
+        )
+        self._in_flight = 0  # only touched on the event loop thread
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    # ------------------------------------------------------------------ RPCs
+
+    async def Recommend(
+        self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecommendResponse:
+        rid = request.request_id or uuid.uuid4().hex
+        return await self._run(
+            "Recommend",
+            context,
+            rid,
+            lambda timings: self._recommend(request, rid, timings),
+            user_id=request.user_id,
+        )
+
+    async def SimilarItems(
+        self, request: pb.SimilarItemsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecommendResponse:
+        rid = request.request_id or uuid.uuid4().hex
+        return await self._run(
+            "SimilarItems", context, rid, lambda timings: self._similar(request, rid, timings)
+        )
+
+    async def RecordEvents(
+        self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordEventsResponse:
+        rid = uuid.uuid4().hex
+        return await self._run("RecordEvents", context, rid, lambda _timings: self._record(request))
+
+    async def BatchRecommend(
+        self, request_iterator: AsyncIterator[pb.RecommendRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RecommendResponse]:
+        i = 0
+        async for request in request_iterator:
+            if i >= self._config.max_batch_requests:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"requests: a BatchRecommend stream may carry at most {self._config.max_batch_requests} requests",
+                )
+            rid = request.request_id or uuid.uuid4().hex
+            field = f"requests[{i}]"
+
+            def work(
+                timings: dict[str, float],
+                request: pb.RecommendRequest = request,
+                rid: str = rid,
+                field: str = field,
+            ) -> pb.RecommendResponse:
+                return self._recommend(request, rid, timings, field=field)
+
+            yield await self._run("BatchRecommend", context, rid, work, user_id=request.user_id)
+            i += 1
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        rid = uuid.uuid4().hex
+        return await self._run("GetModelInfo", context, rid, lambda _t: self._model_info(), offload=False)
+
+    async def ReloadModel(
+        self, request: pb.ReloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReloadModelResponse:
+        """Admin: loading takes seconds, so it runs on its own thread, not a request worker."""
+        rid = uuid.uuid4().hex
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            if request.rollback:
+                model = await asyncio.to_thread(self._models.rollback)
+            else:
+                model = await asyncio.to_thread(self._models.reload, request.version or None)
+            return pb.ReloadModelResponse(
+                active_version=model.version, previous_version=self._models.previous_version or ""
+            )
+        except UnknownVersionError as exc:
+            code = grpc.StatusCode.NOT_FOUND
+            await context.abort(code, str(exc))
+        except BundleError as exc:
+            code = grpc.StatusCode.FAILED_PRECONDITION
+            serving = self._models.active.version if self._models.ready else "nothing"
+            await context.abort(code, f"bundle refused: {exc}; still serving {serving}")
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("rpc=ReloadModel request_id=%s unexpected error", rid)
+            await context.abort(code, f"internal error (request_id={rid})")
+        finally:
+            self._finish("ReloadModel", rid, code, started, None)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def Echo(
+        self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecommendResponse:
+        """The benchmark's floor: same request and response shape, no admission, no compute."""
+        k = request.num_results or self._config.default_k
+        return pb.RecommendResponse(
+            items=[
+                pb.RecommendedItem(item_id=f"echo-{i:07d}", score=1.0 / (i + 1), sources=["ann", "cooc"])
+                for i in range(k)
+            ],
+            model_version="echo",
+            personalised=True,
+            request_id=request.request_id,
+            timings_ms={"total": 0.0},
+        )
+
+    # ------------------------------------------------------------------ shared machinery
+
+    async def _run(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        rid: str,
+        work: Callable[[dict[str, float]], T],
+        *,
+        user_id: str = "",
+        offload: bool = True,
+    ) -> T:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        timings: dict[str, float] = {}
+        admitted = False
+        try:
+            if self._in_flight >= self._config.max_in_flight:
+                raise RpcAbort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"server is at its limit of {self._config.max_in_flight} concurrent requests; retry with backoff",
+                )
+            self._in_flight += 1
+            self._metrics.in_flight.inc()
+            admitted = True
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise RpcAbort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the request was computed"
+                )
+            deadline = None if remaining is None else time.monotonic() + remaining
+            if not offload:
+                return work(timings)
+            loop = asyncio.get_running_loop()
+            enqueued = time.perf_counter()
+            return await loop.run_in_executor(
+                self._executor, self._in_worker, work, timings, deadline, enqueued
+            )
+        except RpcAbort as exc:
+            code = exc.code
+            await context.abort(code, exc.message)
+        except validation.RequestValidationError as exc:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, str(exc))
+        except UnknownItemError as exc:
+            code = grpc.StatusCode.NOT_FOUND
+            await context.abort(code, f"item_id: {exc}")
+        except NoModelError as exc:
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"{exc}; retry shortly")
+        except UnknownVersionError as exc:
+            code = grpc.StatusCode.FAILED_PRECONDITION
+            await context.abort(code, str(exc))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("rpc=%s request_id=%s unexpected error", method, rid)
+            await context.abort(code, f"internal error (request_id={rid})")
+        finally:
+            if admitted:
+                self._in_flight -= 1
+                self._metrics.in_flight.dec()
+            self._finish(method, rid, code, started, timings, user_id)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _in_worker(
+        work: Callable[[dict[str, float]], T],
+        timings: dict[str, float],
+        deadline: float | None,
+        enqueued: float,
+    ) -> T:
+        timings["queue"] = (time.perf_counter() - enqueued) * 1000.0
+        if deadline is not None and time.monotonic() >= deadline:
+            raise RpcAbort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "deadline exceeded while queued; the request was not computed",
+            )
+        return work(timings)
+
+    def _finish(
+        self,
+        method: str,
+        rid: str,
+        code: grpc.StatusCode,
+        started: float,
+        timings: Mapping[str, float] | None,
+        user_id: str = "",
+    ) -> None:
+        total_ms = (time.perf_counter() - started) * 1000.0
+        self._metrics.observe_request(method, code.name, total_ms)
+        if timings:
+            self._metrics.observe_stages(timings)
+        level = logging.INFO if code == grpc.StatusCode.OK else logging.WARNING
+        if log.isEnabledFor(level):
+            user = pseudonymise(user_id, self._config.pseudonym_key)[:16] if user_id else "-"
+            log.log(
+                level, "rpc=%s request_id=%s user=%s code=%s ms=%.2f", method, rid, user, code.name, total_ms
+            )
+
+    # ------------------------------------------------------------------ work (worker threads)
+
+    def _recommend(
+        self, request: pb.RecommendRequest, rid: str, timings: dict[str, float], field: str = ""
+    ) -> pb.RecommendResponse:
+        t0 = time.perf_counter()
+        hints = validation.experiment_hints(request, self._limits, field)
+        assignment = self._assign(request.user_id, hints, field)
+        model = self._models.get(assignment.bundle_version if assignment else None)
+        req = validation.recommend_request(request, self._limits, model.attributes, field)
+        timings["validate"] = (time.perf_counter() - t0) * 1000.0
+        policy = assignment.policy if assignment else self._default_policy
+        result = model.recommender.recommend(req, policy)
+        _merge_timings(timings, result)
+        origins: list[str] | None = None
+        if assignment is not None and assignment.interleave_with:
+            result, origins = self._interleave(request.user_id, rid, req, assignment, result, model)
+        t1 = time.perf_counter()
+        response = _response(result, rid, origins)
+        if assignment is not None:
+            response.experiment = assignment.experiment
+            response.variant = assignment.variant
+            self._log_exposure(rid, request.user_id, assignment, result, origins)
+        self._metrics.results.observe(len(result.items))
+        timings["respond"] = (time.perf_counter() - t1) * 1000.0
+        response.timings_ms.update(timings)
+        return response
+
+    def _assign(self, user_id: str, hints: validation.ExperimentHints, field: str) -> Assignment | None:
+        """Experiment assignment; None when no experiment is configured or the user is in none.
+
+        `experiment.forced_variant` (with `experiment.experiment` to qualify it) overrides the
+        hash-based assignment, for QA; a name the router does not know is INVALID_ARGUMENT.
+        """
+        prefix = f"{field}." if field else ""
+        if self._router is None:
+            if hints.forced_variant or hints.experiment:
+                name = "forced_variant" if hints.forced_variant else "experiment"
+                raise validation.RequestValidationError(
+                    f"{prefix}experiment.{name}", "no experiment is configured on this server"
+                )
+            return None
+        running = {e.name for e in self._router.experiments}
+        if hints.experiment and hints.experiment not in running:
+            raise validation.RequestValidationError(
+                f"{prefix}experiment.experiment",
+                f"unknown experiment {hints.experiment!r}; running: {', '.join(sorted(running)) or 'none'}",
+            )
+        forced = hints.forced_variant
+        if forced and hints.experiment and "/" not in forced:
+            forced = f"{hints.experiment}/{forced}"
+        try:
+            assignment = self._router.assign(user_id, forced)
+        except (KeyError, ValueError) as exc:
+            raise validation.RequestValidationError(f"{prefix}experiment.forced_variant", str(exc)) from exc
+        if assignment.experiment not in running:
+            return None  # outside every experiment: default policy, no exposure record
+        return assignment
+
+    def _interleave(
+        self,
+        user_id: str,
+        rid: str,
+        req: RecommendRequest,
+        assignment: Assignment,
+        result_a: RecommendResult,
+        model_a: LoadedModel,
+    ) -> tuple[RecommendResult, list[str]]:
+        """Team-draft the assigned variant's list with its partner's; items keep their origin."""
+        assert self._router is not None and assignment.interleave_with is not None
+        partner = self._router.assignment_for(assignment.experiment, assignment.interleave_with)
+        model_b = self._models.get(partner.bundle_version) if partner.bundle_version else model_a
+        result_b = model_b.recommender.recommend(req, partner.policy)
+        by_id = {it.item_id: it for it in result_b.items}
+        by_id.update({it.item_id: it for it in result_a.items})
+        rng = random.Random(rid)  # str seeds are stable across processes, unlike hash()
+        drafted = team_draft(
+            [it.item_id for it in result_a.items],
+            [it.item_id for it in result_b.items],
+            req.k,
+            rng,
+            origins=(assignment.variant, partner.variant),
+        )
+        items = [by_id[item_id] for item_id, _ in drafted]
+        merged = RecommendResult(
+            items=items,
+            model_version=result_a.model_version,
+            unknown_items=result_a.unknown_items,
+            personalised=result_a.personalised,
+            timings_ms=result_a.timings_ms,
+        )
+        return merged, [origin for _, origin in drafted]
+
+    def _log_exposure(
+        self,
+        rid: str,
+        user_id: str,
+        assignment: Assignment,
+        result: RecommendResult,
+        origins: list[str] | None,
+    ) -> None:
+        if self._exposures is None:
+            return
+        ids = [it.item_id for it in result.items]
+        self._exposures.append(
+            Exposure(
+                request_id=rid,
+                user_key=pseudonymise(user_id, self._config.pseudonym_key),
+                experiment=assignment.experiment,
+                variant=assignment.variant,
+                items=shown_items(ids, origins if origins is not None else assignment.variant),
+                model_version=result.model_version,
+                ts=int(time.time()),
+            )
+        )
+        self._metrics.exposures.labels(assignment.experiment, assignment.variant).inc()
+
+    def _similar(
+        self, request: pb.SimilarItemsRequest, rid: str, timings: dict[str, float]
+    ) -> pb.RecommendResponse:
+        t0 = time.perf_counter()
+        model = self._models.active
+        query = validation.similar_request(request, self._limits, model.attributes)
+        timings["validate"] = (time.perf_counter() - t0) * 1000.0
+        result = model.recommender.similar_items(
+            query.item_id,
+            query.k,
+            exclude_items=query.exclude_items,
+            include_attributes=query.include_attributes,
+            exclude_attributes=query.exclude_attributes,
+        )
+        _merge_timings(timings, result)
+        response = _response(result, rid, None)
+        response.timings_ms.update(timings)
+        return response
+
+    def _record(self, request: pb.RecordEventsRequest) -> pb.RecordEventsResponse:
+        model = self._models.active
+        events = validation.events(
+            request, self._limits, model.event_types, model.knows_item, now=int(time.time())
+        )
+        self._models.record_events(events)
+        self._metrics.events.inc(len(events))
+        return pb.RecordEventsResponse(accepted=len(events))
+
+    def _model_info(self) -> pb.ModelInfo:
+        model = self._models.active
+        manifest = model.bundle.manifest
+        return pb.ModelInfo(
+            version=model.version,
+            created_at=str(manifest.get("created_at", "")),
+            item_count=len(model.bundle.catalog.item_ids),
+            metrics=_numeric_leaves(manifest.get("metrics", {})),
+            loaded_versions=self._models.loaded_versions(),
+            data_end_ts=int(model.bundle.data_end_ts),
+            previous_version=self._models.previous_version or "",
+        )
+
+
+def _merge_timings(timings: dict[str, float], result: RecommendResult) -> None:
+    for stage, ms in result.timings_ms.items():
+        timings[stage] = timings.get(stage, 0.0) + float(ms)
+
+
+def _response(result: RecommendResult, rid: str, origins: list[str] | None) -> pb.RecommendResponse:
+    items = [
+        pb.RecommendedItem(
+            item_id=it.item_id,
+            score=float(it.score),
+            sources=list(it.sources),
+            explanation=it.explanation or "",
+            origin=origins[i] if origins is not None else "",
+        )
+        for i, it in enumerate(result.items)
+    ]
+    return pb.RecommendResponse(
+        items=items,
+        model_version=result.model_version,
+        unknown_item_ids=list(result.unknown_items),
+        personalised=bool(result.personalised),
+        request_id=rid,
+    )
+
+
+def _numeric_leaves(tree: Any, prefix: str = "") -> dict[str, float]:
+    """Flatten a manifest's nested metrics to `a.b.c -> number` (non-numbers dropped)."""
+    out: dict[str, float] = {}
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            out.update(_numeric_leaves(value, f"{prefix}{key}."))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        out[prefix.rstrip(".")] = float(tree)
+    return out

@@ -1,0 +1,79 @@
+"""Run the real `RecsvcServer` on a loopback port in a background event-loop thread.
+
+Tests then talk to it with the real blocking client over real gRPC, exactly like a caller would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from recsvc.client import RecsvcClient
+from recsvc.config import ServeConfig
+from recsvc.server import RecsvcServer
+
+T = TypeVar("T")
+
+
+def serve_config(bundles: Path, workdir: Path, **overrides: Any) -> ServeConfig:
+    """Loopback, any free port, no metrics port, stores under `workdir`, fast polling."""
+    base = ServeConfig(
+        bundles=str(bundles),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        events_db=str(workdir / "events.sqlite"),
+        exposures_db=str(workdir / "exposures.sqlite"),
+        reload_poll_s=0.1,
+        workers=2,
+        shutdown_grace_s=1.0,
+    )
+    return replace(base, **overrides)
+
+
+class RunningServer:
+    """Context manager: starts on enter (waits until start() returns), stops on exit."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
+        self._thread.start()
+        self.server = RecsvcServer(config)
+        self._stopped = False
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> RunningServer:
+        self.call(self.server.start())
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def client(self, timeout: float = 10.0) -> RecsvcClient:
+        return RecsvcClient(self.target, timeout=timeout)
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self.call(self.server.stop(grace))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+            self.loop.close()
+
+    def __enter__(self) -> RunningServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
