@@ -31,6 +31,7 @@ _UNIT_THRESHOLDS = (
     (1e14, "microseconds", 1_000_000),
     (1e11, "milliseconds", 1_000),
 )
+_ISO_PREFIX = r"^\s*\d{4}-\d{2}-\d{2}"
 _SECONDS_FLOOR = 1e8  # values between this and 1e11 are plainly seconds (1973..5138)
 
 
@@ -304,9 +305,18 @@ def _epoch_to_seconds(col: pl.Series, file_name: str) -> tuple[pl.Series, str]:
 def _parse_iso(col: pl.Series, file_name: str) -> pl.Series:
     """ISO-8601 dates or datetimes (offset-aware or naive = UTC) to epoch seconds.
 
-    Parsed per distinct value with the standard library, which accepts every ISO form (dates,
-    'T' or space separator, fractions, 'Z' or +hh:mm offsets), mixed within one column.
+    A column in one consistent year-first layout is parsed by polars (fast); otherwise each distinct
+    value goes through the standard library, which accepts every ISO form (dates, 'T' or space
+    separator, fractions, 'Z' or +hh:mm offsets) mixed within one column. Day-first or US dates are
+    never guessed: they are reported as errors.
     """
+    if bool(col.str.contains(_ISO_PREFIX).all()):
+        try:
+            fast = col.str.strip_chars().str.to_datetime(time_unit="us", strict=True)
+        except pl.exceptions.PolarsError:
+            fast = None
+        if fast is not None and fast.null_count() == 0:
+            return fast.dt.epoch("s").alias("timestamp")
     distinct = col.unique()
     parsed: list[int | None] = []
     bad: list[str] = []

@@ -308,6 +308,28 @@ def test_iso_strings_of_mixed_forms_become_utc_seconds(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        ["2020-09-16T10:00:00Z", "2020-09-17T11:30:00Z"],
+        ["2020-09-16 12:00:00+02:00", "2020-09-16 13:30:00-05:00"],
+        ["2020-09-16T10:00:00.5", "2020-09-16T10:00:01.75"],
+        ["2020-09-16 10:00", "2020-09-16 11:00"],
+    ],
+)
+def test_uniform_iso_columns_match_the_standard_library(tmp_path: Path, values: list[str]) -> None:
+    parsed = [datetime.fromisoformat(v) for v in values]
+    expected = [int((p if p.tzinfo else p.replace(tzinfo=timezone.utc)).timestamp() // 1) for p in parsed]
+    assert loaded_timestamps(tmp_path, values) == expected
+
+
+def test_day_first_dates_are_rejected_not_guessed(tmp_path: Path) -> None:
+    frame = interactions_frame(timestamp=["09/10/2020", "10/10/2020", "11/10/2020"])
+    expect_error(
+        write(tmp_path, frame, items_frame()), "column timestamp", "neither epoch numbers nor ISO-8601"
+    )
+
+
 def test_numeric_csv_timestamps_are_epoch_not_text(tmp_path: Path) -> None:
     assert loaded_timestamps(tmp_path, [1_600_000_000_000, 1_600_000_060_000], fmt="csv") == [
         1_600_000_000,
