@@ -1,0 +1,494 @@
+"""The request path shared by the gRPC server and recsvc-batch (docs/ARCHITECTURE.md "Request path").
+
+history (bundle + events since) -> user vector (user tower over item embeddings) -> candidates
+(FAISS ANN + repeat + popular + co-occurrence [+ session, query]) -> hard filters -> features ->
+ranker -> diversity cap -> top k.
+
+`recommend` is `recommend_many` with one request, so the batch tool and the server give the same
+answer by construction: only the FAISS search and the ranker call are batched, and ANN scores are
+recomputed exactly per request so batch-size-dependent BLAS rounding cannot reorder results.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from recsvc.candidates import SOURCE_BITS, Candidates, SourceList, cooc_source, generate, merge
+from recsvc.config import CandidateConfig, RecommenderConfig
+from recsvc.features import build_features, feature_index, tower_inputs
+from recsvc.history import Event, UserHistory
+from recsvc.user_tower import user_vector
+
+if TYPE_CHECKING:
+    from recsvc.bundle import LoadedBundle
+    from recsvc.encoder import TextEncoder
+
+log = logging.getLogger(__name__)
+
+REPEAT_POLICIES = ("allow", "exclude")
+STAGES = ("user_vector", "retrieval", "candidates", "filters", "features", "ranking", "total")
+
+
+class UnknownItemError(KeyError):
+    """Item ids that the bundle's catalogue does not know (`item_ids` lists them)."""
+
+    def __init__(self, item_ids: Sequence[str]) -> None:
+        self.item_ids = list(item_ids)
+        shown = ", ".join(repr(i) for i in self.item_ids[:10])
+        more = f" (+{len(self.item_ids) - 10} more)" if len(self.item_ids) > 10 else ""
+        super().__init__(f"unknown item id(s): {shown}{more}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class RankingPolicy:
+    """What an A/B variant can change."""
+
+    use_ranker: bool = True  # False: order by text-interest (ANN) score only
+    max_per_category: int | None = None  # diversity cap on `diversity_attribute`
+    diversity_attribute: str = "category"
+
+
+@dataclass(frozen=True)
+class RecommendRequest:
+    user_id: str
+    k: int = 10
+    session_items: tuple[str, ...] = ()
+    query: str | None = None
+    exclude_items: frozenset[str] = frozenset()
+    include_attributes: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    exclude_attributes: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    repeat_policy: str = "allow"  # allow | exclude (items the user already has)
+    explain: bool = False
+    now: int | None = None  # reference time; None = recommender clock
+
+
+@dataclass
+class ScoredItem:
+    item_id: str
+    score: float
+    sources: tuple[str, ...]
+    explanation: str | None = None
+
+
+@dataclass
+class RecommendResult:
+    items: list[ScoredItem]
+    model_version: str
+    unknown_items: list[str]
+    personalised: bool
+    timings_ms: dict[str, float]
+
+
+@dataclass
+class _Prepared:
+    """Per-request state before the (batched) ANN search."""
+
+    req: RecommendRequest
+    now: int
+    history: UserHistory  # bundle history + online events + session items
+    session_idx: np.ndarray
+    unknown: list[str]
+    user_vec: np.ndarray | None
+    query_vec: np.ndarray | None
+    allowed: np.ndarray | None  # item mask from attribute filters, None = all
+
+
+@dataclass
+class _Ranked:
+    cands: Candidates
+    features: np.ndarray
+    text_score: np.ndarray
+
+
+class Recommender:
+    """Serves one loaded bundle; thread-safe (events mutate under a lock, reads are lock-free)."""
+
+    def __init__(self, bundle: LoadedBundle, config: RecommenderConfig | None = None) -> None:
+        self.bundle = bundle
+        self.config = config or RecommenderConfig()
+        self.catalog = bundle.catalog
+        self.item_emb = np.ascontiguousarray(bundle.item_embeddings, dtype=np.float32)
+        self.cand_cfg = bundle.config.candidates
+        self.event_weights = dict(bundle.config.data.event_weights)
+        self.history_len = bundle.tower.history_len
+        self._lock = threading.RLock()
+        self._clock = int(bundle.data_end_ts)
+        self._encoder: TextEncoder | None = None
+        self._encoder_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def model_version(self) -> str:
+        return self.bundle.version
+
+    def clock(self) -> int:
+        """max(bundle data end, newest event seen): replayed and live traffic share features."""
+        return self._clock
+
+    def warm(self) -> None:
+        """Run every stage once (compiles the ranker fast path, touches index pages)."""
+        users = self.bundle.history.users()
+        reqs = [RecommendRequest(user_id=users[0] if users else "__warm__", k=5)]
+        self.recommend_many(reqs)
+        self.recommend_many(reqs, RankingPolicy(use_ranker=False))
+
+    def recommend(self, req: RecommendRequest, policy: RankingPolicy = RankingPolicy()) -> RecommendResult:
+        return self.recommend_many([req], policy)[0]
+
+    def recommend_many(
+        self, reqs: Sequence[RecommendRequest], policy: RankingPolicy = RankingPolicy()
+    ) -> list[RecommendResult]:
+        """Many requests with one FAISS search and one ranker call; same answers as `recommend`."""
+        if not reqs:
+            return []
+        timings = dict.fromkeys(STAGES, 0.0)
+        start = time.perf_counter()
+        prepared = [self._prepare(r) for r in reqs]
+        timings["user_vector"] = _ms(start)
+
+        t = time.perf_counter()
+        depth = min(self.cand_cfg.ann, len(self.catalog))
+        ann = self._search_many([p.user_vec for p in prepared], depth)
+        queries = self._search_many([p.query_vec for p in prepared], self.config.query_candidates)
+        timings["retrieval"] = _ms(t)
+
+        ranked: list[_Ranked] = []
+        for p, (ann_items, ann_scores), (q_items, q_scores) in zip(prepared, ann, queries):
+            ranked.append(self._candidates(p, ann_items, ann_scores, q_items, q_scores, depth, timings))
+
+        t = time.perf_counter()
+        if policy.use_ranker and any(len(r.cands) for r in ranked):
+            scores = self.bundle.ranker.predict(np.vstack([r.features for r in ranked]))
+            scores = np.asarray(scores, dtype=np.float64)
+            bounds = np.cumsum([0] + [len(r.cands) for r in ranked])
+            per_request = [scores[a:b] for a, b in itertools.pairwise(bounds)]
+        else:
+            per_request = [r.text_score for r in ranked]
+        timings["ranking"] = _ms(t)
+
+        t = time.perf_counter()
+        results = [self._finish(p, r, s, policy, timings) for p, r, s in zip(prepared, ranked, per_request)]
+        timings["filters"] += _ms(t)
+        timings["total"] = _ms(start)
+        for result in results:
+            result.timings_ms = dict(timings)
+        return results
+
+    def similar_items(
+        self,
+        item_id: str,
+        k: int,
+        exclude_items: frozenset[str] = frozenset(),
+        include_attributes: Mapping[str, frozenset[str]] | None = None,
+        exclude_attributes: Mapping[str, frozenset[str]] | None = None,
+    ) -> RecommendResult:
+        """Items like `item_id`: embedding neighbours plus co-occurrence, same filters as recommend."""
+        start = time.perf_counter()
+        _check_k(k)
+        idx = self.catalog.index.get(item_id)
+        if idx is None:
+            raise UnknownItemError([item_id])
+        allowed = self.catalog.filter_mask(include_attributes, exclude_attributes)
+        blocked = self._blocked({item_id, *exclude_items})
+        query = self.item_emb[idx]
+        depth = self.cand_cfg.ann
+        for _ in range(self.config.overfetch_rounds + 1):
+            ((items, scores),) = self._search_many([query], depth)
+            neighbours, co = self.bundle.cooccurrence.neighbours(idx)
+            cands = merge(
+                [SourceList("ann", items, scores), SourceList("cooc", neighbours, co)],
+                len(items) + len(neighbours),
+            )
+            keep = self._keep_mask(cands.items, allowed, blocked)
+            cands = cands.take(keep)
+            if len(cands) >= k or depth >= len(self.catalog):
+                break
+            depth = min(depth * 4, len(self.catalog))
+        cos = self.item_emb[cands.items] @ query
+        score = cos + np.nan_to_num(cands.cooc_score, nan=0.0)
+        order = _order(score, cands.items)[:k]
+        items_out = [
+            ScoredItem(str(self.catalog.item_ids[cands.items[i]]), float(score[i]), cands.source_names(i))
+            for i in order
+        ]
+        return RecommendResult(items_out, self.model_version, [], False, {"total": _ms(start)})
+
+    def record_events(self, events: Sequence[Event]) -> None:
+        """Apply events to histories and item counters; all-or-nothing validation first."""
+        unknown_types = sorted({e.event for e in events} - set(self.event_weights))
+        if unknown_types:
+            raise ValueError(
+                f"unknown event type(s): {', '.join(map(repr, unknown_types))}; "
+                f"known: {', '.join(map(repr, self.event_weights))}"
+            )
+        unknown_items = sorted({e.item_id for e in events if e.item_id not in self.catalog.index})
+        if unknown_items:
+            raise UnknownItemError(unknown_items)
+        with self._lock:
+            store, stats = self.bundle.history, self.bundle.item_stats
+            for e in events:
+                idx = self.catalog.index[e.item_id]
+                prior = int(np.count_nonzero(store.get(e.user_id).items == idx))
+                weight = self._event_weight(e)
+                store.append(e.user_id, idx, int(e.timestamp), weight)
+                stats.update(idx, int(e.timestamp), weight, prior)
+                self._clock = max(self._clock, int(e.timestamp))
+
+    # ------------------------------------------------------------------ stages
+
+    def _event_weight(self, e: Event) -> float:
+        """Same rule as training.data.event_weight: configured weight, times value for ratings."""
+        base = float(self.event_weights[e.event])
+        return base * float(e.value) if e.event == "rating" and e.value is not None else base
+
+    def _prepare(self, req: RecommendRequest) -> _Prepared:
+        _check_k(req.k)
+        if req.repeat_policy not in REPEAT_POLICIES:
+            raise ValueError(
+                f"repeat_policy must be one of {', '.join(REPEAT_POLICIES)}, got {req.repeat_policy!r}"
+            )
+        now = int(req.now) if req.now is not None else self.clock()
+        history = self.bundle.history.get(req.user_id)
+        if req.now is not None:
+            history = history.before(now + 1)
+        session_idx, unknown = self.catalog.ids_to_indices(req.session_items)
+        if len(session_idx):
+            history = history.with_events(
+                session_idx,
+                np.full(len(session_idx), now, np.int64),
+                np.full(len(session_idx), self.config.session_event_weight, np.float32),
+            )
+        user_vec = None
+        if len(history):
+            emb, ages, weights = tower_inputs(history, self.item_emb, now, self.history_len)
+            user_vec = user_vector(self.bundle.tower, emb, ages, weights)
+        query_vec = self._encode_query(req.query) if req.query and req.query.strip() else None
+        allowed = self.catalog.filter_mask(req.include_attributes, req.exclude_attributes)
+        return _Prepared(req, now, history, session_idx, unknown, user_vec, query_vec, allowed)
+
+    def _search_many(
+        self, vectors: Sequence[np.ndarray | None], depth: int
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One FAISS search for all present vectors; scores recomputed exactly, ties by item index."""
+        empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
+        rows = [i for i, v in enumerate(vectors) if v is not None]
+        out: list[tuple[np.ndarray, np.ndarray]] = [empty] * len(vectors)
+        if not rows or depth <= 0:
+            return out
+        queries = np.vstack([np.asarray(vectors[i], dtype=np.float32) for i in rows])
+        _, ids = self.bundle.index.search(queries, min(depth, len(self.catalog)))
+        for row, found in zip(rows, np.asarray(ids)):
+            found = found[found >= 0].astype(np.int32)
+            exact = self.item_emb[found] @ np.asarray(vectors[row], dtype=np.float32)
+            order = _order(exact, found)
+            out[row] = (found[order], exact[order].astype(np.float32))
+        return out
+
+    def _candidates(
+        self,
+        p: _Prepared,
+        ann_items: np.ndarray,
+        ann_scores: np.ndarray,
+        q_items: np.ndarray,
+        q_scores: np.ndarray,
+        depth: int,
+        timings: dict[str, float],
+    ) -> _Ranked:
+        """Sources -> hard filters (over-fetching deeper ANN when they leave < k) -> features."""
+        blocked = self._blocked(p.req.exclude_items)
+        if p.req.repeat_policy == "exclude":
+            blocked = np.union1d(blocked, p.history.items).astype(np.int32)
+        cfg = self.cand_cfg
+        for round_ in range(self.config.overfetch_rounds + 1):
+            t = time.perf_counter()
+            extra = []
+            if len(p.session_idx):
+                extra.append(
+                    cooc_source(
+                        np.unique(p.session_idx),
+                        np.ones(len(np.unique(p.session_idx)), np.float32),
+                        self.bundle.cooccurrence,
+                        self.config.session_neighbours,
+                        source="session",
+                    )
+                )
+            if len(q_items):
+                extra.append(SourceList("query", q_items, q_scores))
+            cands = generate(
+                p.history,
+                ann_items=ann_items if p.user_vec is not None else None,
+                ann_scores=ann_scores if p.user_vec is not None else None,
+                stats=self.bundle.item_stats,
+                cooc=self.bundle.cooccurrence,
+                cfg=cfg if round_ == 0 else _widened(cfg, depth),
+                now=p.now,
+                extra=extra,
+            )
+            timings["candidates"] += _ms(t)
+            t = time.perf_counter()
+            cands = cands.take(self._keep_mask(cands.items, p.allowed, blocked))
+            enough = len(cands) >= p.req.k or depth >= len(self.catalog)
+            timings["filters"] += _ms(t)
+            if enough or p.user_vec is None:
+                break
+            depth = min(depth * 4, len(self.catalog))
+            t = time.perf_counter()
+            if p.user_vec is not None:
+                ((ann_items, ann_scores),) = self._search_many([p.user_vec], depth)
+            timings["retrieval"] += _ms(t)
+        if len(cands) < p.req.k:
+            cands = self._fill(p, cands, blocked)
+        t = time.perf_counter()
+        feats = build_features(
+            p.history,
+            cands,
+            p.user_vec if p.user_vec is not None else p.query_vec,
+            self.item_emb,
+            self.catalog,
+            self.bundle.item_stats,
+            p.now,
+            cfg,
+        )
+        timings["features"] += _ms(t)
+        return _Ranked(cands, feats, _text_interest(feats))
+
+    def _fill(self, p: _Prepared, cands: Candidates, blocked: np.ndarray) -> Candidates:
+        """Last resort when filters are very selective: allowed items by popularity, then by index."""
+        keep = self._keep_mask(np.arange(len(self.catalog), dtype=np.int32), p.allowed, blocked)
+        keep[cands.items] = False
+        pool = np.flatnonzero(keep).astype(np.int32)
+        popularity = self.bundle.item_stats.popularity
+        chosen = pool[np.lexsort((pool, -popularity[pool]))[: p.req.k - len(cands)]]
+        nan = np.full(len(chosen), np.nan, np.float32)
+        return Candidates(
+            np.concatenate([cands.items, chosen]).astype(np.int32),
+            np.concatenate([cands.sources, np.full(len(chosen), SOURCE_BITS["popular"], np.uint8)]),
+            np.concatenate([cands.ann_score, nan]),
+            np.concatenate([cands.ann_rank, nan]),
+            np.concatenate([cands.cooc_score, nan]),
+            np.concatenate([cands.repeat_score, nan]),
+        )
+
+    def _finish(
+        self,
+        p: _Prepared,
+        r: _Ranked,
+        scores: np.ndarray,
+        policy: RankingPolicy,
+        timings: dict[str, float],
+    ) -> RecommendResult:
+        order = _order(np.asarray(scores, dtype=np.float64), r.cands.items)
+        order = self._diversify(order, r.cands.items, policy, p.req.k)
+        items = r.cands.items[order]
+        explanations = self._explain(p.history, items) if p.req.explain else [None] * len(items)
+        out = [
+            ScoredItem(
+                str(self.catalog.item_ids[items[j]]),
+                float(scores[i]),
+                r.cands.source_names(i),
+                explanations[j],
+            )
+            for j, i in enumerate(order)
+        ]
+        personalised = len(p.history) > 0 or p.query_vec is not None
+        return RecommendResult(out, self.model_version, p.unknown, personalised, {})
+
+    def _diversify(self, order: np.ndarray, items: np.ndarray, policy: RankingPolicy, k: int) -> np.ndarray:
+        """Greedy cap of `max_per_category` items per value of the diversity attribute."""
+        cap = policy.max_per_category
+        codes = self.catalog.attributes.get(policy.diversity_attribute)
+        if cap is None or codes is None:
+            return order[:k]
+        taken: dict[int, int] = {}
+        chosen = []
+        for i in order:
+            code = int(codes[items[i]])
+            if code >= 0 and taken.get(code, 0) >= cap:
+                continue
+            taken[code] = taken.get(code, 0) + 1
+            chosen.append(i)
+            if len(chosen) == k:
+                break
+        return np.asarray(chosen, dtype=np.int64)
+
+    def _explain(self, history: UserHistory, items: np.ndarray) -> list[str | None]:
+        """For each item, the recent history item (other than itself) with the highest cosine."""
+        if len(history) == 0 or len(items) == 0:
+            return ["popular recently"] * len(items)
+        recent = np.unique(history.items[-self.config.explain_history_items :])
+        sims = self.item_emb[items] @ self.item_emb[recent].T
+        sims[items[:, None] == recent[None, :]] = -np.inf
+        best = np.argmax(sims, axis=1)
+        return [
+            f"similar to {self.catalog.item_ids[recent[b]]}"
+            if np.isfinite(sims[j, b])
+            else "you had this before"
+            for j, b in enumerate(best)
+        ]
+
+    def _blocked(self, item_ids: frozenset[str] | set[str]) -> np.ndarray:
+        idx, _ = self.catalog.ids_to_indices(sorted(item_ids))
+        return np.unique(idx).astype(np.int32)
+
+    def _keep_mask(self, items: np.ndarray, allowed: np.ndarray | None, blocked: np.ndarray) -> np.ndarray:
+        keep = np.ones(len(items), dtype=bool) if allowed is None else allowed[items]
+        if len(blocked):
+            keep &= ~np.isin(items, blocked)
+        return keep
+
+    def _encode_query(self, query: str) -> np.ndarray:
+        """Free-text query -> unit vector with the bundle's encoder (loaded on first use)."""
+        from recsvc.text import query_text
+
+        if self._encoder is None:
+            with self._encoder_lock:
+                if self._encoder is None:
+                    from recsvc.encoder import TextEncoder
+
+                    self._encoder = TextEncoder.load(
+                        self.bundle.encoder_dir, device="cpu", precision=self.config.query_precision
+                    )
+        return self._encoder.encode([query_text(query)], batch_size=1)[0]
+
+
+def _text_interest(features: np.ndarray) -> np.ndarray:
+    """The no-ranker score: cosine to the user (or query) vector, else to history, else source order."""
+    cos = features[:, feature_index("cos_user")]
+    hist = features[:, feature_index("cos_hist_max")]
+    fallback = -np.arange(len(features), dtype=np.float64) / max(len(features), 1) - 2.0
+    return np.where(np.isfinite(cos), cos, np.where(np.isfinite(hist), hist, fallback)).astype(np.float64)
+
+
+def _order(scores: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Descending score, ties broken by item index (deterministic across batch sizes)."""
+    return np.lexsort((items, -np.asarray(scores, dtype=np.float64)))
+
+
+def _widened(cfg: CandidateConfig, depth: int) -> CandidateConfig:
+    """The candidate config of an over-fetch round: deeper ANN, cap raised so nothing is cut."""
+    return replace(
+        cfg,
+        ann=depth,
+        max_candidates=max(cfg.max_candidates, depth + cfg.repeat + cfg.popular + cfg.cooccurrence),
+    )
+
+
+def _check_k(k: int) -> None:
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0

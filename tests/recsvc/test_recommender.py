@@ -1,0 +1,271 @@
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from recsvc.history import Event
+from recsvc.recommender import (
+    STAGES,
+    RankingPolicy,
+    Recommender,
+    RecommendRequest,
+    RecommendResult,
+    UnknownItemError,
+)
+from tests.helpers.bundle_builder import build_loaded_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle(synth_loaded: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Shared read-only bundle (tests that record events build their own)."""
+    return build_loaded_bundle(
+        synth_loaded.interactions, synth_loaded.items, tmp_path_factory.mktemp("bundle")
+    )
+
+
+@pytest.fixture(scope="module")
+def rec(bundle: Any) -> Recommender:
+    return Recommender(bundle)
+
+
+@pytest.fixture
+def fresh_rec(synth_loaded: Any, tmp_path: Path) -> Recommender:
+    return Recommender(build_loaded_bundle(synth_loaded.interactions, synth_loaded.items, tmp_path))
+
+
+def _busy_user(rec: Recommender) -> str:
+    return max(rec.bundle.history.users(), key=lambda u: len(rec.bundle.history.get(u)))
+
+
+def _ids(result: RecommendResult) -> list[str]:
+    return [i.item_id for i in result.items]
+
+
+def _comparable(result: RecommendResult) -> list[tuple[Any, ...]]:
+    return [(i.item_id, i.score, i.sources, i.explanation) for i in result.items] + [
+        (tuple(result.unknown_items), result.personalised, result.model_version)
+    ]
+
+
+def test_known_user_gets_k_distinct_personalised_items(rec: Recommender) -> None:
+    result = rec.recommend(RecommendRequest(user_id=_busy_user(rec), k=10))
+    assert len(result.items) == 10 and len(set(_ids(result))) == 10
+    assert result.personalised and result.model_version == "test-bundle"
+    assert [i.score for i in result.items] == sorted((i.score for i in result.items), reverse=True)
+
+
+def test_timings_cover_every_stage(rec: Recommender) -> None:
+    result = rec.recommend(RecommendRequest(user_id=_busy_user(rec), k=5))
+    assert set(result.timings_ms) == set(STAGES)
+    assert result.timings_ms["total"] >= result.timings_ms["features"] >= 0
+
+
+def test_recommend_many_returns_exactly_what_recommend_returns(rec: Recommender) -> None:
+    users = rec.bundle.history.users()[:6]
+    cat = rec.catalog
+    reqs = [RecommendRequest(user_id=u, k=8, explain=True) for u in users]
+    reqs += [
+        RecommendRequest(user_id="cold-1", k=8),
+        RecommendRequest(user_id="cold-2", k=8, session_items=(str(cat.item_ids[3]), "no-such-item")),
+        RecommendRequest(user_id="cold-3", k=8, query="red running shoes"),
+        RecommendRequest(
+            user_id=users[0],
+            k=8,
+            include_attributes={"category": frozenset(cat.attribute_values["category"][:1])},
+        ),
+        RecommendRequest(
+            user_id=users[1], k=8, repeat_policy="exclude", exclude_items=frozenset(cat.item_ids[:20])
+        ),
+    ]
+    for policy in (RankingPolicy(), RankingPolicy(use_ranker=False, max_per_category=2)):
+        batched = rec.recommend_many(reqs, policy)
+        singles = [rec.recommend(r, policy) for r in reqs]
+        assert [_comparable(b) for b in batched] == [_comparable(s) for s in singles]
+
+
+def test_unknown_session_items_are_ignored_and_reported(rec: Recommender) -> None:
+    known = str(rec.catalog.item_ids[5])
+    result = rec.recommend(RecommendRequest(user_id="cold", k=5, session_items=("ghost-1", known, "ghost-2")))
+    assert result.unknown_items == ["ghost-1", "ghost-2"]
+    assert result.personalised and len(result.items) == 5
+
+
+def test_session_items_steer_a_cold_user_towards_their_category(rec: Recommender) -> None:
+    codes = rec.catalog.attributes["category"]
+    seed = int(np.flatnonzero(codes == codes[0])[0])
+    result = rec.recommend(
+        RecommendRequest(user_id="cold", k=5, session_items=(str(rec.catalog.item_ids[seed]),)),
+        RankingPolicy(use_ranker=False),
+    )
+    same = [codes[rec.catalog.index[i]] == codes[seed] for i in _ids(result)]
+    assert sum(same) >= 4
+
+
+def test_user_without_history_or_context_gets_popular_items(rec: Recommender) -> None:
+    result = rec.recommend(RecommendRequest(user_id="stranger", k=5))
+    assert not result.personalised
+    assert all("popular" in i.sources for i in result.items)
+    popular = {str(rec.catalog.item_ids[i]) for i in rec.bundle.item_stats.top_popular(50)}
+    assert set(_ids(result)) <= popular
+
+
+def test_free_text_query_personalises_a_cold_user_via_the_bundle_encoder(rec: Recommender) -> None:
+    result = rec.recommend(RecommendRequest(user_id="stranger", k=5, query="warm wool jacket"))
+    assert result.personalised
+    assert any("query" in i.sources for i in result.items)
+
+
+def test_exclude_items_and_attribute_filters_are_hard_constraints(rec: Recommender) -> None:
+    user = _busy_user(rec)
+    cat = rec.catalog
+    first = rec.recommend(RecommendRequest(user_id=user, k=10))
+    brand = cat.attribute_values["brand"][0]
+    result = rec.recommend(
+        RecommendRequest(
+            user_id=user,
+            k=10,
+            exclude_items=frozenset(_ids(first)[:5]),
+            exclude_attributes={"brand": frozenset({brand})},
+        )
+    )
+    assert not set(_ids(result)) & set(_ids(first)[:5])
+    assert all(
+        cat.attribute_values["brand"][cat.attributes["brand"][cat.index[i]]] != brand for i in _ids(result)
+    )
+    assert len(result.items) == 10
+
+
+def test_selective_filters_still_fill_k_when_the_catalogue_allows(rec: Recommender) -> None:
+    cat = rec.catalog
+    codes = cat.attributes["category"]
+    rare = int(np.argmin(np.bincount(codes[codes >= 0])))
+    allowed = int((codes == rare).sum())
+    value = cat.attribute_values["category"][rare]
+    result = rec.recommend(
+        RecommendRequest(
+            user_id=_busy_user(rec), k=allowed, include_attributes={"category": frozenset({value})}
+        )
+    )
+    assert len(result.items) == allowed
+    assert all(codes[cat.index[i]] == rare for i in _ids(result))
+
+
+def test_repeat_policy_exclude_drops_items_the_user_already_has(rec: Recommender) -> None:
+    user = _busy_user(rec)
+    had = {str(rec.catalog.item_ids[i]) for i in rec.bundle.history.get(user).items}
+    result = rec.recommend(RecommendRequest(user_id=user, k=10, repeat_policy="exclude"))
+    assert not set(_ids(result)) & had and len(result.items) == 10
+
+
+def test_invalid_repeat_policy_and_k_are_rejected(rec: Recommender) -> None:
+    with pytest.raises(ValueError, match="repeat_policy"):
+        rec.recommend(RecommendRequest(user_id="u", repeat_policy="sometimes"))
+    with pytest.raises(ValueError, match="k must be positive"):
+        rec.recommend(RecommendRequest(user_id="u", k=0))
+
+
+def test_without_ranker_items_are_ordered_by_cosine_to_the_user_vector(rec: Recommender) -> None:
+    from recsvc.features import tower_inputs
+    from recsvc.user_tower import user_vector
+
+    user = _busy_user(rec)
+    result = rec.recommend(RecommendRequest(user_id=user, k=10), RankingPolicy(use_ranker=False))
+    emb, ages, w = tower_inputs(rec.bundle.history.get(user), rec.item_emb, rec.clock(), rec.history_len)
+    vec = user_vector(rec.bundle.tower, emb, ages, w)
+    cos = [float(rec.item_emb[rec.catalog.index[i]] @ vec) for i in _ids(result)]
+    assert [i.score for i in result.items] == pytest.approx(cos, abs=1e-5)
+    assert cos == sorted(cos, reverse=True)
+
+
+def test_diversity_cap_limits_items_per_category(rec: Recommender) -> None:
+    codes = rec.catalog.attributes["category"]
+    result = rec.recommend(RecommendRequest(user_id=_busy_user(rec), k=5), RankingPolicy(max_per_category=1))
+    cats = [codes[rec.catalog.index[i]] for i in _ids(result)]
+    assert len(set(cats)) == len(cats) == 5
+
+
+def test_explanations_name_another_history_item(rec: Recommender) -> None:
+    user = _busy_user(rec)
+    had = {str(rec.catalog.item_ids[i]) for i in rec.bundle.history.get(user).items}
+    result = rec.recommend(RecommendRequest(user_id=user, k=5, explain=True))
+    for item in result.items:
+        assert item.explanation is not None
+        if item.explanation.startswith("similar to "):
+            named = item.explanation.removeprefix("similar to ")
+            assert named in had and named != item.item_id
+
+
+def test_similar_items_excludes_the_item_and_applies_filters(rec: Recommender) -> None:
+    cat = rec.catalog
+    item = str(cat.item_ids[0])
+    result = rec.similar_items(item, 5)
+    assert item not in _ids(result) and len(result.items) == 5
+    same = cat.attributes["category"][0]
+    value = cat.attribute_values["category"][same]
+    other = rec.similar_items(item, 5, exclude_attributes={"category": frozenset({value})})
+    assert all(cat.attributes["category"][cat.index[i]] != same for i in _ids(other))
+
+
+def test_similar_items_of_unknown_item_raises_naming_it(rec: Recommender) -> None:
+    with pytest.raises(UnknownItemError, match="nope"):
+        rec.similar_items("nope", 5)
+
+
+def test_recorded_events_are_seen_by_the_very_next_recommend(fresh_rec: Recommender) -> None:
+    cat = fresh_rec.catalog
+    item = str(cat.item_ids[7])
+    ts = fresh_rec.clock() + 60
+    before = float(fresh_rec.bundle.item_stats.counts[7, 0])
+    fresh_rec.record_events([Event("newbie", item, "purchase", ts)])
+    assert fresh_rec.bundle.history.get("newbie").items.tolist() == [7]
+    assert fresh_rec.bundle.item_stats.counts[7, 0] == before + 8.0
+    assert fresh_rec.clock() == ts
+    result = fresh_rec.recommend(RecommendRequest(user_id="newbie", k=5, explain=True))
+    assert result.personalised
+    assert any(i.item_id == item for i in result.items) or all(
+        i.explanation in (f"similar to {item}", "you had this before") for i in result.items
+    )
+
+
+def test_events_with_unknown_items_are_rejected_whole(fresh_rec: Recommender) -> None:
+    item = str(fresh_rec.catalog.item_ids[1])
+    with pytest.raises(UnknownItemError) as err:
+        fresh_rec.record_events([Event("u", item, "view", 1), Event("u", "ghost", "view", 2)])
+    assert err.value.item_ids == ["ghost"]
+    assert len(fresh_rec.bundle.history.get("u")) == 0
+
+
+def test_events_with_unknown_type_are_rejected(fresh_rec: Recommender) -> None:
+    with pytest.raises(ValueError, match="'wishlist'"):
+        fresh_rec.record_events([Event("u", str(fresh_rec.catalog.item_ids[1]), "wishlist", 1)])
+
+
+def test_concurrent_recommends_and_events_do_not_fail(fresh_rec: Recommender) -> None:
+    errors: list[BaseException] = []
+    users = fresh_rec.bundle.history.users()[:20]
+    items = [str(i) for i in fresh_rec.catalog.item_ids[:20]]
+
+    def read() -> None:
+        try:
+            for u in users:
+                assert len(fresh_rec.recommend(RecommendRequest(user_id=u, k=5)).items) == 5
+        except BaseException as exc:  # collected and re-raised in the main thread
+            errors.append(exc)
+
+    def write() -> None:
+        try:
+            for j, u in enumerate(users):
+                fresh_rec.record_events([Event(u, items[j], "click", fresh_rec.clock() + 1)])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(3)] + [threading.Thread(target=write)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

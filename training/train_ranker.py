@@ -1,0 +1,300 @@
+"""Ranker training sets built strictly per docs/ARCHITECTURE.md "Time windows" (no leakage).
+
+For a cutoff c and a label window [c, end): every piece of state (histories, ItemStats,
+CoOccurrence, user vectors) comes from interactions < c only, candidates come from the same
+sources serving uses, features from `recsvc.features.build_features` (the serving definition),
+and the label of a candidate is the strongest event weight the user gave it in the window.
+
+Training uses c = T2 with labels [T2, T1); validation (early stopping) c = T1 with labels [T1, T).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+from tqdm import tqdm
+
+from recsvc.behaviour import CoOccurrence, ItemStats
+from recsvc.candidates import SOURCE_NAMES, Candidates, generate
+from recsvc.catalog import Catalog
+from recsvc.config import CandidateConfig, RankerConfig, TrainConfig
+from recsvc.features import FEATURE_NAMES, build_features, tower_inputs
+from recsvc.history import HistoryStore, item_indices
+from recsvc.user_tower import TowerParams, user_vector
+
+log = logging.getLogger(__name__)
+
+SEARCH_BATCH = 1024  # users per FAISS search call
+
+
+@dataclass
+class ServingState:
+    """What serving would know at `cutoff`: the leak-free inputs of candidates and features."""
+
+    cutoff: int
+    history: HistoryStore
+    stats: ItemStats
+    cooc: CoOccurrence
+
+
+@dataclass
+class RankingDataset:
+    """Grouped learning-to-rank rows: one group per user, rows = that user's candidates."""
+
+    features: np.ndarray  # float32 [N, F]
+    labels: np.ndarray  # float32 [N], strongest event weight in the label window, 0 = none
+    groups: np.ndarray  # int64 [n_groups] group sizes
+    user_ids: list[str]
+    items: np.ndarray  # int32 [N]
+    sources: np.ndarray  # uint8 [N]
+    cutoff: int
+    recall: dict[str, float] = field(default_factory=dict)  # label items found, per source + "all"
+    feature_names: tuple[str, ...] = FEATURE_NAMES
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.labels)
+
+
+def state_at(interactions: pl.DataFrame, catalog: Catalog, cutoff: int, cfg: CandidateConfig) -> ServingState:
+    """Histories, item stats and co-occurrence from interactions strictly before `cutoff`."""
+    before = interactions.filter(pl.col("timestamp") < cutoff)
+    item_idx = item_indices(before["item_id"], catalog)
+    known = item_idx >= 0
+    before = before.filter(pl.Series(known))
+    item_idx = item_idx[known]
+    user_idx = before["user_id"].cast(pl.Utf8).cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
+    ts = before["timestamp"].to_numpy()
+    weights = before["weight"].to_numpy().astype(np.float32)
+    history = HistoryStore.from_arrays(
+        before["user_id"].cast(pl.Utf8).to_numpy(), item_idx, ts, weights, catalog
+    )
+    stats = ItemStats.from_interactions(
+        item_idx, user_idx, ts, weights, len(catalog), cutoff, cfg.popularity_window_days
+    )
+    cooc = CoOccurrence.from_interactions(
+        item_idx, user_idx, ts, weights, len(catalog), cutoff, cfg.cooc_neighbours, cfg.cooc_half_life_days
+    )
+    return ServingState(cutoff, history, stats, cooc)
+
+
+def label_table(
+    labels: pl.DataFrame, catalog: Catalog, start: int, end: int | None
+) -> dict[str, dict[int, float]]:
+    """user -> {item row: strongest event weight} for events in [start, end)."""
+    window = labels.filter(pl.col("timestamp") >= start)
+    if end is not None:
+        window = window.filter(pl.col("timestamp") < end)
+    idx = item_indices(window["item_id"], catalog)
+    frame = (
+        pl.DataFrame({"user_id": window["user_id"].cast(pl.Utf8), "item": idx, "weight": window["weight"]})
+        .filter(pl.col("item") >= 0)
+        .group_by("user_id", "item")
+        .agg(pl.col("weight").max())
+    )
+    table: dict[str, dict[int, float]] = {}
+    for user, item, weight in frame.iter_rows():
+        table.setdefault(user, {})[int(item)] = float(weight)
+    return table
+
+
+def build_ranking_dataset(
+    interactions: pl.DataFrame,
+    labels: pl.DataFrame,
+    *,
+    cutoff: int,
+    label_end: int | None,
+    catalog: Catalog,
+    item_emb: np.ndarray,
+    index: Any,
+    tower: TowerParams,
+    cand_cfg: CandidateConfig,
+    max_users: int,
+    seed: int = 42,
+    drop_groups_without_positive: bool = True,
+    progress: bool = False,
+) -> RankingDataset:
+    """Candidates + features + labels for users active in [cutoff, label_end).
+
+    `interactions` may contain rows at/after `cutoff`: they are ignored for state (the test
+    `test_features_ignore_interactions_at_or_after_cutoff` proves it). `index` is an
+    `recsvc.retrieval.ItemIndex` (anything with `search(queries, k) -> (scores, ids)`).
+    """
+    state = state_at(interactions, catalog, cutoff, cand_cfg)
+    table = label_table(labels, catalog, cutoff, label_end)
+    users = sorted(table)
+    if len(users) > max_users:
+        rng = np.random.default_rng(seed)
+        users = sorted(rng.choice(np.asarray(users, dtype=object), size=max_users, replace=False).tolist())
+    histories = [state.history.get(u) for u in users]
+    vectors: list[np.ndarray | None] = []
+    for h in histories:
+        if len(h) == 0:
+            vectors.append(None)
+            continue
+        emb, ages, w = tower_inputs(h, item_emb, cutoff, tower.history_len)
+        vectors.append(user_vector(tower, emb, ages, w))
+    ann = ann_search(index, item_emb, vectors, min(cand_cfg.ann, len(catalog)))
+
+    feats: list[np.ndarray] = []
+    label_rows: list[np.ndarray] = []
+    item_rows: list[np.ndarray] = []
+    source_rows: list[np.ndarray] = []
+    kept_users: list[str] = []
+    found = dict.fromkeys(("all", *SOURCE_NAMES), 0)
+    total_positive = 0
+    loop = tqdm(range(len(users)), desc=f"ranking rows @ {cutoff}", disable=not progress, unit="user")
+    for i in loop:
+        user, history, vec = users[i], histories[i], vectors[i]
+        ann_items, ann_scores = ann[i]
+        cands = generate(
+            history,
+            ann_items=ann_items if vec is not None else None,
+            ann_scores=ann_scores if vec is not None else None,
+            stats=state.stats,
+            cooc=state.cooc,
+            cfg=cand_cfg,
+            now=cutoff,
+        )
+        positives = table[user]
+        y = np.asarray([positives.get(int(it), 0.0) for it in cands.items], dtype=np.float32)
+        total_positive += len(positives)
+        _count_recall(found, cands, y > 0)
+        if len(cands) == 0 or (drop_groups_without_positive and not (y > 0).any()):
+            continue
+        feats.append(build_features(history, cands, vec, item_emb, catalog, state.stats, cutoff, cand_cfg))
+        label_rows.append(y)
+        item_rows.append(cands.items)
+        source_rows.append(cands.sources)
+        kept_users.append(user)
+    recall = {name: found[name] / total_positive if total_positive else float("nan") for name in found}
+    log.info(
+        "ranking set @%d: %d/%d users kept, %d rows; candidate recall %s",
+        cutoff,
+        len(kept_users),
+        len(users),
+        sum(len(y) for y in label_rows),
+        ", ".join(f"{k}={v:.3f}" for k, v in recall.items()),
+    )
+    return RankingDataset(
+        features=np.vstack(feats) if feats else np.zeros((0, len(FEATURE_NAMES)), np.float32),
+        labels=np.concatenate(label_rows) if label_rows else np.zeros(0, np.float32),
+        groups=np.asarray([len(y) for y in label_rows], dtype=np.int64),
+        user_ids=kept_users,
+        items=np.concatenate(item_rows) if item_rows else np.zeros(0, np.int32),
+        sources=np.concatenate(source_rows) if source_rows else np.zeros(0, np.uint8),
+        cutoff=cutoff,
+        recall=recall,
+    )
+
+
+def ann_search(
+    index: Any, item_emb: np.ndarray, vectors: Sequence[np.ndarray | None], depth: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Batched FAISS search; like serving, scores are recomputed exactly and ties broken by item."""
+    empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
+    out: list[tuple[np.ndarray, np.ndarray]] = [empty] * len(vectors)
+    rows = [i for i, v in enumerate(vectors) if v is not None]
+    for start in range(0, len(rows), SEARCH_BATCH):
+        chunk = rows[start : start + SEARCH_BATCH]
+        queries = np.vstack([vectors[i] for i in chunk]).astype(np.float32)
+        _, ids = index.search(queries, depth)
+        for row, found in zip(chunk, np.asarray(ids)):
+            found = found[found >= 0].astype(np.int32)
+            exact = item_emb[found] @ np.asarray(vectors[row], dtype=np.float32)
+            order = np.lexsort((found, -exact.astype(np.float64)))
+            out[row] = (found[order], exact[order].astype(np.float32))
+    return out
+
+
+def _count_recall(found: dict[str, int], cands: Candidates, positive: np.ndarray) -> None:
+    found["all"] += int(positive.sum())
+    for name in SOURCE_NAMES:
+        found[name] += int((positive & cands.has(name)).sum())
+
+
+def relevance_grades(labels: np.ndarray) -> np.ndarray:
+    """Event weights -> integer lambdarank grades: 0 none, then 1 + log2(weight) (view 1 ... purchase 4)."""
+    labels = np.asarray(labels, dtype=np.float64)
+    grades = np.zeros(len(labels), dtype=np.int32)
+    pos = labels > 0
+    grades[pos] = np.clip(np.round(np.log2(np.maximum(labels[pos], 1.0))) + 1, 1, 30).astype(np.int32)
+    return grades
+
+
+@dataclass
+class RankerTrainResult:
+    ranker: Any  # recsvc.ranker.Ranker
+    train: RankingDataset
+    valid: RankingDataset
+    metrics: dict[str, Any]
+
+
+def train_ranker(
+    interactions: pl.DataFrame,
+    *,
+    t2: int,
+    t1: int,
+    t_end: int,
+    catalog: Catalog,
+    item_emb: np.ndarray,
+    index: Any,
+    tower: TowerParams,
+    config: TrainConfig,
+    progress: bool = False,
+) -> RankerTrainResult:
+    """Train on labels [T2, T1) with features from < T2; validate on labels [T1, T) from < T1.
+
+    `interactions` must be the training data (< T); rows >= T are ignored.
+    """
+    from recsvc.ranker import Ranker
+
+    data = interactions.filter(pl.col("timestamp") < t_end)
+    common = dict(
+        catalog=catalog,
+        item_emb=item_emb,
+        index=index,
+        tower=tower,
+        cand_cfg=config.candidates,
+        seed=config.ranker.seed,
+        progress=progress,
+    )
+    train = build_ranking_dataset(
+        data, data, cutoff=t2, label_end=t1, max_users=config.ranker.max_train_users, **common
+    )
+    valid = build_ranking_dataset(
+        data, data, cutoff=t1, label_end=t_end, max_users=_valid_users(config.ranker), **common
+    )
+    if train.n_rows == 0:
+        raise ValueError(
+            f"no ranker training rows: no user with a candidate hit in labels [{t2}, {t1}); "
+            "more data or a longer SplitConfig.valid_days is needed"
+        )
+    ranker = Ranker.train(
+        train.features,
+        relevance_grades(train.labels),
+        train.groups,
+        valid.features if valid.n_rows else None,
+        relevance_grades(valid.labels) if valid.n_rows else None,
+        valid.groups if valid.n_rows else None,
+        config.ranker,
+        feature_names=list(FEATURE_NAMES),
+    )
+    metrics = {
+        "train_users": len(train.user_ids),
+        "train_rows": train.n_rows,
+        "valid_users": len(valid.user_ids),
+        "valid_rows": valid.n_rows,
+        "train_candidate_recall": train.recall,
+        "valid_candidate_recall": valid.recall,
+    }
+    return RankerTrainResult(ranker, train, valid, metrics)
+
+
+def _valid_users(cfg: RankerConfig) -> int:
+    return max(1, cfg.max_train_users // 3)
