@@ -12,6 +12,8 @@ import pytest
 from training.convert import ConversionError, convert_amazon, main
 from training.data import load_dataset
 
+REPO = Path(__file__).resolve().parents[2]  # `python -m training...` runs from the repo root
+
 REVIEWS = [
     {
         "reviewerID": "A1",
@@ -179,6 +181,7 @@ def test_cli_reports_bad_input_with_exit_2_and_no_traceback(tmp_path: Path) -> N
         capture_output=True,
         text=True,
         check=False,
+        cwd=REPO,
     )
     assert proc.returncode == 2
     assert "reviews.json: line 1: not valid JSON" in proc.stderr

@@ -12,6 +12,8 @@ from recsvc.config import DAY
 from training.data import load_dataset
 from training.synth import CATEGORIES, DEFAULT_START, generate, main, write_dataset
 
+REPO = Path(__file__).resolve().parents[2]  # `python -m training...` runs from the repo root
+
 SIZES = {"n_users": 400, "n_items": 300, "n_interactions": 12_000, "days": 21, "seed": 3}
 
 
@@ -165,6 +167,7 @@ def test_cli_rejects_bad_sizes_with_exit_2_and_no_traceback(tmp_path: Path) -> N
         capture_output=True,
         text=True,
         check=False,
+        cwd=REPO,
     )
     assert proc.returncode == 2
     assert "n_items must be a positive integer" in proc.stderr
