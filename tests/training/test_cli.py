@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recsvc import bundle
+from training import cli
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _publish(root: Path, payload: bytes) -> str:
+    staging = bundle.new_staging_dir(root)
+    (staging / "catalog.parquet").write_bytes(payload)
+    return bundle.publish(staging, root, {})
+
+
+def test_help_documents_every_training_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--data",
+        "--out",
+        "--config",
+        "--model-dir",
+        "--epochs",
+        "--max-steps",
+        "--no-eval",
+        "--stage",
+        "--work-dir",
+        "--seed",
+        "--device",
+        "--verbose",
+        "rollback",
+        "verify",
+    ):
+        assert flag in text
+
+
+def test_python_dash_m_training_prints_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "training", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0
+    assert "recsvc-train" in out.stdout
+
+
+def test_missing_data_folder_exits_2_with_a_message_and_no_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "bundles")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "nope" in err and "does not exist" in err
+    assert "Traceback" not in err
+
+
+def test_data_folder_without_interactions_exits_2_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "data").mkdir()
+    code = cli.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "bundles"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "interactions" in err
+    assert not bundle.list_versions(tmp_path / "bundles")
+
+
+def test_unknown_config_option_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text("encoder:\n  epochz: 3\n")
+    code = cli.main(["--data", str(tmp_path), "--out", str(tmp_path / "b"), "--config", str(config)])
+    assert code == 2
+    assert "epochz" in capsys.readouterr().err
+
+
+def test_config_file_and_flags_override_defaults_in_that_order(tmp_path: Path) -> None:
+    config = tmp_path / "cfg.json"
+    config.write_text('{"encoder": {"epochs": 3, "lr": 0.001}, "ranker": {"num_leaves": 7}}')
+    args = cli.train_parser().parse_args(
+        ["--data", "d", "--out", "o", "--config", str(config), "--epochs", "5", "--seed", "9"]
+    )
+    cfg = cli.build_config(args)
+    assert (cfg.encoder.epochs, cfg.encoder.lr, cfg.ranker.num_leaves) == (5, 0.001, 7)
+    assert cfg.encoder.seed == 9 and cfg.ranker.seed == 9
+
+
+def test_stage_without_work_dir_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["--data", str(tmp_path), "--out", str(tmp_path / "b"), "--stage", "ranker"])
+    assert code == 2
+    assert "--work-dir" in capsys.readouterr().err
+
+
+def test_rollback_switches_current_and_reports_both_versions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = _publish(tmp_path, b"old")
+    new = _publish(tmp_path, b"new")
+    assert cli.main(["rollback", "--bundles", str(tmp_path)]) == 0
+    assert f"{new} -> {old}" in capsys.readouterr().out
+    assert bundle.current_version(tmp_path) == old
+    assert cli.main(["rollback", "--bundles", str(tmp_path), "--to", new]) == 0
+    assert bundle.current_version(tmp_path) == new
+
+
+def test_verify_reports_ok_then_exit_2_on_corruption(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version = _publish(tmp_path, b"data")
+    assert cli.main(["verify", "--bundles", str(tmp_path)]) == 0
+    assert f"ok: bundle {version}" in capsys.readouterr().out
+    (tmp_path / version / "catalog.parquet").write_bytes(b"tampered")
+    assert cli.main(["verify", "--bundles", str(tmp_path / version)]) == 2
+    err = capsys.readouterr().err
+    assert "checksum mismatch in catalog.parquet" in err and "Traceback" not in err
+
+
+def test_list_marks_the_current_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = _publish(tmp_path, b"old")
+    new = _publish(tmp_path, b"new")
+    assert cli.main(["list", "--bundles", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"  {old}", f"* {new}"]
+
+
+def test_rollback_without_bundles_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["rollback", "--bundles", str(tmp_path)]) == 2
+    assert "no CURRENT" in capsys.readouterr().err
