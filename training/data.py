@@ -2,12 +2,16 @@
 
 Everything downstream (splits, fine-tuning, features, serving state) trusts these tables, so every
 data problem is caught here and reported in words a user can act on: which file, which column,
-how many rows and which ones.
+how many rows and which ones (row numbers count data rows from 1, header excluded).
+
+`python -m training.data FOLDER` validates a folder and prints the report (exit 2 on bad data).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
@@ -385,6 +389,8 @@ def _apply_catalogue(
     )
     if config.unknown_items == "reject":
         raise DataValidationError(f"{file_name}: column item_id: {detail}")
+    if n_unknown == interactions.height:
+        raise DataValidationError(f"{file_name}: column item_id: no interaction is left, all {detail}")
     log.warning("dropping interactions with unknown items: %s", detail)
     report.dropped["unknown_item"] = n_unknown
     report.notes.append(f"dropped {detail}")
@@ -405,7 +411,7 @@ def _require_columns(df: pl.DataFrame, required: tuple[str, ...], file_name: str
 
 def _as_text(col: pl.Series, file_name: str) -> pl.Series:
     """Ids and labels as Utf8; integer ids are accepted and written in decimal."""
-    if col.dtype in (pl.String, pl.Categorical) or isinstance(col.dtype, pl.Enum):
+    if col.dtype in (pl.String, pl.Categorical, pl.Null) or isinstance(col.dtype, pl.Enum):
         return col.cast(pl.String)
     if col.dtype.is_integer():
         return col.cast(pl.String)
@@ -458,3 +464,33 @@ def _row_numbers(mask: pl.Series) -> str:
 
 def _iso(ts: int) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m training.data FOLDER`: validate a canonical folder and print what was found."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training.data",
+        description="Validate a canonical data folder (interactions + items) and print the load report.",
+    )
+    parser.add_argument(
+        "folder", type=Path, help="folder with interactions.{parquet,csv} and items.{parquet,csv}"
+    )
+    parser.add_argument(
+        "--reject-unknown-items",
+        action="store_true",
+        help="fail when an interaction's item is not in the catalogue (default: drop and count such rows)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    config = DataConfig(unknown_items="reject" if args.reject_unknown_items else "drop")
+    try:
+        dataset = load_dataset(args.folder, config)
+    except DataValidationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(dataset.report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

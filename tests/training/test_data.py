@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -8,9 +10,10 @@ import polars as pl
 import pytest
 
 from recsvc.config import DataConfig
-from training.data import INTERACTION_COLUMNS, DataValidationError, load_dataset
+from training.data import INTERACTION_COLUMNS, DataValidationError, load_dataset, main
 
 NOW = 1_700_000_000  # 2023-11-14, reference clock for the future-timestamp check
+REPO = Path(__file__).resolve().parents[2]  # `python -m training...` runs from the repo root
 HM = Path("/work/shared/data/hm_fashion_lastweek")
 
 
@@ -260,6 +263,16 @@ def test_unknown_event_types_are_listed_with_the_configured_ones(tmp_path: Path)
     assert "'view', 'click', 'cart', 'purchase', 'rating'" in msg
 
 
+def test_interactions_with_only_unknown_items_are_an_error(tmp_path: Path) -> None:
+    frame = interactions_frame(item_id=["x", "y", "z"])
+    expect_error(write(tmp_path, frame, items_frame()), "no interaction is left", "3 row(s)")
+
+
+def test_all_null_titles_are_reported_as_missing(tmp_path: Path) -> None:
+    items = items_frame().with_columns(title=pl.lit(None))
+    expect_error(write(tmp_path, interactions_frame(), items), "column title", "3 empty or missing title")
+
+
 def test_invalid_unknown_items_option_is_rejected(tmp_path: Path) -> None:
     expect_error(
         write(tmp_path, interactions_frame(), items_frame()), "unknown_items", unknown_items="ignore"
@@ -375,6 +388,28 @@ def test_missing_timestamps_are_rejected(tmp_path: Path) -> None:
 def test_boolean_timestamps_are_a_type_error(tmp_path: Path) -> None:
     frame = interactions_frame(timestamp=[True, False, True])
     expect_error(write(tmp_path, frame, items_frame()), "column timestamp has type Boolean")
+
+
+# --- command line ---
+
+
+def test_cli_prints_the_report_for_a_valid_folder(synth_dataset: Path, capsys) -> None:
+    assert main([str(synth_dataset)]) == 0
+    assert "rows read 6,000, kept 6,000" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_data_with_exit_2_and_no_traceback(tmp_path: Path) -> None:
+    write(tmp_path, interactions_frame(item_id=["a", "b", "ghost"]), items_frame())
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.data", str(tmp_path), "--reject-unknown-items"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert "'ghost'" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # --- shared data --------------------------------------------------------------------------------
