@@ -1,0 +1,195 @@
+"""User tower: a learned pooling over PRECOMPUTED item embeddings.
+
+Why: a user is represented by the embeddings of their last items, which the bundle already holds,
+so serving a request costs one small numpy attention over <= history_len vectors — no BERT run per
+request, no per-user state to retrain. Training uses the torch module (`UserTower`); serving uses
+`user_vector` / `user_vectors`, the same maths in numpy (tested equal to 1e-5).
+
+Maths, for history items i (most recent first) with embedding h_i, age a_i (s) and weight w_i:
+    logit_i = (h_i · q) / sqrt(d) + age_coef · log1p(a_i / 1 day) + weight_coef · log(w_i) + pos_i
+    p = h-weighted softmax(logit) pooling:  pooled = Σ softmax(logit)_i h_i
+    user = normalise(pooled + pooled @ W + b)
+The residual linear map starts at zero, so an untrained tower is attention-weighted mean pooling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+DAY_S = 86_400.0
+MIN_WEIGHT = 1e-6
+_PARAM_KEYS = ("query", "age_coef", "weight_coef", "position_bias", "linear", "bias")
+
+
+class TowerParamsError(ValueError):
+    """A user_tower.npz file is missing or malformed."""
+
+
+def _age_feature(ages_s: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    if isinstance(ages_s, torch.Tensor):
+        return torch.log1p(ages_s.clamp(min=0.0) / DAY_S)
+    return np.log1p(np.maximum(ages_s, 0.0) / DAY_S).astype(np.float32)
+
+
+def _weight_feature(weights: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    if isinstance(weights, torch.Tensor):
+        return torch.log(weights.clamp(min=MIN_WEIGHT))
+    return np.log(np.maximum(weights, MIN_WEIGHT)).astype(np.float32)
+
+
+class UserTower(nn.Module):
+    """Trainable tower; inputs are batches of padded histories with a validity mask."""
+
+    def __init__(self, dim: int, history_len: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.history_len = history_len
+        self.query = nn.Parameter(torch.zeros(dim))
+        self.age_coef = nn.Parameter(torch.zeros(()))
+        self.weight_coef = nn.Parameter(torch.zeros(()))
+        self.position_bias = nn.Parameter(torch.zeros(history_len))
+        self.linear = nn.Parameter(torch.zeros(dim, dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(
+        self, hist_emb: torch.Tensor, ages_s: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """hist_emb [B, L, d], ages_s/weights/mask [B, L] -> user vectors [B, d], L2-normalised.
+
+        Rows with an all-False mask give a zero vector (callers skip them).
+        """
+        length = hist_emb.shape[1]
+        if length > self.history_len:
+            raise ValueError(f"history length {length} exceeds the tower's history_len {self.history_len}")
+        hist_emb = hist_emb.float()
+        logits = (
+            hist_emb @ self.query / math.sqrt(self.dim)
+            + self.age_coef * _age_feature(ages_s.float())
+            + self.weight_coef * _weight_feature(weights.float())
+            + self.position_bias[:length]
+        )
+        logits = logits.masked_fill(~mask, float("-inf"))
+        attn = torch.softmax(logits, dim=1).nan_to_num(0.0)
+        pooled = (attn.unsqueeze(-1) * hist_emb).sum(dim=1)
+        out = pooled + pooled @ self.linear + self.bias * mask.any(dim=1, keepdim=True)
+        return nn.functional.normalize(out, p=2, dim=-1)
+
+    def to_params(self) -> TowerParams:
+        state = {k: v.detach().cpu().float().numpy().copy() for k, v in self.state_dict().items()}
+        return TowerParams(**{k: state[k] for k in _PARAM_KEYS})
+
+    @classmethod
+    def from_params(cls, params: TowerParams) -> UserTower:
+        tower = cls(params.dim, params.history_len)
+        tower.load_state_dict({k: torch.from_numpy(np.asarray(getattr(params, k))) for k in _PARAM_KEYS})
+        return tower
+
+
+@dataclass(frozen=True)
+class TowerParams:
+    """The tower's weights as numpy arrays: what a bundle stores and serving uses."""
+
+    query: np.ndarray  # [d]
+    age_coef: np.ndarray  # scalar
+    weight_coef: np.ndarray  # scalar
+    position_bias: np.ndarray  # [history_len]
+    linear: np.ndarray  # [d, d]
+    bias: np.ndarray  # [d]
+
+    @property
+    def dim(self) -> int:
+        return int(self.query.shape[0])
+
+    @property
+    def history_len(self) -> int:
+        return int(self.position_bias.shape[0])
+
+
+def save_params(params: TowerParams, path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as fh:
+        np.savez(fh, **{k: np.asarray(getattr(params, k), dtype=np.float32) for k in _PARAM_KEYS})
+    return out
+
+
+def load_params(path: str | Path) -> TowerParams:
+    src = Path(path)
+    if not src.is_file():
+        raise TowerParamsError(f"user tower file {src} does not exist")
+    try:
+        with np.load(src) as data:
+            missing = [k for k in _PARAM_KEYS if k not in data.files]
+            if missing:
+                raise TowerParamsError(f"user tower file {src} lacks array(s): {', '.join(missing)}")
+            arrays = {k: data[k].astype(np.float32) for k in _PARAM_KEYS}
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, TowerParamsError):
+            raise
+        raise TowerParamsError(f"user tower file {src} is not a readable .npz: {exc}") from exc
+    d = arrays["query"].shape
+    if len(d) != 1 or arrays["linear"].shape != (d[0], d[0]) or arrays["bias"].shape != d:
+        raise TowerParamsError(f"user tower file {src} has inconsistent shapes")
+    return TowerParams(**arrays)
+
+
+def user_vectors(
+    params: TowerParams,
+    hist_emb: np.ndarray,
+    ages_s: np.ndarray,
+    weights: np.ndarray,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Batched numpy tower: hist_emb [B, L, d], ages_s/weights/mask [B, L] -> float32 [B, d].
+
+    Rows whose mask is all False come back as zero vectors.
+    """
+    hist = np.asarray(hist_emb, dtype=np.float32)
+    batch, length, dim = hist.shape
+    if length > params.history_len:
+        hist, ages_s, weights = (
+            hist[:, : params.history_len],
+            ages_s[:, : params.history_len],
+            weights[:, : params.history_len],
+        )
+        mask = None if mask is None else mask[:, : params.history_len]
+        length = params.history_len
+    valid = np.ones((batch, length), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    logits = (
+        hist @ params.query / np.float32(math.sqrt(dim))
+        + params.age_coef * _age_feature(np.asarray(ages_s, dtype=np.float32))
+        + params.weight_coef * _weight_feature(np.asarray(weights, dtype=np.float32))
+        + params.position_bias[:length]
+    ).astype(np.float32)
+    logits = np.where(valid, logits, -np.inf)
+    top = np.max(logits, axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    expo = np.where(valid, np.exp(logits - top), 0.0).astype(np.float32)
+    total = expo.sum(axis=1, keepdims=True)
+    attn = np.divide(expo, total, out=np.zeros_like(expo), where=total > 0)
+    pooled = np.einsum("bl,bld->bd", attn, hist).astype(np.float32)
+    out = pooled + pooled @ params.linear + params.bias * valid.any(axis=1, keepdims=True)
+    norm = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.divide(out, norm, out=np.zeros_like(out), where=norm > 0).astype(np.float32)
+
+
+def user_vector(
+    params: TowerParams, hist_emb: np.ndarray, ages_s: np.ndarray, weights: np.ndarray
+) -> np.ndarray | None:
+    """One user: hist_emb [L, d] (most recent first), ages_s [L], weights [L] -> float32 [d].
+
+    Returns None for an empty history so the caller falls back (popularity, session items, ...).
+    Histories longer than the tower's history_len are cut to the most recent items.
+    """
+    hist = np.asarray(hist_emb, dtype=np.float32)
+    if hist.ndim != 2 or hist.shape[0] == 0:
+        return None
+    ages = np.asarray(ages_s, dtype=np.float32)[None, :]
+    w = np.asarray(weights, dtype=np.float32)[None, :]
+    return user_vectors(params, hist[None], ages, w)[0]

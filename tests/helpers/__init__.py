@@ -1,0 +1,1 @@
+"""Shared test helpers (fixture factories that build small real artefacts)."""
