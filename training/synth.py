@@ -412,8 +412,6 @@ def write_dataset(
 class _Catalogue:
     frame: pl.DataFrame
     category: np.ndarray  # int per item
-    brand: np.ndarray  # brand index within the item's category
-    popularity: np.ndarray
     release_ts: np.ndarray  # first moment the item can be interacted with
     complements: np.ndarray  # [n_items, k] item indices bought together
     by_category: _GroupSampler  # all items of a category, popularity-weighted
@@ -480,10 +478,8 @@ def _make_catalogue(
     return _Catalogue(
         frame=frame,
         category=category,
-        brand=brand,
-        popularity=popularity,
         release_ts=release_ts,
-        complements=_make_complements(category, popularity, by_category, b.complements_per_item, rng),
+        complements=_make_complements(category, by_category, b.complements_per_item, rng),
         by_category=by_category,
         launched_by_category=_GroupSampler(category, popularity * launched, n_cat),
         by_brand=_GroupSampler(category * max_brands + brand, popularity, n_cat * max_brands),
@@ -492,7 +488,7 @@ def _make_catalogue(
 
 
 def _make_complements(
-    category: np.ndarray, popularity: np.ndarray, sampler: _GroupSampler, k: int, rng: np.random.Generator
+    category: np.ndarray, sampler: _GroupSampler, k: int, rng: np.random.Generator
 ) -> np.ndarray:
     """Each item's fixed "goes with" partners, drawn from its complementary categories by popularity."""
     names = [c.name for c in CATEGORIES]
