@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsvc.candidates import SOURCE_BITS
+from recsvc.catalog import Catalog
+from recsvc.config import DAY, CandidateConfig
+from recsvc.features import FEATURE_NAMES
+from tests.helpers.bundle_builder import EMBED_DIM, build_index, category_embeddings, untrained_tower
+from training.train_ranker import (
+    RankingDataset,
+    build_ranking_dataset,
+    label_table,
+    relevance_grades,
+    state_at,
+)
+
+
+@pytest.fixture(scope="module")
+def parts(synth_loaded: Any) -> dict[str, Any]:
+    items = synth_loaded.items
+    catalog = Catalog.from_items(items)
+    emb = category_embeddings(items)
+    from recsvc.config import TrainConfig
+
+    return {
+        "catalog": catalog,
+        "item_emb": emb,
+        "index": build_index(emb, TrainConfig()),
+        "tower": untrained_tower(EMBED_DIM, 20),
+        "cand_cfg": CandidateConfig(),
+    }
+
+
+def _end(synth_loaded: Any) -> int:
+    return int(synth_loaded.interactions["timestamp"].max()) + 1
+
+
+def _dataset(
+    data: pl.DataFrame, labels: pl.DataFrame, cutoff: int, end: int, parts: dict[str, Any], **kw: Any
+) -> RankingDataset:
+    return build_ranking_dataset(
+        data, labels, cutoff=cutoff, label_end=end, max_users=kw.pop("max_users", 10_000), **parts, **kw
+    )
+
+
+def test_features_ignore_interactions_at_or_after_cutoff(synth_loaded: Any, parts: dict[str, Any]) -> None:
+    """NO LEAKAGE: state and features for cutoff c are identical with or without rows >= c."""
+    inter = synth_loaded.interactions
+    end = _end(synth_loaded)
+    cutoff = end - 2 * DAY
+    past_only = inter.filter(pl.col("timestamp") < cutoff)
+    with_future = _dataset(inter, inter, cutoff, end, parts)
+    without_future = _dataset(past_only, inter, cutoff, end, parts)
+    assert with_future.n_rows > 0
+    np.testing.assert_array_equal(with_future.features, without_future.features)
+    np.testing.assert_array_equal(with_future.items, without_future.items)
+    np.testing.assert_array_equal(with_future.labels, without_future.labels)
+
+
+def test_appending_far_future_rows_changes_nothing(synth_loaded: Any, parts: dict[str, Any]) -> None:
+    inter = synth_loaded.interactions
+    end = _end(synth_loaded)
+    cutoff = end - 2 * DAY
+    future = inter.head(500).with_columns(pl.col("timestamp") + 30 * DAY, pl.col("weight") * 10)
+    base = _dataset(inter, inter, cutoff, end, parts)
+    extended = _dataset(pl.concat([inter, future]), inter, cutoff, end, parts)
+    np.testing.assert_array_equal(base.features, extended.features)
+
+
+def test_labels_are_the_strongest_event_weight_in_the_window(
+    synth_loaded: Any, parts: dict[str, Any]
+) -> None:
+    inter = synth_loaded.interactions
+    end = _end(synth_loaded)
+    cutoff = end - 2 * DAY
+    ds = _dataset(inter, inter, cutoff, end, parts)
+    table = label_table(inter, parts["catalog"], cutoff, end)
+    user = ds.user_ids[0]
+    rows = slice(0, int(ds.groups[0]))
+    expected = [table[user].get(int(i), 0.0) for i in ds.items[rows]]
+    assert ds.labels[rows].tolist() == expected
+    assert (ds.labels[rows] > 0).any()
+
+
+def test_groups_partition_rows_and_every_kept_group_has_a_positive(
+    synth_loaded: Any, parts: dict[str, Any]
+) -> None:
+    inter = synth_loaded.interactions
+    end = _end(synth_loaded)
+    ds = _dataset(inter, inter, end - 2 * DAY, end, parts)
+    assert ds.groups.sum() == ds.n_rows == len(ds.features) == len(ds.items)
+    assert ds.features.shape[1] == len(FEATURE_NAMES)
+    bounds = np.concatenate([[0], np.cumsum(ds.groups)])
+    assert all((ds.labels[a:b] > 0).any() for a, b in itertools.pairwise(bounds))
+
+
+def test_max_users_samples_deterministically(synth_loaded: Any, parts: dict[str, Any]) -> None:
+    inter = synth_loaded.interactions
+    end = _end(synth_loaded)
+    a = _dataset(inter, inter, end - 2 * DAY, end, parts, max_users=20, drop_groups_without_positive=False)
+    b = _dataset(inter, inter, end - 2 * DAY, end, parts, max_users=20, drop_groups_without_positive=False)
+    assert len(a.user_ids) == 20 and a.user_ids == b.user_ids
+
+
+def test_candidate_recall_is_reported_per_source_and_bounded(
+    synth_loaded: Any, parts: dict[str, Any]
+) -> None:
+    inter = synth_loaded.interactions
+    end = _end(synth_loaded)
+    ds = _dataset(inter, inter, end - 2 * DAY, end, parts)
+    assert set(ds.recall) == {"all", *SOURCE_BITS}
+    assert 0 < ds.recall["all"] <= 1
+    assert all(ds.recall[s] <= ds.recall["all"] + 1e-9 for s in SOURCE_BITS)
+    assert ds.recall["ann"] > 0 and ds.recall["popular"] > 0
+
+
+def test_state_at_uses_only_rows_before_the_cutoff(synth_loaded: Any, parts: dict[str, Any]) -> None:
+    inter = synth_loaded.interactions
+    cutoff = _end(synth_loaded) - 3 * DAY
+    state = state_at(inter, parts["catalog"], cutoff, CandidateConfig())
+    assert state.stats.counts[:, -1].sum() == pytest.approx(
+        float(inter.filter(pl.col("timestamp") < cutoff)["weight"].sum()), rel=1e-5
+    )
+    assert all(int(state.history.get(u).timestamps.max()) < cutoff for u in state.history.users()[:50])
+
+
+def test_relevance_grades_map_event_weights_to_small_integers() -> None:
+    assert relevance_grades(np.array([0.0, 1.0, 2.0, 4.0, 8.0, 0.5])).tolist() == [0, 1, 2, 3, 4, 1]
