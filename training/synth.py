@@ -353,9 +353,9 @@ def generate(
     n_users: int = 2_000,
     n_items: int = 1_000,
     n_interactions: int = 50_000,
+    *,
     days: int = 30,
     seed: int = 0,
-    *,
     start: int = DEFAULT_START,
     behaviour: Behaviour = Behaviour(),
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -378,9 +378,9 @@ def write_dataset(
     n_users: int = 2_000,
     n_items: int = 1_000,
     n_interactions: int = 50_000,
+    *,
     days: int = 30,
     seed: int = 0,
-    *,
     fmt: str = "parquet",
     start: int = DEFAULT_START,
     behaviour: Behaviour = Behaviour(),
@@ -392,7 +392,7 @@ def write_dataset(
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"output path {folder} exists and is not a directory")
     interactions, items = generate(
-        n_users, n_items, n_interactions, days, seed, start=start, behaviour=behaviour
+        n_users, n_items, n_interactions, days=days, seed=seed, start=start, behaviour=behaviour
     )
     folder.mkdir(parents=True, exist_ok=True)
     for name, frame in (("interactions", interactions), ("items", items)):
@@ -773,7 +773,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         write_dataset(
-            args.out, args.users, args.items, args.interactions, args.days, args.seed, fmt=args.format
+            args.out,
+            args.users,
+            args.items,
+            args.interactions,
+            days=args.days,
+            seed=args.seed,
+            fmt=args.format,
         )
     except (ValueError, OSError) as exc:
         print(f"recsvc-synth: error: {exc}", file=sys.stderr)

@@ -134,6 +134,11 @@ def test_tiny_catalogue_smaller_than_category_list_works() -> None:
     assert set(interactions["item_id"]) <= set(items["item_id"])
 
 
+def test_seed_cannot_be_passed_positionally() -> None:
+    with pytest.raises(TypeError):
+        generate(10, 10, 100, 42)  # type: ignore[misc]
+
+
 def test_non_positive_sizes_are_rejected() -> None:
     with pytest.raises(ValueError, match="n_items must be a positive integer"):
         generate(n_users=5, n_items=0, n_interactions=50, days=3)
