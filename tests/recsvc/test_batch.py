@@ -1,0 +1,277 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsvc import bundle as bundle_mod
+from recsvc.batch import (
+    CANDIDATE_SCHEMA,
+    BatchError,
+    Shard,
+    in_shard,
+    main,
+    parse_shard,
+    parts_dir,
+    read_users,
+    run_batch,
+)
+from recsvc.recommender import RankingPolicy, Recommender, RecommendRequest
+from tests.helpers.bundle_builder import build_loaded_bundle, write_bundle
+
+K = 8
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def bundles_root(synth_loaded, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_bundle(synth_loaded.interactions, synth_loaded.items, tmp_path_factory.mktemp("bundles"))
+
+
+@pytest.fixture(scope="module")
+def recommender(synth_loaded, tmp_path_factory: pytest.TempPathFactory) -> Recommender:
+    """In-memory bundle from the same builder as `bundles_root`, so these tests share its answers."""
+    work = tmp_path_factory.mktemp("bundle")
+    return Recommender(build_loaded_bundle(synth_loaded.interactions, synth_loaded.items, work))
+
+
+@pytest.fixture(scope="module")
+def users(recommender: Recommender) -> list[str]:
+    known = sorted(recommender.bundle.history.users())[:60]
+    return [*known, "never-seen-user-1", "never-seen-user-2"]
+
+
+@pytest.fixture(scope="module")
+def full_output(
+    recommender: Recommender, users: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> pl.DataFrame:
+    out = tmp_path_factory.mktemp("full") / "c.parquet"
+    run_batch(recommender, users, out, k=K, chunk_size=7, progress=False)
+    return pl.read_parquet(out)
+
+
+def _online(recommender: Recommender, user: str) -> list[tuple[str, float, str]]:
+    res = recommender.recommend(RecommendRequest(user_id=user, k=K))
+    return [(it.item_id, float(np.float32(it.score)), ",".join(it.sources)) for it in res.items]
+
+
+def _rows(frame: pl.DataFrame, user: str) -> list[tuple[str, float, str]]:
+    part = frame.filter(pl.col("user_id") == user).sort("rank")
+    return [(i, float(s), src) for i, s, src in part.select("item_id", "score", "sources").iter_rows()]
+
+
+def test_output_has_the_candidate_schema_and_ranks_from_one(
+    full_output: pl.DataFrame, users: list[str]
+) -> None:
+    assert dict(full_output.schema) == CANDIDATE_SCHEMA
+    assert full_output["user_id"].n_unique() == len(users)
+    ranks = full_output.group_by("user_id").agg(pl.col("rank").sort())
+    assert all(r == list(range(1, len(r) + 1)) for r in ranks["rank"].to_list())
+    assert full_output.select(pl.struct("user_id", "item_id").is_unique().all()).item()
+
+
+def test_batch_equals_online_recommend_for_sampled_users(
+    full_output: pl.DataFrame, recommender: Recommender, users: list[str]
+) -> None:
+    for user in [*users[::9], users[-1]]:
+        assert _rows(full_output, user) == _online(recommender, user)
+
+
+def test_unknown_users_get_the_non_personalised_answer(
+    recommender: Recommender, full_output: pl.DataFrame
+) -> None:
+    res = recommender.recommend(RecommendRequest(user_id="never-seen-user-1", k=K))
+    assert not res.personalised
+    rows = _rows(full_output, "never-seen-user-1")
+    assert len(rows) == K
+    assert rows == _rows(full_output, "never-seen-user-2")
+
+
+def test_batch_equals_the_real_grpc_server(bundles_root: Path, users, tmp_path: Path) -> None:
+    from tests.helpers.running_server import RunningServer, serve_config
+
+    out = tmp_path / "c.parquet"
+    run_batch(Recommender(bundle_mod.load(bundles_root)), users, out, k=K, chunk_size=7, progress=False)
+    batch = pl.read_parquet(out)
+    with RunningServer(serve_config(bundles_root, tmp_path / "server")) as server, server.client() as client:
+        client.wait_until_serving()
+        for user in [*users[::12], users[-1]]:
+            resp = client.recommend(user, K)
+            online = [(it.item_id, float(np.float32(it.score))) for it in resp.items]
+            assert [(i, s) for i, s, _ in _rows(batch, user)] == online
+
+
+def test_repeat_policy_exclude_never_returns_owned_items(
+    recommender: Recommender, users, tmp_path: Path
+) -> None:
+    out = tmp_path / "c.parquet"
+    run_batch(recommender, users[:20], out, k=K, repeat_policy="exclude", progress=False)
+    frame = pl.read_parquet(out)
+    catalog_ids = recommender.catalog.item_ids
+    for user in users[:20]:
+        owned = {str(catalog_ids[i]) for i in recommender.bundle.history.get(user).items}
+        assert not owned & set(frame.filter(pl.col("user_id") == user)["item_id"].to_list())
+
+
+def test_policy_without_ranker_matches_online_with_that_policy(
+    recommender: Recommender, users, tmp_path: Path
+) -> None:
+    policy = RankingPolicy(use_ranker=False)
+    out = tmp_path / "c.parquet"
+    run_batch(recommender, users[:10], out, k=K, policy=policy, progress=False)
+    frame = pl.read_parquet(out)
+    for user in users[:10:3]:
+        res = recommender.recommend(RecommendRequest(user_id=user, k=K), policy)
+        assert frame.filter(pl.col("user_id") == user).sort("rank")["item_id"].to_list() == [
+            it.item_id for it in res.items
+        ]
+
+
+def test_interrupted_job_resumes_without_recomputing_or_duplicating(
+    recommender: Recommender, users: list[str], full_output: pl.DataFrame, tmp_path: Path
+) -> None:
+    out = tmp_path / "c.parquet"
+    done: list[int] = []
+
+    def stop_after_three(index: int) -> None:
+        done.append(index)
+        if len(done) == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_batch(recommender, users, out, k=K, chunk_size=7, progress=False, on_chunk_done=stop_after_three)
+    assert not out.exists()
+    finished = sorted(p.name for p in parts_dir(out).glob("part-*.parquet"))
+    assert finished == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+
+    resumed: list[int] = []
+    summary = run_batch(
+        recommender, users, out, k=K, chunk_size=7, progress=False, on_chunk_done=resumed.append
+    )
+    assert resumed == list(range(3, 9))  # 62 users / 7 per chunk = 9 chunks, 3 reused
+    assert (summary.chunks_reused, summary.chunks_computed) == (3, 6)
+    assert pl.read_parquet(out).equals(full_output)
+    assert not parts_dir(out).exists()
+
+
+def test_resume_with_different_options_is_refused(recommender: Recommender, users, tmp_path: Path) -> None:
+    out = tmp_path / "c.parquet"
+
+    def stop(_: int) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_batch(recommender, users, out, k=K, chunk_size=7, progress=False, on_chunk_done=stop)
+    with pytest.raises(BatchError, match=r"different options \(k\)"):
+        run_batch(recommender, users, out, k=K + 1, chunk_size=7, progress=False)
+
+
+def test_parallel_workers_give_the_same_output(
+    recommender: Recommender, users, full_output: pl.DataFrame, tmp_path: Path
+) -> None:
+    out = tmp_path / "c.parquet"
+    run_batch(recommender, users, out, k=K, chunk_size=7, workers=3, progress=False)
+    assert pl.read_parquet(out).equals(full_output)
+
+
+def test_shards_partition_the_users_exactly_once() -> None:
+    users = [f"user-{i}" for i in range(5000)]
+    shards = [in_shard(users, Shard(i, 4)) for i in range(4)]
+    flat = [u for s in shards for u in s]
+    assert sorted(flat) == sorted(users)
+    assert len(flat) == len(set(flat))
+    assert all(900 < len(s) < 1600 for s in shards)
+    assert in_shard(users, Shard(2, 4)) == shards[2]  # stable
+
+
+def test_sharded_outputs_together_equal_the_full_output(
+    recommender: Recommender, users, full_output: pl.DataFrame, tmp_path: Path
+) -> None:
+    frames = []
+    for i in range(3):
+        out = tmp_path / f"c-{i}.parquet"
+        run_batch(recommender, users, out, k=K, chunk_size=7, shard=Shard(i, 3), progress=False)
+        frames.append(pl.read_parquet(out))
+    combined = pl.concat(frames).sort(["user_id", "rank"])
+    assert combined.equals(full_output.sort(["user_id", "rank"]))
+
+
+@pytest.mark.parametrize("spec", ["3", "a/b", "4/4", "-1/2", "1/0"])
+def test_bad_shard_spec_is_rejected(spec: str) -> None:
+    with pytest.raises(BatchError, match="shard"):
+        parse_shard(spec)
+
+
+def test_users_file_without_user_id_column_is_rejected_naming_it(tmp_path: Path) -> None:
+    pl.DataFrame({"customer": ["a"]}).write_parquet(tmp_path / "u.parquet")
+    with pytest.raises(BatchError, match=r"u\.parquet has no user_id column"):
+        read_users(tmp_path / "u.parquet")
+
+
+def test_users_file_duplicates_are_dropped_in_order(tmp_path: Path) -> None:
+    (tmp_path / "u.csv").write_text("user_id\n007\nb\n007\n")
+    assert read_users(tmp_path / "u.csv") == ["007", "b"]
+
+
+def test_cli_writes_candidates_for_a_users_file_and_a_variant(
+    bundles_root: Path, users, tmp_path: Path, capsys
+) -> None:
+    pl.DataFrame({"user_id": users[:15]}).write_parquet(tmp_path / "u.parquet")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(
+        "experiments:\n  - name: e\n    salt: s\n    variants:\n"
+        "      - {name: control, share: 0.5, policy: {use_ranker: false}}\n"
+        "      - {name: treatment, share: 0.5}\n"
+    )
+    out = tmp_path / "c.parquet"
+    args = [
+        "--bundle",
+        str(bundles_root),
+        "--users",
+        str(tmp_path / "u.parquet"),
+        "--k",
+        "5",
+        "--out",
+        str(out),
+    ]
+    assert main([*args, "--variant", "control", "--experiments", str(exp), "--no-progress"]) == 0
+    frame = pl.read_parquet(out)
+    assert frame["user_id"].n_unique() == 15 and frame["rank"].max() == 5
+    assert "15 users" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--shard", "5/2"], "--shard 5/2"),
+        (["--variant", "control"], "--variant and --experiments go together"),
+        (["--k", "0"], "--k must be >= 1"),
+    ],
+)
+def test_cli_bad_options_exit_2_with_a_message(
+    bundles_root: Path, tmp_path: Path, capsys, extra, message
+) -> None:
+    args = [
+        "--bundle",
+        str(bundles_root),
+        "--all-users",
+        "--out",
+        str(tmp_path / "c.parquet"),
+        "--no-progress",
+    ]
+    assert main([*args, *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_bad_bundle_and_users_file_exit_2_naming_them(bundles_root: Path, tmp_path: Path, capsys) -> None:
+    out = ["--out", str(tmp_path / "c.parquet")]
+    assert main(["--bundle", str(tmp_path / "nowhere"), "--all-users", *out]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    pl.DataFrame({"uid": ["a"]}).write_parquet(tmp_path / "u.parquet")
+    assert main(["--bundle", str(bundles_root), "--users", str(tmp_path / "u.parquet"), *out]) == 2
+    assert "no user_id column" in capsys.readouterr().err
