@@ -323,8 +323,7 @@ def select_catalogue(
         unseen = ranked.filter(pl.col("last_seen").is_null())["row"].to_numpy()
         rng = np.random.default_rng(seed)
         keep = np.concatenate([keep, rng.choice(unseen, size=min(room, len(unseen)), replace=False)])
-    keep.sort()
-    return items[keep.tolist()]
+    return items[np.sort(keep).tolist()]
 
 
 # ----------------------------------------------------------------------------- evaluation helpers
