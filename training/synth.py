@@ -694,11 +694,11 @@ def _sessions(
         parts += [(rep_s, rep_item, rep_t, CART), (rep_s, rep_item, rep_t + 60, PURCHASE)]
 
     sess = np.concatenate([p[0] for p in parts])
-    ts = np.minimum(np.concatenate([p[2] for p in parts]), end - 1)
+    ts = np.concatenate([p[2] for p in parts]).astype(np.int64)
     event = np.concatenate([np.full(p[0].size, p[3], dtype=np.int8) for p in parts])
-    return _Rows(
-        user[sess], np.concatenate([p[1] for p in parts]), ts.astype(np.int64), event, sess + first_id
-    )
+    inside = ts < end  # a session running past the end of the window is cut there
+    items = np.concatenate([p[1] for p in parts])
+    return _Rows(user[sess][inside], items[inside], ts[inside], event[inside], (sess + first_id)[inside])
 
 
 _HOUR_WEIGHTS = np.array(
