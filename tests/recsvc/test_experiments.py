@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from recsvc.recommender import RankingPolicy
 from scipy import stats
 
 from recsvc.experiments import (
@@ -19,6 +18,7 @@ from recsvc.experiments import (
     parse_experiments,
     unit_hash,
 )
+from recsvc.recommender import RankingPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 USERS = [f"user-{i}" for i in range(20_000)]
