@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
 from pathlib import Path
@@ -34,7 +34,7 @@ from recsvc.config import ServeConfig, from_dict
 from recsvc.events import EventStore, EventStoreError
 from recsvc.experiments import ExperimentConfigError, ExperimentRouter
 from recsvc.exposures import ExposureLog, ExposureLogError
-from recsvc.model_manager import ModelManager
+from recsvc.model_manager import LoadedModel, ModelManager, load_model
 from recsvc.servicer import RecommenderServicer
 from recsvc.serving_metrics import ServingMetrics
 from recsvc.v1 import recommender_pb2 as pb
@@ -146,7 +146,8 @@ def _check(cfg: ServeConfig) -> None:
 class RecsvcServer:
     """One running service: gRPC server, health, reflection, model manager, event store, metrics."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, *, loader: Callable[[Path], LoadedModel] = load_model) -> None:
+        """`loader` turns a bundle directory into a model (benchmarks serve in-memory bundles)."""
         self.config = config
         self.metrics = ServingMetrics()
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="recsvc-worker")
@@ -155,6 +156,7 @@ class RecsvcServer:
             config.bundles,
             self.events,
             keep_previous=config.keep_previous_bundle,
+            loader=loader,
             listener=self._on_model_change,
         )
         self.router, self.exposures = _experiments(config)

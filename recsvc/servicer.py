@@ -165,28 +165,28 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         """Admin: loading takes seconds, so it runs on its own thread, not a request worker."""
         rid = uuid.uuid4().hex
         started = time.perf_counter()
-        code = grpc.StatusCode.OK
         try:
             if request.rollback:
                 model = await asyncio.to_thread(self._models.rollback)
             else:
                 model = await asyncio.to_thread(self._models.reload, request.version or None)
+        except UnknownVersionError as exc:
+            code, message = grpc.StatusCode.NOT_FOUND, str(exc)
+        except BundleError as exc:
+            serving = self._models.active.version if self._models.ready else "nothing"
+            code, message = (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"bundle refused: {exc}; still serving {serving}",
+            )
+        except Exception as exc:
+            code, message = self._status_for(exc, "ReloadModel", rid)
+        else:
+            self._finish("ReloadModel", rid, grpc.StatusCode.OK, started, None)
             return pb.ReloadModelResponse(
                 active_version=model.version, previous_version=self._models.previous_version or ""
             )
-        except UnknownVersionError as exc:
-            code = grpc.StatusCode.NOT_FOUND
-            await context.abort(code, str(exc))
-        except BundleError as exc:
-            code = grpc.StatusCode.FAILED_PRECONDITION
-            serving = self._models.active.version if self._models.ready else "nothing"
-            await context.abort(code, f"bundle refused: {exc}; still serving {serving}")
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("rpc=ReloadModel request_id=%s unexpected error", rid)
-            await context.abort(code, f"internal error (request_id={rid})")
-        finally:
-            self._finish("ReloadModel", rid, code, started, None)
+        self._finish("ReloadModel", rid, code, started, None)
+        await context.abort(code, message)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def Echo(
@@ -218,59 +218,69 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         offload: bool = True,
     ) -> T:
         started = time.perf_counter()
-        code = grpc.StatusCode.OK
         timings: dict[str, float] = {}
-        admitted = False
         try:
-            if self._in_flight >= self._config.max_in_flight:
-                raise RpcAbort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"server is at its limit of {self._config.max_in_flight} concurrent requests; retry with backoff",
-                )
-            self._in_flight += 1
-            self._metrics.in_flight.inc()
-            admitted = True
+            result = await self._admit_and_compute(context, work, timings, offload)
+        except asyncio.CancelledError:
+            self._finish(method, rid, grpc.StatusCode.CANCELLED, started, timings, user_id)
+            raise
+        except Exception as exc:
+            code, message = self._status_for(exc, method, rid)
+            # Metrics and the log line come first: the caller may act on the status at once.
+            self._finish(method, rid, code, started, timings, user_id)
+            await context.abort(code, message)
+        else:
+            self._finish(method, rid, grpc.StatusCode.OK, started, timings, user_id)
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _admit_and_compute(
+        self,
+        context: grpc.aio.ServicerContext,
+        work: Callable[[dict[str, float]], T],
+        timings: dict[str, float],
+        offload: bool,
+    ) -> T:
+        if self._in_flight >= self._config.max_in_flight:
+            raise RpcAbort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server is at its limit of {self._config.max_in_flight} concurrent requests; retry with backoff",
+            )
+        self._in_flight += 1
+        self._metrics.in_flight.inc()
+        try:
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise RpcAbort(
                     grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the request was computed"
                 )
-            deadline = None if remaining is None else time.monotonic() + remaining
             if not offload:
                 return work(timings)
+            deadline = None if remaining is None else time.monotonic() + remaining
             loop = asyncio.get_running_loop()
             enqueued = time.perf_counter()
             return await loop.run_in_executor(
                 self._executor, self._in_worker, work, timings, deadline, enqueued
             )
-        except RpcAbort as exc:
-            code = exc.code
-            await context.abort(code, exc.message)
-        except validation.RequestValidationError as exc:
-            code = grpc.StatusCode.INVALID_ARGUMENT
-            await context.abort(code, str(exc))
-        except UnknownItemError as exc:
-            code = grpc.StatusCode.NOT_FOUND
-            await context.abort(code, f"item_id: {exc}")
-        except NoModelError as exc:
-            code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"{exc}; retry shortly")
-        except UnknownVersionError as exc:
-            code = grpc.StatusCode.FAILED_PRECONDITION
-            await context.abort(code, str(exc))
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("rpc=%s request_id=%s unexpected error", method, rid)
-            await context.abort(code, f"internal error (request_id={rid})")
         finally:
-            if admitted:
-                self._in_flight -= 1
-                self._metrics.in_flight.dec()
-            self._finish(method, rid, code, started, timings, user_id)
-        raise AssertionError("unreachable")  # pragma: no cover
+            self._in_flight -= 1
+            self._metrics.in_flight.dec()
+
+    @staticmethod
+    def _status_for(exc: Exception, method: str, rid: str) -> tuple[grpc.StatusCode, str]:
+        """The status and caller-facing message for an exception raised while serving."""
+        if isinstance(exc, RpcAbort):
+            return exc.code, exc.message
+        if isinstance(exc, validation.RequestValidationError):
+            return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        if isinstance(exc, UnknownItemError):
+            return grpc.StatusCode.NOT_FOUND, f"item_id: {exc}"
+        if isinstance(exc, NoModelError):
+            return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry shortly"
+        if isinstance(exc, UnknownVersionError):
+            return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+        log.error("rpc=%s request_id=%s unexpected error", method, rid, exc_info=exc)
+        return grpc.StatusCode.INTERNAL, f"internal error (request_id={rid})"
 
     @staticmethod
     def _in_worker(
@@ -331,6 +341,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             response.variant = assignment.variant
             self._log_exposure(rid, request.user_id, assignment, result, origins)
         self._metrics.results.observe(len(result.items))
+        n_candidates = getattr(result, "candidate_count", None)  # reported when the Recommender provides it
+        if n_candidates is not None:
+            self._metrics.candidates.observe(n_candidates)
         timings["respond"] = (time.perf_counter() - t1) * 1000.0
         response.timings_ms.update(timings)
         return response

@@ -77,3 +77,66 @@ class RunningServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# ----------------------------------------------------------------------------- bundles on disk
+
+_SHARED: dict[str, Path] = {}
+FIRST_VERSION = "20240101T000000Z"
+
+
+def shared_bundle_root(tmp_path_factory: Any, interactions: Any, items: Any) -> Path:
+    """One real published bundle per test session (building it is the slow part); read-only."""
+    if "root" not in _SHARED:
+        from tests.helpers.bundle_builder import write_bundle
+
+        built = write_bundle(interactions, items, tmp_path_factory.mktemp("served") / "bundles")
+        _SHARED["root"] = built
+    return _SHARED["root"]
+
+
+def copy_root(src_root: Path, dst_root: Path, version: str = FIRST_VERSION) -> Path:
+    """A private bundles root holding the shared bundle as `version` (CURRENT -> it)."""
+    import shutil
+
+    from recsvc import bundle as bundle_store
+
+    src = bundle_store.resolve(src_root)
+    dst_root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, dst_root / version)
+    (dst_root / "CURRENT").write_text(version + "\n", encoding="utf-8")
+    return dst_root
+
+
+def add_version(
+    root: Path,
+    version: str,
+    *,
+    source: str = FIRST_VERSION,
+    corrupt: bool = False,
+    make_current: bool = False,
+) -> Path:
+    """Publish a copy of bundle `source` as `version` (optionally with one corrupted file)."""
+    import shutil
+
+    dst = root / version
+    shutil.copytree(root / source, dst)
+    if corrupt:
+        with open(dst / "item_embeddings.npy", "ab") as fh:
+            fh.write(b"\x00corrupt")
+    if make_current:
+        tmp = root / "CURRENT.tmp"
+        tmp.write_text(version + "\n", encoding="utf-8")
+        tmp.replace(root / "CURRENT")
+    return dst
+
+
+def rpc_error(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call `fn` expecting a grpc.RpcError; return it (AssertionError if the call succeeded)."""
+    import grpc
+
+    try:
+        fn(*args, **kwargs)
+    except grpc.RpcError as exc:
+        return exc
+    raise AssertionError(f"{getattr(fn, '__name__', fn)} succeeded but an RPC error was expected")

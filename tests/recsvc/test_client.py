@@ -1,0 +1,138 @@
+"""RecsvcClient helpers and the recsvc-client CLI against a real server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from recsvc import bundle as bundle_store
+from recsvc.client import _attr_pairs, event, filters, main
+from recsvc.v1 import recommender_pb2 as pb
+from tests.helpers.running_server import RunningServer, copy_root, serve_config, shared_bundle_root
+
+
+@pytest.fixture(scope="session")
+def bundle_root(tmp_path_factory: pytest.TempPathFactory, synth_loaded) -> Path:
+    return shared_bundle_root(tmp_path_factory, synth_loaded.interactions, synth_loaded.items)
+
+
+@pytest.fixture(scope="module")
+def running(bundle_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    work = tmp_path_factory.mktemp("client")
+    with RunningServer(serve_config(copy_root(bundle_root, work / "bundles"), work)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def item_ids(bundle_root: Path) -> list[str]:
+    return [str(i) for i in bundle_store.load(bundle_root, verify=False).catalog.item_ids[:10]]
+
+
+def _cli(running: RunningServer, capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["--target", running.target, *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_filters_helper_builds_every_filter_field() -> None:
+    msg = filters(
+        exclude_items=["a"],
+        include={"category": ["x"]},
+        exclude={"brand": ["y", "z"]},
+        repeat_policy="exclude",
+    )
+    assert list(msg.exclude_item_ids) == ["a"]
+    assert list(msg.include_attributes["category"].values) == ["x"]
+    assert list(msg.exclude_attributes["brand"].values) == ["y", "z"]
+    assert msg.repeat_policy == pb.REPEAT_POLICY_EXCLUDE
+
+
+def test_filters_helper_rejects_an_unknown_repeat_policy() -> None:
+    with pytest.raises(ValueError, match="repeat_policy"):
+        filters(repeat_policy="sometimes")
+
+
+def test_event_helper_sets_value_only_when_given() -> None:
+    assert not event("u", "i", "view").HasField("value")
+    assert event("u", "i", "rating", value=4.0).value == 4.0
+
+
+def test_attribute_pairs_group_values_by_attribute() -> None:
+    assert _attr_pairs(["category=a", "category=b", "brand=c"], "--include") == {
+        "category": ["a", "b"],
+        "brand": ["c"],
+    }
+    with pytest.raises(ValueError, match="ATTRIBUTE=VALUE"):
+        _attr_pairs(["category"], "--include")
+
+
+def test_cli_recommend_prints_json_with_k_items(running: RunningServer, capsys) -> None:
+    code, out, _ = _cli(running, capsys, "recommend", "--user", "cli-user", "--k", "4")
+    assert code == 0
+    body = json.loads(out)
+    assert len(body["items"]) == 4
+    assert body["model_version"] == running.server.models.active.version
+
+
+def test_cli_recommend_passes_session_items_and_filters(running: RunningServer, capsys, item_ids) -> None:
+    code, out, _ = _cli(
+        running, capsys, "recommend", "--user", "cli-user", "--session-items", item_ids[0], "nope",
+        "--exclude-items", item_ids[1], "--k", "5",
+    )  # fmt: skip
+    body = json.loads(out)
+    assert code == 0
+    assert body["unknown_item_ids"] == ["nope"]
+    assert item_ids[1] not in {it["item_id"] for it in body["items"]}
+
+
+def test_cli_similar_prints_neighbours(running: RunningServer, capsys, item_ids) -> None:
+    code, out, _ = _cli(running, capsys, "similar", "--item", item_ids[2], "--k", "3")
+    assert code == 0
+    assert len(json.loads(out)["items"]) == 3
+
+
+def test_cli_events_from_a_jsonl_file_are_accepted(
+    running: RunningServer, capsys, item_ids, tmp_path: Path
+) -> None:
+    path = tmp_path / "events.jsonl"
+    rows = [
+        {"user_id": "cli-ev", "item_id": item_ids[3], "event_type": "click"},
+        {"user_id": "cli-ev", "item_id": item_ids[4], "event_type": "purchase"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    code, out, _ = _cli(running, capsys, "events", "--file", str(path))
+    assert code == 0
+    assert json.loads(out) == {"accepted": 2}
+
+
+def test_cli_single_event_with_an_unknown_item_exits_2_naming_it(running: RunningServer, capsys) -> None:
+    code, out, err = _cli(
+        running, capsys, "events", "--user", "u", "--item", "no-such-item", "--type", "click"
+    )
+    assert code == 2
+    assert "INVALID_ARGUMENT" in err and "no-such-item" in err
+    assert "Traceback" not in err and out == ""
+
+
+def test_cli_info_and_health(running: RunningServer, capsys) -> None:
+    code, out, _ = _cli(running, capsys, "info")
+    assert code == 0
+    assert json.loads(out)["version"] == running.server.models.active.version
+    code, out, _ = _cli(running, capsys, "health")
+    assert (code, out.strip()) == (0, "SERVING")
+
+
+def test_cli_invalid_request_exits_2_with_the_server_message(running: RunningServer, capsys) -> None:
+    code, _, err = _cli(running, capsys, "recommend", "--user", "u", "--k", "100000")
+    assert code == 2
+    assert "num_results" in err
+
+
+def test_cli_unreachable_server_exits_2(capsys) -> None:
+    code = main(["--target", "127.0.0.1:1", "--timeout", "0.5", "health"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recsvc-client: UNAVAILABLE") or err.startswith("recsvc-client: DEADLINE_EXCEEDED")

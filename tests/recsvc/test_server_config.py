@@ -1,0 +1,99 @@
+"""recsvc-serve configuration: file < RECSVC_* environment < flags, and CLI errors exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recsvc.server import ConfigError, load_config, main
+
+
+def test_defaults_apply_without_file_or_environment() -> None:
+    cfg = load_config(None, env={})
+    assert (cfg.port, cfg.max_k, cfg.workers) == (50051, 200, 4)
+
+
+def test_yaml_file_then_environment_then_overrides_take_precedence(tmp_path: Path) -> None:
+    path = tmp_path / "serve.yaml"
+    path.write_text("serve:\n  port: 6000\n  max_k: 50\n  workers: 3\n", encoding="utf-8")
+    cfg = load_config(
+        path, env={"RECSVC_MAX_K": "70", "RECSVC_WORKERS": "5"}, overrides={"workers": 8, "host": None}
+    )
+    assert cfg.port == 6000
+    assert cfg.max_k == 70
+    assert cfg.workers == 8
+    assert cfg.host == "127.0.0.1"
+
+
+def test_json_file_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"max_in_flight": 9}), encoding="utf-8")
+    assert load_config(path, env={}).max_in_flight == 9
+
+
+def test_environment_values_are_parsed_by_field_type() -> None:
+    cfg = load_config(
+        None,
+        env={
+            "RECSVC_RELOAD_POLL_S": "0.5",
+            "RECSVC_KEEP_PREVIOUS_BUNDLE": "false",
+            "RECSVC_MAX_PER_CATEGORY": "3",
+            "RECSVC_EXPERIMENTS": "exp.yaml",
+        },
+    )
+    assert cfg.reload_poll_s == 0.5
+    assert cfg.keep_previous_bundle is False
+    assert cfg.max_per_category == 3
+    assert cfg.experiments == "exp.yaml"
+
+
+def test_optional_field_can_be_unset_from_the_environment() -> None:
+    assert load_config(None, env={"RECSVC_MAX_PER_CATEGORY": "none"}).max_per_category is None
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="RECSVC_PORT"):
+        load_config(None, env={"RECSVC_PORT": "fifty"})
+
+
+def test_unknown_file_option_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "serve.yaml"
+    path.write_text("max_kk: 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="max_kk"):
+        load_config(path, env={})
+
+
+def test_out_of_range_value_is_named() -> None:
+    with pytest.raises(ConfigError, match="max_in_flight"):
+        load_config(None, env={"RECSVC_MAX_IN_FLIGHT": "0"})
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml"):
+        load_config(tmp_path / "nope.yaml", env={})
+
+
+def test_cli_exits_2_with_a_message_for_a_missing_bundles_dir(tmp_path: Path, capsys) -> None:
+    code = main(["--bundles", str(tmp_path / "absent"), "--port", "0", "--metrics-port", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "absent" in err and "Traceback" not in err
+
+
+def test_cli_help_explains_every_flag(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--bundles",
+        "--port",
+        "--config",
+        "--metrics-port",
+        "--events-db",
+        "--experiments",
+        "--workers",
+    ):
+        assert flag in out
