@@ -259,6 +259,7 @@ class Budget:
     max_finetune_steps: int | None
     max_tokens: int
     eval_max_users: int | None
+    finetune_validation: bool
 
 
 def _min_optional(*values: int | None) -> int | None:
@@ -292,6 +293,7 @@ def plan_budget(cfg: TrainConfig, device: str) -> Budget:
         if cpu and p.cpu_max_tokens
         else cfg.text.max_tokens,
         eval_max_users=_min_optional(cfg.eval.max_users, p.cpu_eval_max_users if cpu else None),
+        finetune_validation=p.cpu_finetune_validation if cpu else True,
     )
 
 
@@ -306,21 +308,28 @@ def budgeted_config(cfg: TrainConfig, budget: Budget) -> TrainConfig:
 
 
 def select_catalogue(
-    items: pl.DataFrame, history: pl.DataFrame, max_items: int | None, seed: int
+    items: pl.DataFrame,
+    history: pl.DataFrame,
+    max_items: int | None,
+    seed: int,
+    half_life_days: float = 2.0,
 ) -> pl.DataFrame:
-    """Items to embed and serve: all of them, or (capped) the most recently active ones first,
-    then a seeded sample of never-seen items. Catalogue order is kept."""
+    """Items to embed and serve: all of them, or (capped) the items with the highest
+    recency-weighted interaction count before T, then a seeded sample of never-seen items.
+    Uses only data before T (`history`), so the choice leaks nothing. Catalogue order is kept."""
     if max_items is None or items.height <= max_items:
         return items
-    last_seen = history.group_by("item_id").agg(pl.col("timestamp").max().alias("last_seen"))
-    ranked = items.select("item_id").with_row_index("row").join(last_seen, on="item_id", how="left")
-    active = ranked.filter(pl.col("last_seen").is_not_null()).sort(
-        ["last_seen", "row"], descending=[True, False]
+    now = int(history["timestamp"].max()) if history.height else 0  # type: ignore[arg-type]
+    decay = (0.5 ** ((now - pl.col("timestamp")) / (half_life_days * DAY))).alias("activity")
+    activity = history.group_by("item_id").agg(decay.sum())
+    ranked = items.select("item_id").with_row_index("row").join(activity, on="item_id", how="left")
+    active = ranked.filter(pl.col("activity").is_not_null()).sort(
+        ["activity", "row"], descending=[True, False]
     )
     keep = active["row"].head(max_items).to_numpy()
     room = max_items - len(keep)
     if room > 0:
-        unseen = ranked.filter(pl.col("last_seen").is_null())["row"].to_numpy()
+        unseen = ranked.filter(pl.col("activity").is_null())["row"].to_numpy()
         rng = np.random.default_rng(seed)
         keep = np.concatenate([keep, rng.choice(unseen, size=min(room, len(unseen)), replace=False)])
     return items[np.sort(keep).tolist()]
@@ -609,7 +618,11 @@ def stage_split(ctx: RunContext, out: Path) -> None:
     if ctx.evaluate and interactions.filter(pl.col("timestamp") >= windows.T).height == 0:
         raise PipelineError(f"the test period (>= {_iso(windows.T)}) has no interactions")
     served = select_catalogue(
-        items, _before(interactions, windows.T), ctx.budget.max_catalogue_items, ctx.cfg.pipeline.seed
+        items,
+        _before(interactions, windows.T),
+        ctx.budget.max_catalogue_items,
+        ctx.cfg.pipeline.seed,
+        ctx.cfg.pipeline.catalogue_half_life_days,
     )
     if served.height < items.height:
         log.info("catalogue capped to %d of %d items (budget)", served.height, items.height)
@@ -636,7 +649,7 @@ def stage_finetune(ctx: RunContext, out: Path) -> None:
         ctx.cfg.encoder,
         ctx.cfg.text,
         out,
-        valid=_between(interactions, windows.T2, windows.T1),
+        valid=_between(interactions, windows.T2, windows.T1) if ctx.budget.finetune_validation else None,
         progress=ctx.progress,
     )
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # resumable state, not part of a bundle

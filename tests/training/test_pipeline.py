@@ -47,11 +47,17 @@ def test_select_catalogue_without_cap_keeps_everything() -> None:
     assert pipeline.select_catalogue(items, history, 5, 0).equals(items)
 
 
-def test_select_catalogue_keeps_most_recent_items_first_in_catalogue_order() -> None:
+def test_select_catalogue_keeps_the_most_recently_active_items_in_catalogue_order() -> None:
     items = _items(6)
-    history = pl.DataFrame({"item_id": ["i4", "i1", "i2", "i4"], "timestamp": [1, 2, 3, 9]})
-    kept = pipeline.select_catalogue(items, history, 2, seed=0)
-    assert kept["item_id"].to_list() == ["i2", "i4"]
+    # i5: bought twice today; i1: once today; i2: three times ten days ago.
+    history = pl.DataFrame(
+        {
+            "item_id": ["i2", "i2", "i2", "i1", "i5", "i5"],
+            "timestamp": [0, 0, 0, 10 * DAY, 10 * DAY, 10 * DAY],
+        }
+    )
+    kept = pipeline.select_catalogue(items, history, 2, seed=0, half_life_days=2.0)
+    assert kept["item_id"].to_list() == ["i1", "i5"]
 
 
 def test_select_catalogue_fills_the_cap_with_never_seen_items() -> None:
@@ -70,6 +76,7 @@ def test_cpu_budget_caps_steps_catalogue_tokens_and_eval_users() -> None:
     assert budget.max_catalogue_items == p.cpu_max_catalogue_items
     assert budget.max_finetune_steps == p.cpu_max_finetune_steps
     assert budget.max_tokens == min(cfg.text.max_tokens, p.cpu_max_tokens)
+    assert budget.finetune_validation == p.cpu_finetune_validation
     run_cfg = pipeline.budgeted_config(cfg, budget)
     assert run_cfg.encoder.max_steps == p.cpu_max_finetune_steps
     assert run_cfg.eval.max_users == p.cpu_eval_max_users
@@ -82,6 +89,7 @@ def test_cuda_budget_applies_only_the_general_caps() -> None:
     assert budget.max_finetune_steps is None
     assert budget.max_tokens == cfg.text.max_tokens
     assert budget.eval_max_users is None
+    assert budget.finetune_validation
 
 
 def test_changing_a_ranker_setting_invalidates_only_the_ranker_and_later_stages() -> None:
