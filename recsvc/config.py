@@ -97,6 +97,11 @@ class IndexConfig:
     hnsw_ef_search: int = 128
     use_gpu: str = "auto"  # auto | never | always
     recall_sample_users: int = 1_000
+    omp_threads: int = 0  # FAISS OpenMP threads (process-wide); 0 = leave FAISS's default
+    # On GPU, exact search is cheap up to this size; above it an IVF-flat index is used
+    # (HNSW has no GPU implementation).
+    gpu_exact_max_items: int = 2_000_000
+    ivf_nprobe: int = 32
 
 
 @dataclass(frozen=True)

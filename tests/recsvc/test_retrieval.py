@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsvc.config import IndexConfig
+from recsvc.retrieval import (
+    INDEX_FILE,
+    META_FILE,
+    GpuUnavailableError,
+    IndexInputError,
+    IndexLoadError,
+    ItemIndex,
+    gpu_available,
+)
+
+
+def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_force(emb: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = queries @ emb.T
+    ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, ids, axis=1), ids
+
+
+CPU = IndexConfig(use_gpu="never")
+HNSW = IndexConfig(
+    use_gpu="never", exact_max_items=100, hnsw_m=16, hnsw_ef_construction=64, hnsw_ef_search=64
+)
+
+
+def test_small_catalogue_uses_exact_index_matching_numpy_brute_force() -> None:
+    emb, queries = unit_rows(500, 16), unit_rows(7, 16, seed=1)
+    index = ItemIndex.build(emb, CPU)
+    scores, ids = index.search(queries, 10)
+    want_scores, want_ids = brute_force(emb, queries, 10)
+    assert index.kind == "flat"
+    assert scores.dtype == np.float32 and ids.dtype == np.int64
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+
+
+def test_k_larger_than_catalogue_pads_ids_with_minus_one() -> None:
+    index = ItemIndex.build(unit_rows(5, 8), CPU)
+    _, ids = index.search(unit_rows(2, 8, seed=3), 8)
+    assert (ids[:, :5] >= 0).all()
+    assert (ids[:, 5:] == -1).all()
+
+
+def test_catalogue_above_threshold_uses_hnsw_with_high_recall() -> None:
+    emb, queries = unit_rows(3000, 32), unit_rows(100, 32, seed=2)
+    index = ItemIndex.build(emb, HNSW)
+    recall = index.measure_recall(queries, 20)
+    assert index.kind == "hnsw"
+    assert index.params["M"] == 16 and index.params["efSearch"] == 64
+    assert recall >= 0.9
+    assert index.params["recall@20"] == pytest.approx(recall, abs=1e-5)
+
+
+def test_measure_recall_of_exact_index_is_one() -> None:
+    index = ItemIndex.build(unit_rows(50, 8), CPU)
+    assert index.measure_recall(unit_rows(4, 8, seed=1), 5) == 1.0
+
+
+def test_save_load_roundtrip_gives_identical_results(tmp_path: Path) -> None:
+    emb, queries = unit_rows(1000, 16), unit_rows(20, 16, seed=5)
+    index = ItemIndex.build(emb, HNSW)
+    index.save(tmp_path)
+    loaded = ItemIndex.load(tmp_path, use_gpu="never")
+    before, after = index.search(queries, 15), loaded.search(queries, 15)
+    assert loaded.kind == "hnsw" and loaded.params == index.params
+    np.testing.assert_array_equal(before[1], after[1])
+    np.testing.assert_array_equal(before[0], after[0])
+    assert json.loads((tmp_path / META_FILE).read_text())["n"] == 1000
+
+
+def test_filtered_search_returns_only_allowed_rows_in_exact_order() -> None:
+    emb, queries = unit_rows(400, 16), unit_rows(5, 16, seed=7)
+    allowed = np.zeros(400, dtype=bool)
+    allowed[::3] = True
+    excluded = [0, 3, 6]
+    index = ItemIndex.build(emb, CPU)
+    _, ids = index.search_with_filter(queries, 10, allowed=allowed, excluded=excluded)
+    keep = np.flatnonzero(allowed)
+    keep = keep[~np.isin(keep, excluded)]
+    _, sub_ids = brute_force(emb[keep], queries, 10)
+    np.testing.assert_array_equal(ids, keep[sub_ids])
+
+
+def test_filtered_hnsw_search_never_returns_excluded_rows() -> None:
+    emb, queries = unit_rows(2000, 16), unit_rows(10, 16, seed=8)
+    index = ItemIndex.build(emb, HNSW)
+    _, plain = index.search(queries, 10)
+    excluded = np.unique(plain[:, :5])
+    _, ids = index.search_with_filter(queries, 10, excluded=excluded)
+    assert not np.isin(ids, excluded).any()
+    assert (ids >= 0).all()
+
+
+def test_missing_index_file_raises_error_naming_it(tmp_path: Path) -> None:
+    ItemIndex.build(unit_rows(20, 8), CPU).save(tmp_path)
+    (tmp_path / INDEX_FILE).unlink()
+    with pytest.raises(IndexLoadError, match=r"index file missing: .*index\.faiss"):
+        ItemIndex.load(tmp_path)
+
+
+def test_corrupt_index_file_raises_error_naming_it(tmp_path: Path) -> None:
+    ItemIndex.build(unit_rows(20, 8), CPU).save(tmp_path)
+    data = (tmp_path / INDEX_FILE).read_bytes()
+    (tmp_path / INDEX_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(IndexLoadError, match=r"index\.faiss is corrupt"):
+        ItemIndex.load(tmp_path)
+
+
+def test_corrupt_metadata_raises_error_naming_it(tmp_path: Path) -> None:
+    ItemIndex.build(unit_rows(20, 8), CPU).save(tmp_path)
+    (tmp_path / META_FILE).write_text("{not json")
+    with pytest.raises(IndexLoadError, match=r"index\.json is corrupt"):
+        ItemIndex.load(tmp_path)
+
+
+def test_load_rejects_dimension_mismatch(tmp_path: Path) -> None:
+    ItemIndex.build(unit_rows(20, 8), CPU).save(tmp_path)
+    with pytest.raises(IndexLoadError, match="dimension 8 but the item embeddings have dimension 16"):
+        ItemIndex.load(tmp_path, expected_dim=16)
+
+
+def test_metadata_disagreeing_with_index_file_is_rejected(tmp_path: Path) -> None:
+    ItemIndex.build(unit_rows(20, 8), CPU).save(tmp_path)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    (tmp_path / META_FILE).write_text(json.dumps({**meta, "n": 21}))
+    with pytest.raises(IndexLoadError, match="holds 20 vectors"):
+        ItemIndex.load(tmp_path)
+
+
+def test_unnormalised_embeddings_are_rejected_naming_the_row() -> None:
+    emb = unit_rows(10, 8)
+    emb[4] *= 2
+    with pytest.raises(IndexInputError, match=r"row 4 has norm 2\.0000"):
+        ItemIndex.build(emb, CPU)
+
+
+def test_query_of_wrong_dimension_is_rejected() -> None:
+    index = ItemIndex.build(unit_rows(10, 8), CPU)
+    with pytest.raises(IndexInputError, match=r"shape \[n_queries, 8\]"):
+        index.search(unit_rows(2, 4), 3)
+
+
+def test_always_gpu_without_gpu_raises_clear_error() -> None:
+    import faiss
+
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("a GPU is present")
+    with pytest.raises(GpuUnavailableError, match="use_gpu='always'"):
+        gpu_available("always")
+    assert gpu_available("auto") is False
