@@ -23,7 +23,7 @@ import numpy as np
 
 from recsvc.candidates import SOURCE_BITS, Candidates, SourceList, cooc_source, generate, merge
 from recsvc.config import CandidateConfig, RecommenderConfig
-from recsvc.features import build_features, feature_index, tower_inputs
+from recsvc.features import build_features, feature_index, pairwise_dot, tower_inputs
 from recsvc.history import Event, UserHistory
 from recsvc.user_tower import user_vector
 
@@ -428,7 +428,7 @@ class Recommender:
         if len(history) == 0 or len(items) == 0:
             return ["popular recently"] * len(items)
         recent = np.unique(history.items[-self.config.explain_history_items :])
-        sims = self.item_emb[items] @ self.item_emb[recent].T
+        sims = pairwise_dot(self.item_emb[items], self.item_emb[recent])
         sims[items[:, None] == recent[None, :]] = -np.inf
         best = np.argmax(sims, axis=1)
         return [
