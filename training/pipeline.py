@@ -338,18 +338,6 @@ def select_catalogue(
 # ----------------------------------------------------------------------------- evaluation helpers
 
 
-def measure_ann_recall(index: Any, item_emb: np.ndarray, queries: np.ndarray, k: int) -> float:
-    """Mean overlap of the index's top-k with exact inner-product top-k for real user vectors."""
-    if len(queries) == 0:
-        return float("nan")
-    k = min(k, len(item_emb))
-    _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    exact_scores = queries @ item_emb.T
-    exact = np.argpartition(-exact_scores, k - 1, axis=1)[:, :k]
-    hits = [len(set(f[f >= 0].tolist()) & set(e.tolist())) for f, e in zip(np.asarray(found), exact)]
-    return float(np.mean(hits) / k)
-
-
 class RecommenderSystem:
     """The full pipeline behind the evaluation protocol, answered by `Recommender.recommend_many`
     (the serving request path), so offline metrics measure exactly what is served."""
@@ -704,14 +692,21 @@ def stage_index(ctx: RunContext, out: Path) -> None:
 
     emb = _item_embeddings(ctx, "index")
     index = ItemIndex.build(emb, ctx.cfg.index)
-    index.save(out)
-    ctx.memo["index"] = index
     queries = _sample_user_vectors(ctx, emb, ctx.cfg.index.recall_sample_users)
     k = min(ctx.cfg.candidates.ann, len(emb))
-    recall = measure_ann_recall(index, emb, queries, k)
-    log.info("ANN recall@%d vs exact search on %d real user vectors: %.4f", k, len(queries), recall)
+    recall = index.measure_recall(queries, k) if len(queries) else float("nan")
+    log.info(
+        "ANN recall@%d vs exact search on %d real user vectors: %.4f (%s index)",
+        k,
+        len(queries),
+        recall,
+        index.kind,
+    )
+    index.save(out)
+    ctx.memo["index"] = index
     write_json(
-        out / "ann.json", {"recall": recall, "k": k, "users": len(queries), "params": to_dict(ctx.cfg.index)}
+        out / "ann.json",
+        {"recall": recall, "k": k, "users": len(queries), "kind": index.kind, "params": index.params},
     )
 
 
@@ -843,7 +838,13 @@ def base_manifest(ctx: RunContext) -> dict[str, Any]:
         "windows": asdict(windows),
         "training_rows": _before(interactions, windows.T).height,
         "budget": asdict(ctx.budget),
-        "index": {**ann["params"], "measured_ann_recall": ann["recall"], "ann_recall_k": ann["k"]},
+        "index": {
+            "kind": ann["kind"],
+            **ann["params"],
+            "measured_ann_recall": ann["recall"],
+            "ann_recall_k": ann["k"],
+            "ann_recall_users": ann["users"],
+        },
         "evaluated": ctx.evaluate,
     }
 
