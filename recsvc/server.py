@@ -205,7 +205,7 @@ class RecsvcServer:
             "gRPC listening on %s:%d (NOT_SERVING until a bundle is loaded)", self.config.host, self.port
         )
         if self.config.metrics_port:
-            self.metrics_port = self.metrics.serve_http(self.config.metrics_port)
+            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
         await self._initial_load()
         self._poller = asyncio.create_task(self._poll_bundles(), name="recsvc-bundle-poller")
         return self.port

@@ -1,0 +1,81 @@
+"""`recsvc-serve` as a real process: serves, exposes /metrics, and shuts down cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from recsvc.client import RecsvcClient
+from tests.helpers.running_server import FIRST_VERSION, copy_root, shared_bundle_root
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def bundle_root(tmp_path_factory: pytest.TempPathFactory, synth_loaded) -> Path:
+    return shared_bundle_root(tmp_path_factory, synth_loaded.interactions, synth_loaded.items)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    seen = []
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+    raise AssertionError(f"no line matching {pattern!r}; output:\n{''.join(seen)}")
+
+
+def test_serve_answers_exposes_metrics_and_exits_cleanly_on_sigterm(
+    bundle_root: Path, tmp_path: Path
+) -> None:
+    root = copy_root(bundle_root, tmp_path / "bundles")
+    metrics_port = _free_port()
+    env = {
+        **os.environ,
+        "RECSVC_EVENTS_DB": str(tmp_path / "events.sqlite"),
+        "RECSVC_METRICS_PORT": str(metrics_port),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recsvc.server", "--bundles", str(root), "--port", "0"],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        port = int(_wait_for_line(proc, r"ready on port (\d+)", timeout=60).group(1))
+        with RecsvcClient(f"127.0.0.1:{port}") as client:
+            assert client.health() == "SERVING"
+            assert client.recommend("cli-proc-user", 3).model_version == FIRST_VERSION
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert 'recsvc_requests_total{code="OK",method="Recommend"} 1.0' in body
+        assert f'recsvc_bundle_info{{version="{FIRST_VERSION}"}} 1.0' in body
+        proc.send_signal(signal.SIGTERM)
+        _wait_for_line(proc, r"server stopped", timeout=30)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
