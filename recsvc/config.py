@@ -214,6 +214,8 @@ class ServeConfig:
     max_batch_requests: int = 1_000  # requests per BatchRecommend stream
     keep_previous_bundle: bool = True  # hold the last version in memory for instant rollback
     shutdown_grace_s: float = 5.0  # in-flight requests get this long on SIGTERM
+    # BLAS/OpenMP threads per request: parallelism comes from `workers`; nested pools thrash. 0 = leave.
+    compute_threads: int = 1
 
 
 def to_dict(cfg: Any) -> Any:

@@ -143,6 +143,29 @@ def _check(cfg: ServeConfig) -> None:
 # ----------------------------------------------------------------------------- server
 
 
+def limit_compute_threads(threads: int) -> None:
+    """Cap FAISS OpenMP, BLAS and torch intra-op threads (process-wide) for request serving.
+
+    Requests run concurrently on `workers` threads; letting each FAISS search or matrix product
+    fan out over every core as well oversubscribes the CPU and turns a 0.2 ms search into
+    several ms of lock-step waiting under load.
+    """
+    if threads <= 0:
+        return
+    import torch
+
+    from recsvc.retrieval import set_threads
+
+    set_threads(threads)
+    torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: without it BLAS keeps its own default
+        log.info("threadpoolctl not installed; BLAS thread count left as is")
+        return
+    threadpool_limits(limits=threads)
+
+
 class RecsvcServer:
     """One running service: gRPC server, health, reflection, model manager, event store, metrics."""
 
@@ -169,6 +192,7 @@ class RecsvcServer:
 
     async def start(self) -> int:
         """Bind, start answering (NOT_SERVING), load the bundle, then report SERVING; returns the port."""
+        limit_compute_threads(self.config.compute_threads)
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),
