@@ -144,6 +144,8 @@ class RankerConfig:
     max_train_users: int = 30_000
     search_trials: int = 4  # small parameter search on the validation window
     seed: int = 42
+    num_threads: int = 0  # LightGBM training threads; 0 = LightGBM's default (all cores)
+    eval_at: int = 12  # validation metric is NDCG@eval_at (early stopping and search)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,209 @@
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsvc.config import RankerConfig
+from recsvc.ranker import (
+    META_FILE,
+    MODEL_FILE,
+    Ranker,
+    RankerInputError,
+    RankerLoadError,
+    search_trials,
+    threshold_probe,
+)
+
+NAMES = ["noise_a", "noise_b", "signal", "noise_c", "flag"]
+SIGNAL = NAMES.index("signal")
+CFG = RankerConfig(
+    num_leaves=7,
+    min_data_in_leaf=10,
+    learning_rate=0.1,
+    num_boost_round=40,
+    early_stopping_rounds=10,
+    search_trials=2,
+    num_threads=1,
+)
+
+
+def ranking_set(n_groups: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Groups whose relevant rows are the ones with the largest `signal` value (plus a little noise)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n_groups * size, len(NAMES))).astype(np.float32)
+    x[:, NAMES.index("flag")] = rng.random(len(x)) < 0.2
+    x[rng.random(x.shape) < 0.03] = np.nan
+    y = np.zeros(len(x), dtype=np.int32)
+    for g in range(n_groups):
+        rows = np.arange(g * size, (g + 1) * size)
+        noisy = np.nan_to_num(x[rows, SIGNAL], nan=-5.0) + rng.normal(scale=0.1, size=size)
+        y[rows[np.argsort(-noisy)[:3]]] = 1
+    return x, y, np.full(n_groups, size)
+
+
+def mean_ndcg(scores: np.ndarray, y: np.ndarray, groups: np.ndarray, k: int = 12) -> float:
+    out, start = [], 0
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    for size in groups:
+        s, rel = scores[start : start + size], y[start : start + size]
+        start += size
+        gains = (2.0 ** rel[np.argsort(-s, kind="stable")][:k] - 1) @ discounts[: min(k, size)]
+        ideal = (2.0 ** np.sort(rel)[::-1][:k] - 1) @ discounts[: min(k, size)]
+        out.append(gains / ideal if ideal > 0 else 0.0)
+    return float(np.mean(out))
+
+
+@pytest.fixture(scope="module")
+def trained() -> Ranker:
+    xt, yt, gt = ranking_set(150, 20, seed=1)
+    xv, yv, gv = ranking_set(50, 20, seed=2)
+    return Ranker.train(xt, yt, gt, xv, yv, gv, CFG, feature_names=NAMES)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("lleaves-cache")
+
+
+def test_ranker_learns_the_informative_feature(trained: Ranker) -> None:
+    x, y, g = ranking_set(60, 20, seed=3)
+    learned = mean_ndcg(trained.predict_stock(x), y, g)
+    random = mean_ndcg(np.random.default_rng(0).random(len(x)), y, g)
+    assert learned > 0.85
+    assert learned > random + 0.4
+    importance = trained.feature_importance()
+    assert max(importance, key=importance.get) == "signal"
+
+
+def test_training_records_search_and_early_stopping_in_meta(trained: Ranker) -> None:
+    assert len(trained.meta["trials"]) == 2
+    best = max(t["valid_score"] for t in trained.meta["trials"])
+    assert trained.meta["valid_score"] == pytest.approx(best)
+    assert trained.meta["valid_metric"] == "ndcg@12"
+    assert trained.booster.current_iteration() == trained.meta["best_iteration"]
+
+
+def test_search_trials_start_with_configured_values_and_are_distinct() -> None:
+    trials = search_trials(RankerConfig(search_trials=4))
+    assert trials[0] == {"num_leaves": 63, "min_data_in_leaf": 50, "learning_rate": 0.05}
+    assert len(trials) == 4
+    assert len({tuple(sorted(t.items())) for t in trials}) == 4
+
+
+def test_training_without_validation_uses_configured_rounds() -> None:
+    x, y, g = ranking_set(40, 10, seed=4)
+    ranker = Ranker.train(x, y, g, None, None, None, CFG, feature_names=NAMES)
+    assert ranker.booster.current_iteration() == CFG.num_boost_round
+    assert ranker.meta["valid_score"] is None
+
+
+def test_fast_path_equals_stock_predict(trained: Ranker, cache_dir: Path) -> None:
+    fast = trained.enable_fast_path(cache_dir)
+    x, _, _ = ranking_set(25, 20, seed=5)
+    probe = threshold_probe(trained.booster)
+    assert fast.enabled, fast.reason
+    for rows in (x, probe):
+        np.testing.assert_allclose(trained.predict(rows), trained.predict_stock(rows), rtol=0, atol=1e-9)
+
+
+def test_threshold_probe_lands_exactly_on_split_thresholds(trained: Ranker) -> None:
+    probe = threshold_probe(trained.booster)
+    dump = trained.booster.dump_model()["tree_info"][0]["tree_structure"]
+    threshold = np.float32(dump["threshold"])
+    assert (probe[:, dump["split_feature"]] == threshold).any()
+    assert np.isnan(probe).any() and (probe == 0).any()
+
+
+def test_concurrent_predictions_match_single_threaded(trained: Ranker, cache_dir: Path) -> None:
+    trained.enable_fast_path(cache_dir)
+    x, _, _ = ranking_set(10, 50, seed=6)
+    want = trained.predict_stock(x)
+    results: list[np.ndarray] = []
+
+    def work() -> None:
+        for _ in range(20):
+            results.append(trained.predict(x))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 80
+    for got in results:
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+
+
+def test_save_load_roundtrip_predicts_identically(trained: Ranker, tmp_path: Path, cache_dir: Path) -> None:
+    trained.save(tmp_path / "ranker")
+    loaded = Ranker.load(tmp_path / "ranker", expected_feature_names=NAMES, cache_dir=cache_dir)
+    x, _, _ = ranking_set(10, 20, seed=7)
+    assert loaded.fast_path.enabled
+    assert loaded.feature_names == NAMES
+    assert loaded.meta["best_iteration"] == trained.meta["best_iteration"]
+    np.testing.assert_array_equal(loaded.predict_stock(x), trained.predict_stock(x))
+    np.testing.assert_allclose(loaded.predict(x), trained.predict_stock(x), rtol=0, atol=1e-9)
+
+
+def test_compiled_model_is_cached_and_a_corrupt_cache_is_rebuilt(trained: Ranker, tmp_path: Path) -> None:
+    trained.save(tmp_path / "ranker")
+    cache = tmp_path / "cache"
+    Ranker.load(tmp_path / "ranker", cache_dir=cache)
+    (obj,) = cache.glob("*.o")
+    obj.write_bytes(b"not an object file")
+    reloaded = Ranker.load(tmp_path / "ranker", cache_dir=cache)
+    assert reloaded.fast_path.enabled
+    assert obj.read_bytes() != b"not an object file"
+
+
+def test_compile_failure_falls_back_to_stock_predict(trained: Ranker, tmp_path: Path) -> None:
+    trained.save(tmp_path / "ranker")
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    ranker = Ranker.load(tmp_path / "ranker", cache_dir=not_a_dir)
+    x, _, _ = ranking_set(5, 20, seed=8)
+    assert not ranker.fast_path.enabled
+    assert ranker.fast_path.reason.startswith("compile failed")
+    np.testing.assert_array_equal(ranker.predict(x), trained.predict_stock(x))
+
+
+def test_load_rejects_features_the_code_does_not_compute(trained: Ranker, tmp_path: Path) -> None:
+    trained.save(tmp_path)
+    with pytest.raises(RankerLoadError, match=r"different features.*missing \['other'\]"):
+        Ranker.load(tmp_path, expected_feature_names=[*NAMES[:-1], "other"], fast_path=False)
+
+
+def test_meta_feature_names_disagreeing_with_model_is_rejected(trained: Ranker, tmp_path: Path) -> None:
+    trained.save(tmp_path)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    meta["feature_names"] = list(reversed(meta["feature_names"]))
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(RankerLoadError, match="different order"):
+        Ranker.load(tmp_path, fast_path=False)
+
+
+def test_missing_model_file_raises_error_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(RankerLoadError, match=r"ranker file missing: .*model\.txt"):
+        Ranker.load(tmp_path)
+
+
+def test_corrupt_model_file_raises_error_naming_it(trained: Ranker, tmp_path: Path) -> None:
+    trained.save(tmp_path)
+    (tmp_path / MODEL_FILE).write_text("tree\nnot a model\n")
+    with pytest.raises(RankerLoadError, match=r"model\.txt is corrupt"):
+        Ranker.load(tmp_path)
+
+
+def test_predict_rejects_wrong_feature_count(trained: Ranker) -> None:
+    with pytest.raises(RankerInputError, match="has 3 feature columns but the ranker expects 5"):
+        trained.predict(np.zeros((2, 3), dtype=np.float32))
+
+
+def test_group_sizes_must_cover_all_rows() -> None:
+    x, y, g = ranking_set(5, 10, seed=9)
+    with pytest.raises(RankerInputError, match="sum to the 50 rows"):
+        Ranker.train(x, y, g[:-1], None, None, None, CFG, feature_names=NAMES)
