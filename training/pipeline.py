@@ -774,15 +774,8 @@ def stage_ranker(ctx: RunContext, out: Path) -> None:
 
 
 def _feature_importance(ranker: Any) -> dict[str, float]:
-    """Total gain per feature from the ranker's LightGBM booster (empty if it has none)."""
-    from recsvc.features import FEATURE_NAMES
-
-    booster = getattr(ranker, "booster", None)
-    if booster is None:
-        return {}
-    gains = booster.feature_importance(importance_type="gain")
-    names = booster.feature_name() or list(FEATURE_NAMES)
-    return {str(n): float(g) for n, g in zip(names, gains)}
+    """Total gain per feature, as the ranker reports it."""
+    return ranker.feature_importance()
 
 
 BUNDLE_PARTS = (

@@ -185,3 +185,34 @@ def test_load_of_a_corrupted_bundle_is_refused_before_reading_parts(tmp_path: Pa
     (tmp_path / version / "catalog.parquet").write_bytes(b"tampered")
     with pytest.raises(BundleError, match=r"checksum mismatch in catalog\.parquet"):
         bundle.load(tmp_path)
+
+
+def test_load_assembles_every_part_of_a_real_bundle(synth_loaded, tmp_path: Path) -> None:
+    import numpy as np
+
+    from recsvc.config import TrainConfig
+    from tests.helpers.bundle_builder import write_bundle
+
+    root = write_bundle(synth_loaded.interactions, synth_loaded.items, tmp_path / "bundles")
+    loaded = bundle.load(root)
+    assert loaded.version == bundle.current_version(root)
+    assert loaded.path == root / loaded.version
+    assert len(loaded.catalog) == synth_loaded.items.height == loaded.manifest["item_count"]
+    assert np.array_equal(loaded.item_embeddings, np.load(loaded.path / "item_embeddings.npy"))
+    assert loaded.index.n == len(loaded.catalog)
+    assert isinstance(loaded.config, TrainConfig)
+    assert loaded.data_end_ts == loaded.manifest["data_end_ts"]
+    assert (loaded.encoder_dir / "config.json").is_file()
+    assert len(loaded.history) > 0
+
+
+def test_load_refuses_embeddings_that_do_not_match_the_catalogue(synth_loaded, tmp_path: Path) -> None:
+    import numpy as np
+
+    from tests.helpers.bundle_builder import write_bundle
+
+    root = write_bundle(synth_loaded.interactions, synth_loaded.items, tmp_path / "bundles")
+    path = bundle.resolve(root)
+    np.save(path / "item_embeddings.npy", np.zeros((3, 4), np.float32))
+    with pytest.raises(BundleError, match=r"item_embeddings\.npy has 3 rows"):
+        bundle.load(root, verify=False)
