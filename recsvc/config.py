@@ -125,7 +125,7 @@ class RecommenderConfig:
     session_event_weight: float = 1.0  # weight of a request's session items, treated as fresh views
     session_neighbours: int = 100  # co-occurrence neighbours proposed for session items
     query_candidates: int = 200  # ANN results for a free-text query
-    overfetch_rounds: int = 3  # times the ANN depth is multiplied by 4 when filters leave < k items
+    filtered_ann_factor: int = 4  # filters leave < k: ANN inside the allowed set, this x deeper
     explain_history_items: int = 20  # recent history items searched for an explanation
     query_precision: str = "bf16"  # encoder precision for free-text queries on CPU
 

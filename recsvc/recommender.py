@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPEAT_POLICIES = ("allow", "exclude")
+# Deepest ANN search used to refill after filters (FAISS GPU indexes cap k at 2048).
+MAX_FILTERED_DEPTH = 2048
 STAGES = ("user_vector", "retrieval", "candidates", "filters", "features", "ranking", "total")
 
 
@@ -164,9 +166,7 @@ class Recommender:
         queries = self._search_many([p.query_vec for p in prepared], self.config.query_candidates)
         timings["retrieval"] = _ms(t)
 
-        ranked: list[_Ranked] = []
-        for p, (ann_items, ann_scores), (q_items, q_scores) in zip(prepared, ann, queries):
-            ranked.append(self._candidates(p, ann_items, ann_scores, q_items, q_scores, depth, timings))
+        ranked = [self._candidates(p, a, q, timings) for p, a, q in zip(prepared, ann, queries)]
 
         t = time.perf_counter()
         if policy.use_ranker and any(len(r.cands) for r in ranked):
@@ -194,36 +194,45 @@ class Recommender:
         include_attributes: Mapping[str, frozenset[str]] | None = None,
         exclude_attributes: Mapping[str, frozenset[str]] | None = None,
     ) -> RecommendResult:
-        """Items like `item_id`: embedding neighbours plus co-occurrence, same filters as recommend."""
+        """Items like `item_id`: embedding neighbours plus co-occurrence, same filters as recommend.
+
+        Score = cosine to the item + co-occurrence score (0 when the pair never co-occurred).
+        """
         start = time.perf_counter()
         _check_k(k)
         idx = self.catalog.index.get(item_id)
         if idx is None:
             raise UnknownItemError([item_id])
+        timings = dict.fromkeys(("retrieval", "candidates", "filters", "total"), 0.0)
         allowed = self.catalog.filter_mask(include_attributes, exclude_attributes)
         blocked = self._blocked({item_id, *exclude_items})
         query = self.item_emb[idx]
-        depth = self.cand_cfg.ann
-        for _ in range(self.config.overfetch_rounds + 1):
+        t = time.perf_counter()
+        depth = min(len(self.catalog), MAX_FILTERED_DEPTH, max(self.cand_cfg.ann, k + 1))
+        if allowed is None and len(blocked) == 1:
             ((items, scores),) = self._search_many([query], depth)
-            neighbours, co = self.bundle.cooccurrence.neighbours(idx)
-            cands = merge(
-                [SourceList("ann", items, scores), SourceList("cooc", neighbours, co)],
-                len(items) + len(neighbours),
-            )
-            keep = self._keep_mask(cands.items, allowed, blocked)
-            cands = cands.take(keep)
-            if len(cands) >= k or depth >= len(self.catalog):
-                break
-            depth = min(depth * 4, len(self.catalog))
+        else:
+            items, scores = self._search_filtered(query, depth, allowed, blocked)
+        timings["retrieval"] = _ms(t)
+        t = time.perf_counter()
+        neighbours, co = self.bundle.cooccurrence.neighbours(idx)
+        cands = merge(
+            [SourceList("ann", items, scores), SourceList("cooc", neighbours, co)],
+            len(items) + len(neighbours),
+        )
+        timings["candidates"] = _ms(t)
+        cands = self._filtered(cands, allowed, blocked, timings)
+        if len(cands) < k:
+            cands = self._fill(k, cands, allowed, blocked)
         cos = self.item_emb[cands.items] @ query
         score = cos + np.nan_to_num(cands.cooc_score, nan=0.0)
         order = _order(score, cands.items)[:k]
-        items_out = [
+        out = [
             ScoredItem(str(self.catalog.item_ids[cands.items[i]]), float(score[i]), cands.source_names(i))
             for i in order
         ]
-        return RecommendResult(items_out, self.model_version, [], False, {"total": _ms(start)})
+        timings["total"] = _ms(start)
+        return RecommendResult(out, self.model_version, [], False, timings)
 
     def record_events(self, events: Sequence[Event]) -> None:
         """Apply events to histories and item counters; all-or-nothing validation first."""
@@ -299,57 +308,36 @@ class Recommender:
     def _candidates(
         self,
         p: _Prepared,
-        ann_items: np.ndarray,
-        ann_scores: np.ndarray,
-        q_items: np.ndarray,
-        q_scores: np.ndarray,
-        depth: int,
+        ann: tuple[np.ndarray, np.ndarray],
+        query: tuple[np.ndarray, np.ndarray],
         timings: dict[str, float],
     ) -> _Ranked:
-        """Sources -> hard filters (over-fetching deeper ANN when they leave < k) -> features."""
+        """Sources -> hard filters -> features.
+
+        When the filters leave fewer than k items, ANN is searched again INSIDE the allowed set
+        (FAISS filtered search), and if the catalogue still has allowed items left, the most popular
+        of them fill up to k, so k results come back whenever the catalogue allows.
+        """
         blocked = self._blocked(p.req.exclude_items)
         if p.req.repeat_policy == "exclude":
             blocked = np.union1d(blocked, p.history.items).astype(np.int32)
         cfg = self.cand_cfg
-        for round_ in range(self.config.overfetch_rounds + 1):
-            t = time.perf_counter()
-            extra = []
-            if len(p.session_idx):
-                extra.append(
-                    cooc_source(
-                        np.unique(p.session_idx),
-                        np.ones(len(np.unique(p.session_idx)), np.float32),
-                        self.bundle.cooccurrence,
-                        self.config.session_neighbours,
-                        source="session",
-                    )
-                )
-            if len(q_items):
-                extra.append(SourceList("query", q_items, q_scores))
-            cands = generate(
-                p.history,
-                ann_items=ann_items if p.user_vec is not None else None,
-                ann_scores=ann_scores if p.user_vec is not None else None,
-                stats=self.bundle.item_stats,
-                cooc=self.bundle.cooccurrence,
-                cfg=cfg if round_ == 0 else _widened(cfg, depth),
-                now=p.now,
-                extra=extra,
+        cands = self._filtered(self._generate(p, ann, query, cfg, timings), p.allowed, blocked, timings)
+        if len(cands) < p.req.k and (p.allowed is not None or len(blocked)):
+            depth = min(
+                len(self.catalog), MAX_FILTERED_DEPTH, max(cfg.ann, p.req.k) * self.config.filtered_ann_factor
             )
-            timings["candidates"] += _ms(t)
-            t = time.perf_counter()
-            cands = cands.take(self._keep_mask(cands.items, p.allowed, blocked))
-            enough = len(cands) >= p.req.k or depth >= len(self.catalog)
-            timings["filters"] += _ms(t)
-            if enough or p.user_vec is None:
-                break
-            depth = min(depth * 4, len(self.catalog))
             t = time.perf_counter()
             if p.user_vec is not None:
-                ((ann_items, ann_scores),) = self._search_many([p.user_vec], depth)
+                ann = self._search_filtered(p.user_vec, depth, p.allowed, blocked)
+            if p.query_vec is not None:
+                query = self._search_filtered(p.query_vec, depth, p.allowed, blocked)
             timings["retrieval"] += _ms(t)
+            cands = self._filtered(
+                self._generate(p, ann, query, _widened(cfg, depth), timings), p.allowed, blocked, timings
+            )
         if len(cands) < p.req.k:
-            cands = self._fill(p, cands, blocked)
+            cands = self._fill(p.req.k, cands, p.allowed, blocked)
         t = time.perf_counter()
         feats = build_features(
             p.history,
@@ -364,13 +352,70 @@ class Recommender:
         timings["features"] += _ms(t)
         return _Ranked(cands, feats, _text_interest(feats))
 
-    def _fill(self, p: _Prepared, cands: Candidates, blocked: np.ndarray) -> Candidates:
-        """Last resort when filters are very selective: allowed items by popularity, then by index."""
-        keep = self._keep_mask(np.arange(len(self.catalog), dtype=np.int32), p.allowed, blocked)
+    def _generate(
+        self,
+        p: _Prepared,
+        ann: tuple[np.ndarray, np.ndarray],
+        query: tuple[np.ndarray, np.ndarray],
+        cfg: CandidateConfig,
+        timings: dict[str, float],
+    ) -> Candidates:
+        t = time.perf_counter()
+        extra = []
+        if len(p.session_idx):
+            seeds = np.unique(p.session_idx)
+            extra.append(
+                cooc_source(
+                    seeds,
+                    np.ones(len(seeds), np.float32),
+                    self.bundle.cooccurrence,
+                    self.config.session_neighbours,
+                    source="session",
+                )
+            )
+        if len(query[0]):
+            extra.append(SourceList("query", query[0], query[1]))
+        cands = generate(
+            p.history,
+            ann_items=ann[0] if p.user_vec is not None else None,
+            ann_scores=ann[1] if p.user_vec is not None else None,
+            stats=self.bundle.item_stats,
+            cooc=self.bundle.cooccurrence,
+            cfg=cfg,
+            now=p.now,
+            extra=extra,
+        )
+        timings["candidates"] += _ms(t)
+        return cands
+
+    def _filtered(
+        self, cands: Candidates, allowed: np.ndarray | None, blocked: np.ndarray, timings: dict[str, float]
+    ) -> Candidates:
+        t = time.perf_counter()
+        out = cands.take(self._keep_mask(cands.items, allowed, blocked))
+        timings["filters"] += _ms(t)
+        return out
+
+    def _search_filtered(
+        self, vector: np.ndarray, depth: int, allowed: np.ndarray | None, blocked: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """ANN restricted to allowed, non-blocked items; exact rescoring as in `_search_many`."""
+        _, ids = self.bundle.index.search_with_filter(
+            np.asarray(vector, dtype=np.float32)[None, :], depth, allowed=allowed, excluded=blocked.tolist()
+        )
+        found = np.asarray(ids)[0]
+        found = found[found >= 0].astype(np.int32)
+        exact = self.item_emb[found] @ np.asarray(vector, dtype=np.float32)
+        order = _order(exact, found)
+        return found[order], exact[order].astype(np.float32)
+
+    def _fill(self, k: int, cands: Candidates, allowed: np.ndarray | None, blocked: np.ndarray) -> Candidates:
+        """Last resort when filters are very selective: the most popular allowed items (then by index)."""
+        keep = self._keep_mask(np.arange(len(self.catalog), dtype=np.int32), allowed, blocked)
         keep[cands.items] = False
         pool = np.flatnonzero(keep).astype(np.int32)
         popularity = self.bundle.item_stats.popularity
-        chosen = pool[np.lexsort((pool, -popularity[pool]))[: p.req.k - len(cands)]]
+        chosen = pool[np.lexsort((pool, -popularity[pool]))[: k - len(cands)]]
         nan = np.full(len(chosen), np.nan, np.float32)
         return Candidates(
             np.concatenate([cands.items, chosen]).astype(np.int32),

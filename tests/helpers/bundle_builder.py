@@ -1,7 +1,7 @@
 """Build a small but REAL serving bundle from synthetic data, for tests of the request path.
 
 Everything is the production code: catalogue, histories, item stats and co-occurrence from the
-interactions, a real FAISS index, a real LightGBM lambdarank ranker trained on leak-free ranking
+interactions, a real FAISS ItemIndex, a real LightGBM lambdarank ranker trained on leak-free ranking
 sets (training/train_ranker.py), a tiny random BERT as the query encoder. Only the item
 embeddings are synthetic (category centre + noise) so ANN results are meaningful without
 fine-tuning. Usage:
@@ -61,15 +61,9 @@ def untrained_tower(dim: int, history_len: int) -> TowerParams:
 
 
 def build_index(emb: np.ndarray, config: TrainConfig) -> Any:
-    """recsvc.retrieval.ItemIndex when it exists, else a real exact FAISS inner-product index."""
-    try:
-        from recsvc.retrieval import ItemIndex
-    except ImportError:
-        import faiss
+    """The production FAISS index (exact at test sizes)."""
+    from recsvc.retrieval import ItemIndex
 
-        index = faiss.IndexFlatIP(emb.shape[1])
-        index.add(emb)
-        return index
     return ItemIndex.build(emb, config.index)
 
 

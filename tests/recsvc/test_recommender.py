@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from recsvc.config import CandidateConfig
 from recsvc.history import Event
 from recsvc.recommender import (
     STAGES,
@@ -269,3 +271,25 @@ def test_concurrent_recommends_and_events_do_not_fail(fresh_rec: Recommender) ->
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_when_filters_bite_ann_is_searched_inside_the_allowed_set(bundle: Any) -> None:
+    # shallow ANN (10 of 200 items) so the category filter empties the first candidate list
+    cfg = replace(bundle.config, candidates=CandidateConfig(ann=10, repeat=5, popular=5, cooccurrence=5))
+    rec = Recommender(replace(bundle, config=cfg))
+    cat = rec.catalog
+    user = _busy_user(rec)
+    codes = cat.attributes["category"]
+    seen = set(codes[rec.bundle.history.get(user).items].tolist())
+    unseen = [
+        c for c in range(len(cat.attribute_values["category"])) if c not in seen and (codes == c).sum() >= 5
+    ]
+    assert unseen, "synthetic data should leave the user some unexplored category"
+    value = cat.attribute_values["category"][unseen[0]]
+    result = rec.recommend(
+        RecommendRequest(user_id=user, k=5, include_attributes={"category": frozenset({value})}),
+        RankingPolicy(use_ranker=False),
+    )
+    assert len(result.items) == 5
+    assert all(codes[cat.index[i]] == unseen[0] for i in _ids(result))
+    assert all("ann" in i.sources for i in result.items)
