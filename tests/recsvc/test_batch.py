@@ -19,7 +19,7 @@ from recsvc.batch import (
     run_batch,
 )
 from recsvc.recommender import RankingPolicy, Recommender, RecommendRequest
-from tests.helpers.bundle_builder import build_loaded_bundle, write_bundle
+from tests.helpers.bundle_builder import write_bundle
 
 K = 8
 
@@ -34,10 +34,9 @@ def bundles_root(synth_loaded, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.fixture(scope="module")
-def recommender(synth_loaded, tmp_path_factory: pytest.TempPathFactory) -> Recommender:
-    """In-memory bundle from the same builder as `bundles_root`, so these tests share its answers."""
-    work = tmp_path_factory.mktemp("bundle")
-    return Recommender(build_loaded_bundle(synth_loaded.interactions, synth_loaded.items, work))
+def recommender(bundles_root: Path) -> Recommender:
+    """The published bundle through the real loader, exactly what the gRPC server serves."""
+    return Recommender(bundle_mod.load(bundles_root))
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +91,17 @@ def test_unknown_users_get_the_non_personalised_answer(
     assert rows == _rows(full_output, "never-seen-user-2")
 
 
-def test_batch_equals_the_real_grpc_server(bundles_root: Path, users, tmp_path: Path) -> None:
+def test_batch_equals_the_real_grpc_server(
+    bundles_root: Path, full_output: pl.DataFrame, users, tmp_path: Path
+) -> None:
     from tests.helpers.running_server import RunningServer, serve_config
 
-    out = tmp_path / "c.parquet"
-    run_batch(Recommender(bundle_mod.load(bundles_root)), users, out, k=K, chunk_size=7, progress=False)
-    batch = pl.read_parquet(out)
-    with RunningServer(serve_config(bundles_root, tmp_path / "server")) as server, server.client() as client:
+    with RunningServer(serve_config(bundles_root, tmp_path)) as server, server.client() as client:
         client.wait_until_serving()
         for user in [*users[::12], users[-1]]:
             resp = client.recommend(user, K)
             online = [(it.item_id, float(np.float32(it.score))) for it in resp.items]
-            assert [(i, s) for i, s, _ in _rows(batch, user)] == online
+            assert [(i, s) for i, s, _ in _rows(full_output, user)] == online
 
 
 def test_repeat_policy_exclude_never_returns_owned_items(
