@@ -297,3 +297,28 @@ def test_production_mode_trains_on_all_data_without_evaluation(
     assert manifest["windows"]["T"] > interactions["timestamp"].max()
     assert "evaluation" not in manifest["metrics"]
     assert not [p for p in (tmp_path / "bundles").iterdir() if p.name.startswith(".staging-")]
+
+
+def test_tiny_production_run_publishes_a_bundle_whose_recommender_answers(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """The fast variant of the end-to-end run: small shop, no evaluation stage."""
+    from recsvc.recommender import Recommender, RecommendRequest
+    from training.synth import write_dataset
+
+    data = write_dataset(tmp_path / "data", n_users=80, n_items=60, n_interactions=1_500, days=6, seed=3)
+    cfg = tiny_config(tiny_bert_dir)
+    cfg = replace(
+        cfg,
+        encoder=replace(cfg.encoder, max_steps=1, tower_refit_steps=2),
+        ranker=replace(cfg.ranker, num_boost_round=5, max_train_users=60, num_threads=1),
+    )
+    result = pipeline.run_training(
+        data, tmp_path / "bundles", cfg, evaluate=False, progress=False, device="cpu"
+    )
+    loaded = bundle.load(tmp_path / "bundles")
+    assert loaded.version == result.version
+    user = loaded.history.users()[0]
+    answer = Recommender(loaded).recommend(RecommendRequest(user_id=user, k=3))
+    assert len(answer.items) == 3
+    assert all(item.item_id in loaded.catalog.index for item in answer.items)
