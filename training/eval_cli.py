@@ -54,7 +54,7 @@ def load_raw_encoder() -> CandidateGenerator | None:
             "raw_encoder skipped: training.text_baseline.EncoderRetrieval is not importable (%s)", err
         )
         return None
-    return EncoderRetrieval()
+    return EncoderRetrieval(name=RAW_ENCODER)
 
 
 def build_systems(
@@ -114,8 +114,13 @@ def run_evaluation(
     valid_days: float = SplitConfig.valid_days,
     eval_config: EvalConfig | None = None,
     baseline_config: BaselineConfig | None = None,
+    checkpoint: str | Path | None = None,
 ) -> EvaluationTable:
-    """Load, split, tune, evaluate: the whole comparison, shared by the CLI and the benchmark."""
+    """Load, split, tune, evaluate: the whole comparison, shared by the CLI and the benchmark.
+
+    With `checkpoint`, the table so far is written there as JSON after each system, so a slow
+    system at the end (the raw encoder embeds the whole catalogue) cannot lose the others.
+    """
     eval_config = eval_config or EvalConfig()
     baseline_config = baseline_config or BaselineConfig()
     dataset = load_dataset(data_dir)
@@ -136,21 +141,6 @@ def run_evaluation(
         valid_days=valid_days,
         do_tune=eval_config.tune,
     )
-    results = []
-    for system in tqdm(built, desc="evaluating systems", unit="system"):
-        result = evaluate_system(
-            system,
-            split.train,
-            split.test,
-            dataset.items,
-            eval_config.ks,
-            eval_config.modes,
-            max_users=eval_config.max_users,
-            seed=eval_config.seed,
-        )
-        if system.name in tuning:
-            result["tuning"] = tuning[system.name]
-        results.append(result)
     protocol = {
         "data": str(data_dir),
         "cutoff": cutoff,
@@ -165,9 +155,26 @@ def run_evaluation(
         "tune_mode": eval_config.tune_mode,
         "seed": eval_config.seed,
     }
-    return EvaluationTable(
-        results=results, ks=tuple(sorted(eval_config.ks)), modes=tuple(eval_config.modes), protocol=protocol
+    table = EvaluationTable(
+        results=[], ks=tuple(sorted(eval_config.ks)), modes=tuple(eval_config.modes), protocol=protocol
     )
+    for system in tqdm(built, desc="evaluating systems", unit="system"):
+        result = evaluate_system(
+            system,
+            split.train,
+            split.test,
+            dataset.items,
+            eval_config.ks,
+            eval_config.modes,
+            max_users=eval_config.max_users,
+            seed=eval_config.seed,
+        )
+        if system.name in tuning:
+            result["tuning"] = tuning[system.name]
+        table.results.append(result)
+        if checkpoint is not None:
+            table.to_json(checkpoint)
+    return table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             test_days=args.test_days,
             valid_days=args.valid_days,
             eval_config=config,
+            checkpoint=args.out,
         )
     except (UsageError, DataValidationError, EvaluationError) as err:
         print(f"recsvc-eval: error: {err}", file=sys.stderr)
