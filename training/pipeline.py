@@ -260,6 +260,8 @@ class Budget:
     max_tokens: int
     eval_max_users: int | None
     finetune_validation: bool
+    ranker_max_train_users: int
+    ranker_search_trials: int
 
 
 def _min_optional(*values: int | None) -> int | None:
@@ -294,6 +296,12 @@ def plan_budget(cfg: TrainConfig, device: str) -> Budget:
         else cfg.text.max_tokens,
         eval_max_users=_min_optional(cfg.eval.max_users, p.cpu_eval_max_users if cpu else None),
         finetune_validation=p.cpu_finetune_validation if cpu else True,
+        ranker_max_train_users=_min_optional(
+            cfg.ranker.max_train_users, p.cpu_ranker_max_train_users if cpu else None
+        ),  # type: ignore[arg-type]
+        ranker_search_trials=_min_optional(
+            cfg.ranker.search_trials, p.cpu_ranker_search_trials if cpu else None
+        ),  # type: ignore[arg-type]
     )
 
 
@@ -304,6 +312,11 @@ def budgeted_config(cfg: TrainConfig, budget: Budget) -> TrainConfig:
         encoder=replace(cfg.encoder, max_steps=budget.max_finetune_steps),
         text=replace(cfg.text, max_tokens=budget.max_tokens),
         eval=replace(cfg.eval, max_users=budget.eval_max_users),
+        ranker=replace(
+            cfg.ranker,
+            max_train_users=budget.ranker_max_train_users,
+            search_trials=budget.ranker_search_trials,
+        ),
     )
 
 

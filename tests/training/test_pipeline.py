@@ -79,6 +79,8 @@ def test_cpu_budget_caps_steps_catalogue_tokens_and_eval_users() -> None:
     run_cfg = pipeline.budgeted_config(cfg, budget)
     assert run_cfg.encoder.max_steps == p.cpu_max_finetune_steps
     assert run_cfg.eval.max_users == p.cpu_eval_max_users
+    assert run_cfg.ranker.max_train_users == min(cfg.ranker.max_train_users, p.cpu_ranker_max_train_users)
+    assert run_cfg.ranker.search_trials == min(cfg.ranker.search_trials, p.cpu_ranker_search_trials)
 
 
 def test_cuda_budget_applies_only_the_general_caps() -> None:
@@ -89,6 +91,7 @@ def test_cuda_budget_applies_only_the_general_caps() -> None:
     assert budget.max_tokens == cfg.text.max_tokens
     assert budget.eval_max_users is None
     assert budget.finetune_validation
+    assert budget.ranker_max_train_users == cfg.ranker.max_train_users
 
 
 def test_changing_a_ranker_setting_invalidates_only_the_ranker_and_later_stages() -> None:
