@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -140,11 +141,14 @@ class Recommender:
         return self._clock
 
     def warm(self) -> None:
-        """Run every stage once (compiles the ranker fast path, touches index pages)."""
+        """Run every stage once (compiles/verifies the ranker fast path, touches index pages) and
+        load the query encoder, so the first real request does not pay for any of it."""
         users = self.bundle.history.users()
         reqs = [RecommendRequest(user_id=users[0] if users else "__warm__", k=5)]
         self.recommend_many(reqs)
         self.recommend_many(reqs, RankingPolicy(use_ranker=False))
+        if Path(self.bundle.encoder_dir).is_dir():
+            self._encode_query("warm up")
 
     def recommend(self, req: RecommendRequest, policy: RankingPolicy = RankingPolicy()) -> RecommendResult:
         return self.recommend_many([req], policy)[0]

@@ -1,7 +1,7 @@
 """Build a small but REAL serving bundle from synthetic data, for tests of the request path.
 
 Everything is the production code: catalogue, histories, item stats and co-occurrence from the
-interactions, a real FAISS ItemIndex, a real LightGBM lambdarank ranker trained on leak-free ranking
+interactions, a real FAISS ItemIndex, a real LightGBM lambdarank `Ranker` trained on leak-free ranking
 sets (training/train_ranker.py), a tiny random BERT as the query encoder. Only the item
 embeddings are synthetic (category centre + noise) so ANN results are meaningful without
 fine-tuning. Usage:
@@ -67,38 +67,25 @@ def build_index(emb: np.ndarray, config: TrainConfig) -> Any:
     return ItemIndex.build(emb, config.index)
 
 
-def train_small_ranker(features: np.ndarray, grades: np.ndarray, groups: np.ndarray, seed: int = 0) -> Any:
-    """recsvc.ranker.Ranker when it exists, else a real LightGBM lambdarank Booster."""
-    from recsvc.features import FEATURE_NAMES
+def train_small_ranker(
+    features: np.ndarray, grades: np.ndarray, groups: np.ndarray, fast_path: bool = False
+) -> Any:
+    """A real `recsvc.ranker.Ranker` (small LightGBM lambdarank).
 
-    try:
-        from recsvc.ranker import Ranker
-    except ImportError:
-        import lightgbm as lgb
-
-        params = {
-            "objective": "lambdarank",
-            "num_leaves": 7,
-            "min_data_in_leaf": 5,
-            "learning_rate": 0.1,
-            "verbose": -1,
-            "seed": seed,
-            "num_threads": 1,
-            "deterministic": True,
-        }
-        data = lgb.Dataset(features, grades, group=groups, feature_name=list(FEATURE_NAMES))
-        return lgb.train(params, data, num_boost_round=20)
-    return Ranker.train(
-        features, grades, groups, None, None, None, _small_ranker_config(), feature_names=list(FEATURE_NAMES)
-    )
-
-
-def _small_ranker_config() -> Any:
+    `fast_path=False` serves with stock `Booster.predict` so tests skip the lleaves compile; the
+    Ranker's own tests cover that the fast path gives the same scores.
+    """
     from recsvc.config import RankerConfig
+    from recsvc.features import FEATURE_NAMES
+    from recsvc.ranker import Ranker
 
-    return RankerConfig(
+    cfg = RankerConfig(
         num_leaves=7, min_data_in_leaf=5, num_boost_round=20, learning_rate=0.1, search_trials=1
     )
+    ranker = Ranker.train(features, grades, groups, None, None, None, cfg, feature_names=list(FEATURE_NAMES))
+    if not fast_path:
+        ranker.disable_fast_path()
+    return ranker
 
 
 def build_loaded_bundle(
@@ -107,6 +94,7 @@ def build_loaded_bundle(
     workdir: Path,
     config: TrainConfig | None = None,
     seed: int = 0,
+    fast_path: bool = False,
 ) -> Any:
     """A `recsvc.bundle.LoadedBundle` assembled in memory from real parts (see module doc)."""
     from recsvc.bundle import LoadedBundle
@@ -130,7 +118,7 @@ def build_loaded_bundle(
         cand_cfg=cfg.candidates,
         max_users=cfg.ranker.max_train_users,
     )
-    ranker = train_small_ranker(train.features, relevance_grades(train.labels), train.groups, seed)
+    ranker = train_small_ranker(train.features, relevance_grades(train.labels), train.groups, fast_path)
     state = state_at(interactions, catalog, end, cfg.candidates)
     encoder_dir = make_tiny_bert(Path(workdir) / "encoder", hidden=EMBED_DIM)
     return LoadedBundle(

@@ -293,3 +293,17 @@ def test_when_filters_bite_ann_is_searched_inside_the_allowed_set(bundle: Any) -
     assert len(result.items) == 5
     assert all(codes[cat.index[i]] == unseen[0] for i in _ids(result))
     assert all("ann" in i.sources for i in result.items)
+
+
+def test_a_bundle_published_and_loaded_from_disk_serves_the_same_items(
+    synth_loaded: Any, tmp_path: Path, rec: Recommender
+) -> None:
+    from recsvc import bundle as bundle_mod
+    from tests.helpers.bundle_builder import write_bundle
+
+    root = write_bundle(synth_loaded.interactions, synth_loaded.items, tmp_path / "bundles")
+    loaded = Recommender(bundle_mod.load(root))
+    loaded.warm()
+    for user in rec.bundle.history.users()[:5]:
+        req = RecommendRequest(user_id=user, k=8)
+        assert _ids(loaded.recommend(req)) == _ids(rec.recommend(req))
