@@ -38,6 +38,9 @@ FORMAT_VERSION = 1
 # Equality required of the fast path, relative to the scale of the probe's scores.
 FAST_PATH_RTOL = 1e-6
 PROBE_ROWS = 512
+# LightGBM's predictor drops |value| <= kZeroThreshold as an implicit zero before walking trees;
+# lleaves compares the raw value, so such values are zeroed first to keep scores identical.
+K_ZERO_THRESHOLD = float(np.float32(1e-35))  # LightGBM: `const double kZeroThreshold = 1e-35f`
 # lleaves cache-blocks trees in groups of this size (its default; see benchmarks/bench_ranker.py).
 FBLOCKSIZE = 34
 # Above this many rows a prediction is split over threads.
@@ -139,22 +142,48 @@ def _base_params(cfg: RankerConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------ fast path
 
 
+@dataclass(frozen=True)
+class Split:
+    """One split node as written in LightGBM's text model."""
+
+    feature: int
+    threshold: float
+    decision_type: int
+
+    @property
+    def missing_type(self) -> int:
+        """0 = None (NaN is treated as 0), 1 = Zero, 2 = NaN (LightGBM's MissingType)."""
+        return (self.decision_type >> 2) & 3
+
+
+def model_splits(model_text: str) -> list[Split]:
+    """Every split node of every tree, parsed from the text model (no pandas needed)."""
+    out: list[Split] = []
+    tree: dict[str, list[str]] = {}
+    for line in model_text.splitlines():
+        key, _, value = line.partition("=")
+        if key in ("split_feature", "threshold", "decision_type"):
+            tree[key] = value.split()
+        if len(tree) == 3:
+            out.extend(
+                Split(int(f), float(t), int(d))
+                for f, t, d in zip(tree["split_feature"], tree["threshold"], tree["decision_type"])
+            )
+            tree = {}
+    return out
+
+
 def threshold_probe(booster: lgb.Booster, n_rows: int = PROBE_ROWS, seed: int = 0) -> np.ndarray:
     """float32 rows whose values sit exactly on, just below and just above the model's split thresholds.
 
     Random data rarely lands on a threshold, so it would miss float32/float64 rounding bugs; this
-    probe also mixes in NaN and 0 so missing-value routing is compared too.
+    probe also mixes in NaN, 0 and +-1e-35 (LightGBM's zero threshold) so missing-value routing
+    and implicit zeros are compared too.
     """
     n_features = booster.num_feature()
     per_feature: list[list[float]] = [[] for _ in range(n_features)]
-    features: list[int] = []
-    for line in booster.model_to_string().splitlines():
-        if line.startswith("split_feature="):
-            features = [int(v) for v in line.split("=", 1)[1].split()]
-        elif line.startswith("threshold=") and features:
-            for f, t in zip(features, line.split("=", 1)[1].split()):
-                per_feature[f].append(float(t))
-            features = []
+    for split in model_splits(booster.model_to_string()):
+        per_feature[split.feature].append(split.threshold)
     rng = np.random.default_rng(seed)
     probe = rng.normal(size=(n_rows, n_features)).astype(np.float32)
     for f, thresholds in enumerate(per_feature):
@@ -170,7 +199,17 @@ def threshold_probe(booster: lgb.Booster, n_rows: int = PROBE_ROWS, seed: int = 
     special = rng.random(probe.shape)
     probe[special < 0.05] = np.nan
     probe[(special >= 0.05) & (special < 0.1)] = 0.0
+    probe[(special >= 0.1) & (special < 0.12)] = np.float32(K_ZERO_THRESHOLD)
+    probe[(special >= 0.12) & (special < 0.14)] = -np.float32(K_ZERO_THRESHOLD)
     return probe
+
+
+def compiled_predict(model: Any, x: np.ndarray, n_jobs: int = 1) -> np.ndarray:
+    """lleaves predict with LightGBM's input semantics: |value| <= kZeroThreshold is an exact zero
+    (LightGBM drops such values before walking trees; lleaves would compare them raw)."""
+    rows = np.array(x, dtype=np.float64, order="C")
+    rows[np.abs(rows) <= K_ZERO_THRESHOLD] = 0.0
+    return model.predict(rows, n_jobs=n_jobs)
 
 
 def _cache_key(model_text: str, options: dict[str, Any]) -> str:
@@ -244,7 +283,7 @@ def build_fast_path(booster: lgb.Booster, cache_dir: Path | None) -> FastPath:
     seconds = time.perf_counter() - start
     probe = threshold_probe(booster)
     stock = booster.predict(probe, num_threads=1)
-    fast = model.predict(np.ascontiguousarray(probe, dtype=np.float64), n_jobs=1)
+    fast = compiled_predict(model, probe)
     diff = float(np.max(np.abs(stock - fast)))
     scale = max(1.0, float(np.max(np.abs(stock))))
     if not diff <= FAST_PATH_RTOL * scale:
@@ -401,7 +440,7 @@ class Ranker:
         fast = self.fast_path
         if fast.enabled:
             n_jobs = 1 if len(x) < PARALLEL_MIN_ROWS else min(8, os.cpu_count() or 1)
-            return fast.model.predict(np.ascontiguousarray(x, dtype=np.float64), n_jobs=n_jobs)
+            return compiled_predict(fast.model, x, n_jobs)
         return self.predict_stock(x)
 
     def predict_stock(self, X: Any) -> np.ndarray:

@@ -207,3 +207,32 @@ def test_group_sizes_must_cover_all_rows() -> None:
     x, y, g = ranking_set(5, 10, seed=9)
     with pytest.raises(RankerInputError, match="sum to the 50 rows"):
         Ranker.train(x, y, g[:-1], None, None, None, CFG, feature_names=NAMES)
+
+
+def test_values_within_lightgbm_zero_threshold_score_like_zero_on_fast_path(tmp_path: Path) -> None:
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(2000, len(NAMES))).astype(np.float32)
+    x[:, SIGNAL] = rng.integers(-1, 2, len(x))  # -1 / 0 / +1: LightGBM splits at +-1e-35 around zero
+    y = (x[:, SIGNAL] == 0).astype(np.int32) + (x[:, SIGNAL] > 0)
+    ranker = Ranker.train(x, y, np.full(100, 20), None, None, None, CFG, feature_names=NAMES)
+    lines = ranker.booster.model_to_string().splitlines()
+    thresholds = [float(t) for line in lines if line.startswith("threshold=") for t in line[10:].split()]
+    assert any(abs(t) < 1e-30 for t in thresholds)
+    rows = np.repeat(x[:8], 4, axis=0)
+    rows[:, SIGNAL] = np.tile(np.float32([1e-35, -1e-35, 1e-36, 0.0]), 8)
+    assert ranker.enable_fast_path(tmp_path).enabled
+    np.testing.assert_allclose(ranker.predict(rows), ranker.predict_stock(rows), rtol=0, atol=1e-9)
+
+
+def test_nan_in_column_trained_without_missing_values_routes_as_zero_on_fast_path(tmp_path: Path) -> None:
+    x, y, g = ranking_set(60, 20, seed=11)
+    x = np.nan_to_num(x, nan=0.5)  # no NaN in training: LightGBM routes NaN as 0 at predict time
+    ranker = Ranker.train(x, y, g, None, None, None, CFG, feature_names=NAMES)
+    rows = x[:40].copy()
+    rows[::2, SIGNAL] = np.nan
+    rows[1::4, 0] = np.nan
+    assert ranker.enable_fast_path(tmp_path).enabled
+    np.testing.assert_allclose(ranker.predict(rows), ranker.predict_stock(rows), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        ranker.predict(rows), ranker.predict_stock(np.nan_to_num(rows, nan=0.0)), atol=1e-9
+    )
