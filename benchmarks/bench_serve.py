@@ -1,0 +1,456 @@
+"""Serving benchmark: Recommend vs the gRPC floor (Echo) at 10k / 100k / 1M synthetic items.
+
+For each catalogue size a server process builds an in-memory bundle from REAL parts (Catalog,
+ItemIndex (FAISS; HNSW above `IndexConfig.exact_max_items`), LightGBM Ranker trained on random
+features, histories / item stats / co-occurrence from synthetic interactions) with random unit
+item embeddings, and serves it with the real `RecsvcServer` on loopback. This process drives it
+with a grpc.aio client:
+
+1. Echo (same request, same-sized response, no compute) with N requests in flight -> floor rps;
+2. Recommend with N in flight -> max rps; ratio = Recommend rps / Echo rps (target >= 0.35);
+3. Recommend open-loop at half that max rate -> p50 / p99 latency (target p99 <= 10 ms);
+4. per-stage breakdown from the server's own `timings_ms` in the responses.
+
+Everything is bounded: each phase runs `--seconds` or `--max-requests`, whichever comes first.
+Loopback only; the numbers depend on the machine (and on its other users).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+log = logging.getLogger("bench_serve")
+
+DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
+VERSION = "20250101T000000Z"
+N_CATEGORIES = 60
+
+
+# ----------------------------------------------------------------------------- server side
+
+
+def synthetic_bundle(n_items: int, dim: int, n_users: int, candidates: int, seed: int, workdir: Path) -> Any:
+    """A LoadedBundle of real serving parts over a random catalogue (see module docstring)."""
+    import polars as pl
+
+    from recsvc.bundle import LoadedBundle
+    from recsvc.catalog import Catalog
+    from recsvc.config import DAY, CandidateConfig, IndexConfig, RankerConfig, TrainConfig
+    from recsvc.features import FEATURE_NAMES
+    from recsvc.ranker import Ranker
+    from recsvc.retrieval import ItemIndex
+    from recsvc.user_tower import TowerParams
+    from training.train_ranker import state_at
+
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    item_ids = [f"i{i:07d}" for i in range(n_items)]
+    items = pl.DataFrame(
+        {
+            "item_id": item_ids,
+            "title": [f"item {i}" for i in range(n_items)],
+            "category": [f"c{i % N_CATEGORIES}" for i in range(n_items)],
+        }
+    )
+    catalog = Catalog.from_items(items, ("category",))
+    emb = rng.standard_normal((n_items, dim), dtype=np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    # ann + repeat + popular + co-occurrence proposals, capped at `candidates` (the rerank size).
+    cand_cfg = CandidateConfig(
+        ann=candidates, repeat=50, popular=50, cooccurrence=100, max_candidates=candidates
+    )
+    index_cfg = IndexConfig(hnsw_m=16, hnsw_ef_construction=40, hnsw_ef_search=96, use_gpu="never")
+    cfg = TrainConfig(candidates=cand_cfg, index=index_cfg)
+    index = ItemIndex.build(emb, index_cfg)
+    log.info("index over %d items built in %.1f s", n_items, time.perf_counter() - t0)
+
+    # Interactions: Zipf-like item popularity, 20 events per user over two weeks.
+    end = 1_735_689_600
+    n_events = n_users * 20
+    popularity = rng.zipf(1.3, size=n_events) % n_items
+    users = np.repeat(np.arange(n_users), 20)
+    interactions = pl.DataFrame(
+        {
+            "user_id": [f"u{u}" for u in users],
+            "item_id": [item_ids[i] for i in popularity],
+            "timestamp": np.sort(rng.integers(end - 14 * DAY, end, size=n_events)).astype(np.int64),
+            "weight": rng.choice(np.array([1.0, 2.0, 8.0], dtype=np.float32), size=n_events),
+        }
+    )
+    state = state_at(interactions, catalog, end, cand_cfg)
+
+    history_len = cfg.encoder.history_len
+    tower = TowerParams(
+        query=np.zeros(dim, np.float32),
+        age_coef=np.zeros((), np.float32),
+        weight_coef=np.zeros((), np.float32),
+        position_bias=np.zeros(history_len, np.float32),
+        linear=np.zeros((dim, dim), np.float32),
+        bias=np.zeros(dim, np.float32),
+    )
+    # A production-sized ranker (default RankerConfig: 63 leaves, up to 300 trees) on random data.
+    groups = np.full(400, 50)
+    features = rng.standard_normal((int(groups.sum()), len(FEATURE_NAMES))).astype(np.float32)
+    grades = rng.integers(0, 3, size=len(features))
+    ranker = Ranker.train(
+        features,
+        grades,
+        groups,
+        None,
+        None,
+        None,
+        replace(RankerConfig(), min_data_in_leaf=5),
+        feature_names=list(FEATURE_NAMES),
+    )
+    log.info("bundle with %d items ready in %.1f s", n_items, time.perf_counter() - t0)
+    return LoadedBundle(
+        path=workdir,
+        version=VERSION,
+        manifest={"data_end_ts": end, "metrics": {}, "created_at": "synthetic"},
+        config=cfg,
+        catalog=catalog,
+        item_embeddings=emb,
+        index=index,
+        tower=tower,
+        ranker=ranker,
+        history=state.history,
+        item_stats=state.stats,
+        cooccurrence=state.cooc,
+        encoder_dir=workdir / "no-encoder",
+        data_end_ts=end,
+    )
+
+
+def run_server_child(args: argparse.Namespace) -> int:
+    """Child process: build the bundle, serve it, print READY <port>, run until stdin closes."""
+    from recsvc.config import ServeConfig
+    from recsvc.model_manager import LoadedModel
+    from recsvc.recommender import Recommender
+    from recsvc.server import RecsvcServer
+
+    workdir = Path(args.workdir)
+    root = workdir / "bundles"
+    (root / VERSION).mkdir(parents=True, exist_ok=True)
+    (root / VERSION / "manifest.json").write_text("{}", encoding="utf-8")
+    (root / "CURRENT").write_text(VERSION, encoding="utf-8")
+    bundle = synthetic_bundle(args.items, args.dim, args.users, args.candidates, args.seed, workdir)
+
+    def loader(_path: Path) -> LoadedModel:
+        return LoadedModel(
+            VERSION, bundle, Recommender(bundle), frozenset({"view", "click", "purchase"}), time.time()
+        )
+
+    config = ServeConfig(
+        bundles=str(root),
+        port=0,
+        metrics_port=0,
+        events_db=str(workdir / "events.sqlite"),
+        workers=args.workers,
+        max_in_flight=max(64, args.concurrency * 4),
+        reload_poll_s=3600,
+    )
+
+    async def serve() -> None:
+        server = RecsvcServer(config, loader=loader)
+        await server.start()
+        print(f"READY {server.port}", flush=True)
+        await asyncio.to_thread(sys.stdin.read)  # parent closes stdin to stop us
+        await server.stop(grace=1.0)
+
+    asyncio.run(serve())
+    return 0
+
+
+# ----------------------------------------------------------------------------- client side
+
+
+@dataclass
+class Phase:
+    name: str
+    completed: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    stage_ms: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def rps(self) -> float:
+        return self.completed / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+
+def _requests(n_users: int, k: int, n: int, seed: int) -> list[Any]:
+    from recsvc.client import recommend_request
+
+    rng = np.random.default_rng(seed)
+    # 90% known users (personalised path), 10% unknown (popularity fallback).
+    ids = [f"u{u}" if rng.random() < 0.9 else f"new{u}" for u in rng.integers(0, n_users, size=n)]
+    return [recommend_request(user, k) for user in ids]
+
+
+async def closed_loop(
+    method: Any, reqs: list[Any], concurrency: int, seconds: float, max_requests: int, name: str
+) -> Phase:
+    """`concurrency` requests always in flight; as fast as the server answers."""
+    phase = Phase(name)
+    stop_at = time.perf_counter() + seconds
+    counter = iter(range(max_requests))
+
+    async def worker() -> None:
+        for i in counter:
+            if time.perf_counter() >= stop_at:
+                return
+            t = time.perf_counter()
+            try:
+                resp = await method(reqs[i % len(reqs)], timeout=10)
+            except Exception:
+                phase.errors += 1
+                continue
+            phase.latencies_ms.append((time.perf_counter() - t) * 1000.0)
+            phase.completed += 1
+            for stage, ms in resp.timings_ms.items():
+                phase.stage_ms.setdefault(stage, []).append(ms)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    phase.seconds = time.perf_counter() - start
+    return phase
+
+
+async def open_loop(
+    method: Any, reqs: list[Any], rate: float, seconds: float, max_requests: int, name: str
+) -> Phase:
+    """Requests sent on a fixed schedule at `rate`/s regardless of answers (no coordinated omission)."""
+    phase = Phase(name)
+    n = max(1, min(max_requests, int(rate * seconds)))
+    interval = 1.0 / rate
+    start = time.perf_counter()
+
+    async def one(i: int, scheduled: float) -> None:
+        try:
+            resp = await method(reqs[i % len(reqs)], timeout=10)
+        except Exception:
+            phase.errors += 1
+            return
+        phase.latencies_ms.append((time.perf_counter() - scheduled) * 1000.0)
+        phase.completed += 1
+        for stage, ms in resp.timings_ms.items():
+            phase.stage_ms.setdefault(stage, []).append(ms)
+
+    tasks = []
+    for i in range(n):
+        scheduled = start + i * interval
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, scheduled)))
+    await asyncio.gather(*tasks)
+    phase.seconds = time.perf_counter() - start
+    return phase
+
+
+async def drive(port: int, args: argparse.Namespace, with_echo: bool) -> dict[str, Phase]:
+    import grpc
+
+    from recsvc.v1 import recommender_pb2_grpc as pb_grpc
+
+    reqs = _requests(args.users, args.k, 5_000, args.seed)
+    out: dict[str, Phase] = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.RecommenderStub(channel)
+        await closed_loop(stub.Recommend, reqs, args.concurrency, 1.0, 200, "warm-up")
+        if with_echo:
+            await closed_loop(stub.Echo, reqs, args.concurrency, 0.5, 500, "warm-up")
+            out["echo"] = await closed_loop(
+                stub.Echo, reqs, args.concurrency, args.seconds, args.max_requests, "echo"
+            )
+        rec = await closed_loop(
+            stub.Recommend, reqs, args.concurrency, args.seconds, args.max_requests, "recommend"
+        )
+        out["recommend"] = rec
+        rate = max(rec.rps / 2.0, 1.0)
+        out["half_load"] = await open_loop(
+            stub.Recommend, reqs, rate, args.seconds, args.max_requests, "half-load"
+        )
+    return out
+
+
+def start_child(n_items: int, args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen[str], int]:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--serve-child",
+        "--items", str(n_items),
+        "--dim", str(args.dim),
+        "--users", str(args.users),
+        "--candidates", str(args.candidates),
+        "--workers", str(args.workers),
+        "--concurrency", str(args.concurrency),
+        "--seed", str(args.seed),
+        "--workdir", str(workdir),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + args.build_timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"server for {n_items} items exited with code {proc.wait()} before READY")
+        if line.startswith("READY "):
+            return proc, int(line.split()[1])
+    proc.kill()
+    raise TimeoutError(f"server for {n_items} items not ready after {args.build_timeout} s")
+
+
+def stop_child(proc: subprocess.Popen[str]) -> None:
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def stage_table(phase: Phase) -> dict[str, dict[str, float]]:
+    return {
+        stage: {
+            "mean_ms": float(np.mean(v)),
+            "p50_ms": float(np.percentile(v, 50)),
+            "p99_ms": float(np.percentile(v, 99)),
+        }
+        for stage, v in sorted(phase.stage_ms.items())
+    }
+
+
+def summarise(n_items: int, echo: Phase, phases: dict[str, Phase]) -> dict[str, Any]:
+    rec, half = phases["recommend"], phases["half_load"]
+    return {
+        "items": n_items,
+        "echo_rps": round(echo.rps, 1),
+        "recommend_rps": round(rec.rps, 1),
+        "ratio_vs_echo": round(rec.rps / echo.rps, 3) if echo.rps else None,
+        "half_load_rate_rps": round(half.completed / half.seconds, 1) if half.seconds else 0.0,
+        "half_load_p50_ms": round(half.pct(50), 2),
+        "half_load_p99_ms": round(half.pct(99), 2),
+        "saturated_p50_ms": round(rec.pct(50), 2),
+        "saturated_p99_ms": round(rec.pct(99), 2),
+        "errors": rec.errors + half.errors,
+        "stages_at_half_load": stage_table(half),
+    }
+
+
+def print_report(echo: Phase, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print(
+        f"\nserving benchmark: loopback, {args.concurrency} in flight, k={args.k}, {args.candidates} candidates, "
+        f"dim={args.dim}, {args.workers} workers, cpus={os.cpu_count()} (shared machine: numbers are indicative)"
+    )
+    print(f"Echo (gRPC floor): {echo.rps:.0f} rps, p50 {echo.pct(50):.2f} ms, p99 {echo.pct(99):.2f} ms")
+    print(f"{'items':>9} {'rec rps':>8} {'ratio':>6} {'p50@half':>9} {'p99@half':>9} {'target':>14}")
+    for r in rows:
+        ok = (r["ratio_vs_echo"] or 0) >= 0.35 and r["half_load_p99_ms"] <= 10.0
+        print(
+            f"{r['items']:>9} {r['recommend_rps']:>8.0f} {r['ratio_vs_echo']:>6.2f} {r['half_load_p50_ms']:>8.2f}ms "
+            f"{r['half_load_p99_ms']:>8.2f}ms {'met' if ok else 'MISSED':>14}"
+        )
+    for r in rows:
+        stages = ", ".join(f"{s} {v['mean_ms']:.2f}" for s, v in r["stages_at_half_load"].items())
+        print(f"  stages (mean ms) @ {r['items']} items: {stages}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="catalogue sizes to serve"
+    )
+    p.add_argument("--seconds", type=float, default=4.0, help="duration of each measured phase (default 4)")
+    p.add_argument(
+        "--max-requests", type=int, default=20_000, help="cap on requests per phase (default 20000)"
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=16, help="requests in flight in closed-loop phases (default 16)"
+    )
+    p.add_argument("--k", type=int, default=12, help="results per request (default 12)")
+    p.add_argument(
+        "--candidates", type=int, default=500, help="candidates reranked per request (default 500)"
+    )
+    p.add_argument(
+        "--dim", type=int, default=64, help="embedding dimension of the synthetic catalogue (default 64)"
+    )
+    p.add_argument(
+        "--users", type=int, default=20_000, help="synthetic users with 20 events each (default 20000)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=4, help="server worker threads (ServeConfig.workers; default 4)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument(
+        "--build-timeout", type=float, default=900.0, help="seconds allowed to build one catalogue"
+    )
+    p.add_argument("--out", default="bench-out/serve.json", help="where to write the JSON results")
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    p.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--items", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    if args.serve_child:
+        logging.getLogger("recsvc.access").setLevel(logging.WARNING)
+        return run_server_child(args)
+    import tempfile
+
+    rows: list[dict[str, Any]] = []
+    echo: Phase | None = None
+    for n_items in args.sizes:
+        with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+            log.info("building and serving a %d-item catalogue", n_items)
+            proc, port = start_child(n_items, args, Path(tmp))
+            try:
+                phases = asyncio.run(drive(port, args, with_echo=echo is None))
+            finally:
+                stop_child(proc)
+        echo = phases.get("echo", echo)
+        assert echo is not None
+        rows.append(summarise(n_items, echo, phases))
+        log.info(
+            "%d items: %s",
+            n_items,
+            json.dumps({k: v for k, v in rows[-1].items() if k != "stages_at_half_load"}),
+        )
+    assert echo is not None
+    print_report(echo, rows, args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "echo": {"rps": echo.rps, "p50_ms": echo.pct(50), "p99_ms": echo.pct(99)},
+        "sizes": rows,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("serve_child", "items", "workdir")},
+        "cpus": os.cpu_count(),
+    }
+    out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
