@@ -17,6 +17,8 @@ Protocol
 * Metrics per K (training/metrics.py): recall, precision, NDCG, MAP (AP normalised by
   min(|held-out|, K)), hit rate, catalogue coverage, cold-start recall (held-out items with no
   train interaction at all), and the share of list slots taken by items the user already had.
+  Each mode also reports the same metrics over known users alone (users with train history),
+  since new users can only get what the system does for strangers.
 * Wall time: seconds spent in ``fit`` plus all ``recommend`` calls.
 """
 
@@ -51,6 +53,7 @@ from training.metrics import (
 log = logging.getLogger(__name__)
 
 MODES = ("all", "novel")
+SEGMENTS = ("all_users", "known_users")
 
 
 class EvaluationError(ValueError):
@@ -131,6 +134,7 @@ def _mode_metrics(
     ks: tuple[int, ...],
     n_items: int,
 ) -> dict[str, float]:
+    """Every metric at every K, averaged over the rows of `recs` (each row has a held-out item)."""
     keys = relevance_keys(rows, items, n_items)
     hits = hits_from_indices(recs, keys, n_items)
     n_relevant = np.bincount(keys // n_items, minlength=recs.shape[0])
@@ -165,7 +169,8 @@ def evaluate_system(
     """Fit `system` on `train` and score its top-max(ks) lists against `test` (protocol above).
 
     Returns {"system", "params", "fit_s", "recommend_s", "wall_s", "users", "modes": {mode:
-    {"users", "known_users", "new_users", "recommend_s", "metrics": {"recall@12": ..., ...}}}}.
+    {"users", "known_users", "new_users", "recommend_s", "metrics": {"recall@12": ..., ...},
+    "known_user_metrics": {...}}}}` (the last absent when no evaluated user has train history).
     `fit=False` evaluates an already fitted system (fit_s is then 0).
     """
     ks, modes = _check_args(ks, modes)
@@ -218,24 +223,32 @@ def evaluate_system(
         rows_frame = pl.DataFrame({"user_id": pl.Series(mode_users, dtype=pl.Utf8)}).with_row_index("row")
         relevant = held_out.join(rows_frame, on="user_id")
         seen = train_pairs.join(rows_frame, on="user_id")
-        seen_keys = relevance_keys(seen["row"].to_numpy(), seen["item_idx"].to_numpy(), n_items)
-        metrics = _mode_metrics(
-            recs,
-            relevant["row"].to_numpy(),
-            relevant["item_idx"].to_numpy(),
-            seen_keys,
-            cold,
-            ks,
-            n_items,
-        )
-        n_known = sum(u in known_users for u in mode_users)
-        result["modes"][mode] = {
+        rel_rows, rel_items = relevant["row"].to_numpy(), relevant["item_idx"].to_numpy()
+        seen_rows, seen_items = seen["row"].to_numpy(), seen["item_idx"].to_numpy()
+        seen_keys = relevance_keys(seen_rows, seen_items, n_items)
+        metrics = _mode_metrics(recs, rel_rows, rel_items, seen_keys, cold, ks, n_items)
+        known = np.fromiter((u in known_users for u in mode_users), dtype=bool, count=len(mode_users))
+        entry: dict[str, Any] = {
             "users": len(mode_users),
-            "known_users": n_known,
-            "new_users": len(mode_users) - n_known,
+            "known_users": int(known.sum()),
+            "new_users": int((~known).sum()),
             "recommend_s": recommend_s,
             "metrics": metrics,
         }
+        if known.any():
+            # Users with train history: where personalisation can show (new users get popularity).
+            new_row = np.cumsum(known) - 1
+            keep_rel, keep_seen = known[rel_rows], known[seen_rows]
+            entry["known_user_metrics"] = _mode_metrics(
+                recs[known],
+                new_row[rel_rows[keep_rel]],
+                rel_items[keep_rel],
+                relevance_keys(new_row[seen_rows[keep_seen]], seen_items[keep_seen], n_items),
+                cold,
+                ks,
+                n_items,
+            )
+        result["modes"][mode] = entry
         log.info(
             "%s [%s] users=%d map@%d=%.4f recall@%d=%.4f (recommend %.1fs)",
             system.name,
@@ -269,29 +282,38 @@ class EvaluationTable:
         cols += [f"coverage@{first}", f"cold_recall@{last}", f"repeat_share@{first}"]
         return cols
 
-    def rows(self) -> list[list[str]]:
-        """One row per (system, mode): names, users, headline metrics, wall seconds."""
+    def rows(self, segment: str = "all_users") -> list[list[str]]:
+        """One row per (system, mode): names, users, headline metrics, wall seconds.
+
+        `segment`: "all_users" (every evaluated user) or "known_users" (users with train history).
+        """
+        if segment not in SEGMENTS:
+            raise ValueError(f"unknown segment {segment!r}; choose from {', '.join(SEGMENTS)}")
         out = []
         for result in self.results:
             for mode in self.modes:
                 entry = result["modes"].get(mode)
                 if entry is None:
                     continue
-                values = [_fmt(entry["metrics"].get(c, float("nan"))) for c in self.columns()]
-                out.append([result["system"], mode, str(entry["users"]), *values, f"{result['wall_s']:.2f}"])
+                metrics = entry["metrics"] if segment == "all_users" else entry.get("known_user_metrics")
+                if metrics is None:
+                    continue
+                users = entry["users"] if segment == "all_users" else entry["known_users"]
+                values = [_fmt(metrics.get(c, float("nan"))) for c in self.columns()]
+                out.append([result["system"], mode, str(users), *values, f"{result['wall_s']:.2f}"])
         return out
 
     def header(self) -> list[str]:
         return ["system", "mode", "users", *self.columns(), "wall_s"]
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, segment: str = "all_users") -> str:
         header = self.header()
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows(segment)]
         return "\n".join(lines)
 
-    def to_console(self) -> str:
-        header, rows = self.header(), self.rows()
+    def to_console(self, segment: str = "all_users") -> str:
+        header, rows = self.header(), self.rows(segment)
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
         rule = "-" * (sum(widths) + 2 * (len(widths) - 1))

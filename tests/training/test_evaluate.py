@@ -79,6 +79,17 @@ def test_all_mode_counts_repurchases_and_novel_mode_excludes_seen_items() -> Non
     assert system.calls == [(["u1", "u2", "u3"], 2, False), (["u1", "u3"], 2, True)]
 
 
+def test_known_user_metrics_leave_out_users_without_train_history() -> None:
+    system = FixedLists({"u1": ["a", "e"], "u2": ["e", "c"], "u3": ["d", "e"]}, {"u1": ["b"], "u3": ["d"]})
+    result = evaluate_system(system, TRAIN, TEST, ITEMS, ks=(1,))
+    # all mode, known users u1 (top-1 "a" of {a, b} -> 0.5) and u2 (top-1 "e" misses -> 0); u3 is new.
+    assert result["modes"]["all"]["known_user_metrics"]["recall@1"] == pytest.approx(0.25)
+    # Over everyone u3's hit counts too: (0.5 + 0 + 1) / 3.
+    assert result["modes"]["all"]["metrics"]["recall@1"] == pytest.approx(0.5)
+    # novel mode: u1 is the only known user with a novel item; "b" at rank 1.
+    assert result["modes"]["novel"]["known_user_metrics"]["recall@1"] == pytest.approx(1.0)
+
+
 def test_new_users_are_evaluated_and_counted() -> None:
     system = FixedLists({"u1": ["a"], "u2": ["c"], "u3": ["d"]}, {"u1": ["b"], "u3": ["d"]})
     result = evaluate_system(system, TRAIN, TEST, ITEMS, ks=(1,), modes=("all",))
@@ -158,6 +169,9 @@ def test_evaluation_table_writes_json_markdown_and_console(tmp_path: Path) -> No
     console = table.to_console().splitlines()
     assert console[0].split()[:3] == ["system", "mode", "users"]
     assert console[2].split()[:2] == ["popularity", "all"]
+    # Known users only: u1 and u2 in all mode (u3 is new) -> user column 2.
+    known = table.to_console("known_users").splitlines()
+    assert known[2].split()[:3] == ["popularity", "all", "2"]
 
 
 def test_json_writes_nan_as_null(tmp_path: Path) -> None:
