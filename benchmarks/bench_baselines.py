@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from recsvc.config import EvalConfig  # noqa: E402
-from training.eval_cli import parse_systems, run_evaluation  # noqa: E402
+from training.eval_cli import parse_systems, report_markdown, report_text, run_evaluation  # noqa: E402
 
 DEFAULT_DATA = REPO / ".." / "shared" / "data" / "hm_fashion_lastweek"
 DEFAULT_OUT = REPO / "bench-out" / "baselines.json"
@@ -86,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     total = time.perf_counter() - started
     print()
-    print(table.to_console())
+    print(report_text(table))
     print("\nwall time per system (s): tune / fit / recommend (all modes)")
     for result in table.results:
         tune_s = result.get("tuning", {}).get("seconds", 0.0)
         print(f"  {result['system']:12s} {tune_s:7.1f} {result['fit_s']:7.1f} {result['recommend_s']:7.1f}")
     print(f"total {total:.1f} s (shared machine: timings are noisy)")
     path = table.to_json(args.out)
-    path.with_suffix(".md").write_text(table.to_markdown() + "\n")
+    path.with_suffix(".md").write_text(report_markdown(table))
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0
 

@@ -257,6 +257,8 @@ class BaselineConfig:
     """Default hyper-parameters of the comparison baselines (training/baselines.py).
 
     `grids` lists what `tune` tries on the validation window (train split by time), never on test.
+    recsvc-eval tunes the "popularity" grid first and shares the window with every system (it is
+    their fill), then each system's own grid.
     """
 
     popularity_window_days: float = 7.0  # recent-popularity window; also the fill for every baseline
@@ -274,7 +276,7 @@ class BaselineConfig:
     grids: dict[str, dict[str, list[Any]]] = field(
         default_factory=lambda: {
             "popularity": {"popularity_window_days": [1.0, 3.0, 7.0]},
-            "repeat_pop": {"repeat_half_life_days": [1.0, 7.0], "popularity_window_days": [1.0, 7.0]},
+            "repeat_pop": {"repeat_half_life_days": [1.0, 7.0]},
             "itemknn": {"neighbours": [20, 100], "history_half_life_days": [1.0, 7.0]},
             "als": {"factors": [32, 64], "regularization": [0.01, 0.1]},
         }

@@ -8,6 +8,7 @@ under the protocol of training/evaluate.py, prints a table and writes the JSON r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import sys
@@ -45,7 +46,7 @@ def parse_systems(text: str) -> list[str]:
     return names
 
 
-def load_raw_encoder() -> CandidateGenerator | None:
+def load_raw_encoder(popularity_window_days: float) -> CandidateGenerator | None:
     """The untuned BERT retrieval baseline, when training/text_baseline.py is available."""
     try:
         from training.text_baseline import EncoderRetrieval
@@ -54,7 +55,40 @@ def load_raw_encoder() -> CandidateGenerator | None:
             "raw_encoder skipped: training.text_baseline.EncoderRetrieval is not importable (%s)", err
         )
         return None
-    return EncoderRetrieval(name=RAW_ENCODER)
+    return EncoderRetrieval(name=RAW_ENCODER, popularity_window_days=popularity_window_days)
+
+
+def _tune_record(
+    name: str,
+    config: BaselineConfig,
+    grid: dict[str, list[Any]],
+    train: Any,
+    items: Any,
+    eval_config: EvalConfig,
+    valid_days: float,
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    result = tune(
+        functools.partial(make_baseline, name, config),
+        grid,
+        train,
+        items,
+        valid_days,
+        metric=eval_config.tune_metric,
+        mode=eval_config.tune_mode,
+        max_users=eval_config.tune_max_users,
+        seed=eval_config.seed,
+    )
+    log.info("%s tuned on validation: %s (%s=%.4f)", name, result.params, result.metric, result.score)
+    return {
+        "params": result.params,
+        "metric": result.metric,
+        "mode": result.mode,
+        "score": result.score,
+        "cutoff": result.cutoff,
+        "trials": [{"params": p, "score": s} for p, s in result.trials],
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def build_systems(
@@ -67,41 +101,30 @@ def build_systems(
     valid_days: float,
     do_tune: bool,
 ) -> tuple[list[CandidateGenerator], dict[str, Any]]:
-    """Instantiate each named system, tuned on the validation window when `do_tune`."""
+    """Instantiate each named system, tuned on the validation window when `do_tune`.
+
+    The popularity window is tuned first and shared by every system, because popularity fills
+    every list and is all that new users get: comparing systems with different fills would
+    measure the fill, not the method.
+    """
     systems: list[CandidateGenerator] = []
     tuning: dict[str, Any] = {}
+    pop_grid = baseline_config.grids.get("popularity", {})
+    if do_tune and pop_grid:
+        tuning["popularity"] = _tune_record(
+            "popularity", baseline_config, pop_grid, train, items, eval_config, valid_days
+        )
+        baseline_config = dataclasses.replace(baseline_config, **tuning["popularity"]["params"])
     for name in names:
         if name == RAW_ENCODER:
-            system = load_raw_encoder()
+            system = load_raw_encoder(baseline_config.popularity_window_days)
             if system is not None:
                 systems.append(system)
             continue
         grid = baseline_config.grids.get(name, {})
-        params: dict[str, Any] = {}
-        if do_tune and grid:
-            started = time.perf_counter()
-            result = tune(
-                functools.partial(make_baseline, name, baseline_config),
-                grid,
-                train,
-                items,
-                valid_days,
-                metric=eval_config.tune_metric,
-                mode=eval_config.tune_mode,
-                max_users=eval_config.tune_max_users,
-                seed=eval_config.seed,
-            )
-            params = result.params
-            tuning[name] = {
-                "params": result.params,
-                "metric": result.metric,
-                "mode": result.mode,
-                "score": result.score,
-                "cutoff": result.cutoff,
-                "trials": [{"params": p, "score": s} for p, s in result.trials],
-                "seconds": time.perf_counter() - started,
-            }
-            log.info("%s tuned on validation: %s (%s=%.4f)", name, params, result.metric, result.score)
+        if do_tune and grid and name != "popularity":
+            tuning[name] = _tune_record(name, baseline_config, grid, train, items, eval_config, valid_days)
+        params = tuning[name]["params"] if name in tuning else {}
         systems.append(make_baseline(name, baseline_config, **params))
     return systems, tuning
 
@@ -154,6 +177,7 @@ def run_evaluation(
         "tune_metric": eval_config.tune_metric,
         "tune_mode": eval_config.tune_mode,
         "seed": eval_config.seed,
+        "tuning": tuning,
     }
     table = EvaluationTable(
         results=[], ks=tuple(sorted(eval_config.ks)), modes=tuple(eval_config.modes), protocol=protocol
@@ -175,6 +199,26 @@ def run_evaluation(
         if checkpoint is not None:
             table.to_json(checkpoint)
     return table
+
+
+def report_text(table: EvaluationTable) -> str:
+    """Console report: every test user, then known users only (new users can only get popularity)."""
+    return (
+        "all test users\n"
+        + table.to_console()
+        + "\n\nknown users (with train history)\n"
+        + table.to_console("known_users")
+    )
+
+
+def report_markdown(table: EvaluationTable) -> str:
+    return (
+        "### All test users\n\n"
+        + table.to_markdown()
+        + "\n\n### Known users (with train history)\n\n"
+        + table.to_markdown("known_users")
+        + "\n"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,11 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, DataValidationError, EvaluationError) as err:
         print(f"recsvc-eval: error: {err}", file=sys.stderr)
         return 2
-    print(table.to_console())
+    print(report_text(table))
     path = table.to_json(args.out)
     log.info("wrote %s", path)
     if args.markdown:
-        Path(args.markdown).write_text(table.to_markdown() + "\n")
+        Path(args.markdown).write_text(report_markdown(table))
         log.info("wrote %s", args.markdown)
     return 0
 

@@ -30,9 +30,11 @@ def test_cli_prints_a_table_and_writes_json(synth_dataset: Path, tmp_path: Path,
         ]
     )
     assert code == 0
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[0].split()[:4] == ["system", "mode", "users", "map@10"]
-    assert [line.split()[:2] for line in printed[2:]] == [
+    printed = capsys.readouterr().out.split("\n\n")
+    everyone, known = printed[0].splitlines(), printed[1].splitlines()
+    assert everyone[0] == "all test users" and known[0] == "known users (with train history)"
+    assert everyone[1].split()[:4] == ["system", "mode", "users", "map@10"]
+    assert [line.split()[:2] for line in everyone[3:]] == [
         ["popularity", "all"],
         ["popularity", "novel"],
         ["itemknn", "all"],
@@ -42,7 +44,8 @@ def test_cli_prints_a_table_and_writes_json(synth_dataset: Path, tmp_path: Path,
     assert [r["system"] for r in data["results"]] == ["popularity", "itemknn"]
     assert data["protocol"]["test_days"] == 2.0 and data["protocol"]["ks"] == [10, 50]
     assert 0.0 <= data["results"][1]["modes"]["all"]["metrics"]["recall@50"] <= 1.0
-    assert markdown.read_text().startswith("| system | mode | users | map@10 |")
+    assert "| system | mode | users | map@10 |" in markdown.read_text()
+    assert "### Known users" in markdown.read_text()
 
 
 def test_cli_tunes_baselines_on_the_validation_window(synth_dataset: Path, tmp_path: Path) -> None:
@@ -56,6 +59,17 @@ def test_cli_tunes_baselines_on_the_validation_window(synth_dataset: Path, tmp_p
     assert len(tuning["trials"]) == 3
     assert result["params"]["popularity_window_days"] == tuning["params"]["popularity_window_days"]
     assert tuning["cutoff"] < json.loads(out.read_text())["protocol"]["cutoff"]
+
+
+def test_tuned_popularity_window_is_shared_by_every_system(synth_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "metrics.json"
+    args = ["--data", str(synth_dataset), "--test-days", "2", "--systems", "itemknn,repeat_pop"]
+    assert main([*args, "--k", "10", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    window = data["protocol"]["tuning"]["popularity"]["params"]["popularity_window_days"]
+    assert [r["params"]["popularity_window_days"] for r in data["results"]] == [window, window]
+    # Each system's own grid was tuned too (itemknn: 2 x 2 points; repeat_pop: 2).
+    assert [len(r["tuning"]["trials"]) for r in data["results"]] == [4, 2]
 
 
 def test_missing_data_folder_exits_2_with_a_message(tmp_path: Path, capsys) -> None:
