@@ -132,3 +132,51 @@ def test_state_at_uses_only_rows_before_the_cutoff(synth_loaded: Any, parts: dic
 
 def test_relevance_grades_map_event_weights_to_small_integers() -> None:
     assert relevance_grades(np.array([0.0, 1.0, 2.0, 4.0, 8.0, 0.5])).tolist() == [0, 1, 2, 3, 4, 1]
+
+
+def test_train_ranker_trains_on_t2_window_and_validates_on_t1_window(
+    synth_loaded: Any, parts: dict[str, Any]
+) -> None:
+    from recsvc.config import RankerConfig, TrainConfig
+    from training.train_ranker import train_ranker
+
+    inter = synth_loaded.interactions
+    t_end = _end(synth_loaded)
+    t1, t2 = t_end - DAY, t_end - 2 * DAY
+    cfg = TrainConfig(
+        ranker=RankerConfig(num_leaves=7, min_data_in_leaf=5, num_boost_round=15, search_trials=1)
+    )
+    kwargs = {k: parts[k] for k in ("catalog", "item_emb", "index", "tower")}
+    result = train_ranker(inter, t2=t2, t1=t1, t_end=t_end, config=cfg, **kwargs)
+    assert result.train.cutoff == t2 and result.valid.cutoff == t1
+    assert result.ranker.feature_names == list(FEATURE_NAMES)
+    assert result.metrics["train_rows"] == result.train.n_rows > 0
+    assert result.metrics["valid_candidate_recall"]["all"] > 0
+    scores = result.ranker.predict(result.valid.features)
+    assert scores.shape == (result.valid.n_rows,) and np.isfinite(scores).all()
+    # rows at/after T never reach either set
+    future = inter.head(300).with_columns(
+        (pl.lit(t_end, dtype=pl.Int64) + pl.int_range(300)).alias("timestamp")
+    )
+    again = train_ranker(pl.concat([inter, future]), t2=t2, t1=t1, t_end=t_end, config=cfg, **kwargs)
+    np.testing.assert_array_equal(again.valid.features, result.valid.features)
+    np.testing.assert_array_equal(again.valid.labels, result.valid.labels)
+
+
+def test_train_ranker_without_training_labels_says_what_to_change(
+    synth_loaded: Any, parts: dict[str, Any]
+) -> None:
+    from recsvc.config import TrainConfig
+    from training.train_ranker import train_ranker
+
+    start = int(synth_loaded.interactions["timestamp"].min())
+    kwargs = {k: parts[k] for k in ("catalog", "item_emb", "index", "tower")}
+    with pytest.raises(ValueError, match="valid_days"):
+        train_ranker(
+            synth_loaded.interactions,
+            t2=start - 2 * DAY,
+            t1=start - DAY,
+            t_end=start,
+            config=TrainConfig(),
+            **kwargs,
+        )
