@@ -186,9 +186,24 @@ def list_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- commands
 
 
+class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at emit time, so main() can run repeatedly in one
+    process (tests, notebooks) without logging into a stream an earlier caller closed."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity < 2 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    handler = _CurrentStderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def _fail(message: str) -> int:
@@ -197,13 +212,17 @@ def _fail(message: str) -> int:
 
 
 def cmd_train(argv: Sequence[str]) -> int:
+    from recsvc.encoder import EncoderError
     from training.data import DataValidationError
+    from training.finetune import FinetuneError
     from training.pipeline import PipelineError, run_training
 
     args = train_parser().parse_args(argv)
     _setup_logging(args.verbose)
     if args.stage and not args.work_dir:
         return _fail("--stage needs --work-dir (where earlier stages' outputs are cached)")
+    if args.model_dir and not (Path(args.model_dir) / "config.json").is_file():
+        return _fail(f"--model-dir {args.model_dir} is not a BERT checkpoint directory (no config.json)")
     try:
         cfg = build_config(args)
         result = run_training(
@@ -216,7 +235,14 @@ def cmd_train(argv: Sequence[str]) -> int:
             progress=not args.no_progress,
             device=args.device,
         )
-    except (DataValidationError, ConfigFileError, BundleError, PipelineError) as exc:
+    except (
+        DataValidationError,
+        ConfigFileError,
+        BundleError,
+        PipelineError,
+        EncoderError,
+        FinetuneError,
+    ) as exc:
         return _fail(str(exc))
     if result.version:
         print(f"published bundle {result.version} in {args.out} (CURRENT -> {result.version})")

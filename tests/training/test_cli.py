@@ -131,3 +131,28 @@ def test_list_marks_the_current_version(tmp_path: Path, capsys: pytest.CaptureFi
 def test_rollback_without_bundles_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["rollback", "--bundles", str(tmp_path)]) == 2
     assert "no CURRENT" in capsys.readouterr().err
+
+
+def test_model_dir_that_is_not_a_checkpoint_exits_2_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "not_bert").mkdir()
+    code = cli.main(
+        ["--data", str(tmp_path), "--out", str(tmp_path / "b"), "--model-dir", str(tmp_path / "not_bert")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "not_bert" in err and "config.json" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_too_short_data_exits_2_explaining_the_time_windows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.synth import write_dataset
+
+    data = write_dataset(tmp_path / "data", n_users=20, n_items=10, n_interactions=200, days=2, seed=1)
+    code = cli.main(["--data", str(data), "--out", str(tmp_path / "b"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "valid_days" in err and "Traceback" not in err
