@@ -105,7 +105,7 @@ def synthetic_bundle(n_items: int, dim: int, n_users: int, candidates: int, seed
         bias=np.zeros(dim, np.float32),
     )
     # A production-sized ranker (default RankerConfig: 63 leaves, up to 300 trees) on random data.
-    groups = np.full(400, 50)
+    groups = np.full(200, 50)
     features = rng.standard_normal((int(groups.sum()), len(FEATURE_NAMES))).astype(np.float32)
     grades = rng.integers(0, 3, size=len(features))
     ranker = Ranker.train(
@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dim", type=int, default=64, help="embedding dimension of the synthetic catalogue (default 64)"
     )
     p.add_argument(
-        "--users", type=int, default=20_000, help="synthetic users with 20 events each (default 20000)"
+        "--users", type=int, default=10_000, help="synthetic users with 20 events each (default 10000)"
     )
     p.add_argument(
         "--workers", type=int, default=4, help="server worker threads (ServeConfig.workers; default 4)"

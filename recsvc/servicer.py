@@ -27,7 +27,7 @@ import grpc
 from recsvc import validation
 from recsvc.bundle import BundleError
 from recsvc.config import ServeConfig
-from recsvc.exposures import Exposure, ExposureLog, pseudonymise, shown_items
+from recsvc.exposures import Exposure, ExposureLog, ExposureLogError, pseudonymise, shown_items
 from recsvc.interleaving import team_draft
 from recsvc.model_manager import LoadedModel, ModelManager, NoModelError, UnknownVersionError
 from recsvc.recommender import RankingPolicy, RecommendRequest, RecommendResult, UnknownItemError
@@ -421,20 +421,27 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         result: RecommendResult,
         origins: list[str] | None,
     ) -> None:
+        """Durably record what this variant showed. A failing log must not fail the answer:
+        the error is logged and counted (`recsvc_exposure_failures_total`) so the analysis can
+        discount the affected period."""
         if self._exposures is None:
             return
         ids = [it.item_id for it in result.items]
-        self._exposures.append(
-            Exposure(
-                request_id=rid,
-                user_key=pseudonymise(user_id, self._config.pseudonym_key),
-                experiment=assignment.experiment,
-                variant=assignment.variant,
-                items=shown_items(ids, origins if origins is not None else assignment.variant),
-                model_version=result.model_version,
-                ts=int(time.time()),
-            )
+        exposure = Exposure(
+            request_id=rid,
+            user_key=pseudonymise(user_id, self._config.pseudonym_key),
+            experiment=assignment.experiment,
+            variant=assignment.variant,
+            items=shown_items(ids, origins if origins is not None else assignment.variant),
+            model_version=result.model_version,
+            ts=int(time.time()),
         )
+        try:
+            self._exposures.append(exposure)
+        except ExposureLogError as exc:
+            self._metrics.exposure_failures.inc()
+            log.error("rpc=Recommend request_id=%s exposure not logged: %s", rid, exc)
+            return
         self._metrics.exposures.labels(assignment.experiment, assignment.variant).inc()
 
     def _similar(

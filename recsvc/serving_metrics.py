@@ -64,6 +64,11 @@ class ServingMetrics:
             ["experiment", "variant"],
             registry=r,
         )
+        self.exposure_failures = Counter(
+            "recsvc_exposure_failures",
+            "Exposures that could not be written (answer still served)",
+            registry=r,
+        )
         self._active_version: str | None = None
 
     def observe_request(self, method: str, code: str, latency_ms: float) -> None:

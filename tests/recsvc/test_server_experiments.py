@@ -147,3 +147,18 @@ def test_interleaving_draws_from_both_variants_over_many_users(mixed: RunningSer
         for i in range(10):
             origins |= {it.origin for it in c.recommend(f"mix-{i}", 6).items}
     assert origins == {"control", "treatment"}
+
+
+def test_a_failing_exposure_log_is_counted_and_the_answer_still_served(
+    bundle_root: Path, tmp_path: Path
+) -> None:
+    server = _start(bundle_root, tmp_path, SPLIT_YAML)
+    try:
+        # The database turns read-only under the server (as on a full or remounted disk).
+        server.server.exposures._conn.execute("PRAGMA query_only = ON")
+        with server.client() as c:
+            resp = c.recommend("unlogged-user", 3, forced_variant="control")
+        assert len(resp.items) == 3
+        assert server.server.metrics.registry.get_sample_value("recsvc_exposure_failures_total") == 1.0
+    finally:
+        server.stop()
