@@ -46,8 +46,11 @@ def parse_systems(text: str) -> list[str]:
     return names
 
 
-def load_raw_encoder(popularity_window_days: float) -> CandidateGenerator | None:
-    """The untuned BERT retrieval baseline, when training/text_baseline.py is available."""
+def load_raw_encoder(
+    popularity_window_days: float, encoder_dir: str | None = None
+) -> CandidateGenerator | None:
+    """The BERT retrieval baseline (the shipped MiniLM unless `encoder_dir`) when
+    training/text_baseline.py is importable; None, with a warning, otherwise."""
     try:
         from training.text_baseline import EncoderRetrieval
     except ImportError as err:
@@ -55,7 +58,9 @@ def load_raw_encoder(popularity_window_days: float) -> CandidateGenerator | None
             "raw_encoder skipped: training.text_baseline.EncoderRetrieval is not importable (%s)", err
         )
         return None
-    return EncoderRetrieval(name=RAW_ENCODER, popularity_window_days=popularity_window_days)
+    return EncoderRetrieval(
+        model_dir=encoder_dir, name=RAW_ENCODER, popularity_window_days=popularity_window_days
+    )
 
 
 def _tune_record(
@@ -100,6 +105,7 @@ def build_systems(
     eval_config: EvalConfig,
     valid_days: float,
     do_tune: bool,
+    encoder_dir: str | None = None,
 ) -> tuple[list[CandidateGenerator], dict[str, Any]]:
     """Instantiate each named system, tuned on the validation window when `do_tune`.
 
@@ -117,7 +123,7 @@ def build_systems(
         baseline_config = dataclasses.replace(baseline_config, **tuning["popularity"]["params"])
     for name in names:
         if name == RAW_ENCODER:
-            system = load_raw_encoder(baseline_config.popularity_window_days)
+            system = load_raw_encoder(baseline_config.popularity_window_days, encoder_dir)
             if system is not None:
                 systems.append(system)
             continue
@@ -138,6 +144,7 @@ def run_evaluation(
     eval_config: EvalConfig | None = None,
     baseline_config: BaselineConfig | None = None,
     checkpoint: str | Path | None = None,
+    encoder_dir: str | None = None,
 ) -> EvaluationTable:
     """Load, split, tune, evaluate: the whole comparison, shared by the CLI and the benchmark.
 
@@ -163,6 +170,7 @@ def run_evaluation(
         eval_config=eval_config,
         valid_days=valid_days,
         do_tune=eval_config.tune,
+        encoder_dir=encoder_dir,
     )
     protocol = {
         "data": str(data_dir),
@@ -177,6 +185,7 @@ def run_evaluation(
         "tune_metric": eval_config.tune_metric,
         "tune_mode": eval_config.tune_mode,
         "seed": eval_config.seed,
+        "encoder_dir": encoder_dir,
         "tuning": tuning,
     }
     table = EvaluationTable(
@@ -249,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated systems to evaluate: popularity (recent popularity), repeat_pop (user's own "
         "items then popular), itemknn (co-purchase item kNN), als (implicit ALS), raw_encoder (untuned BERT "
         "retrieval from training/text_baseline.py; skipped with a warning if unavailable). Default: %(default)s",
+    )
+    parser.add_argument(
+        "--encoder-dir",
+        default=None,
+        help="encoder for raw_encoder (HF save_pretrained folder); default: the shipped all-MiniLM-L6-v2. "
+        "Catalogue embeddings are cached under $RECSVC_CACHE_DIR (default ~/.cache/recsvc)",
     )
     parser.add_argument(
         "--k",
@@ -330,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             valid_days=args.valid_days,
             eval_config=config,
             checkpoint=args.out,
+            encoder_dir=args.encoder_dir,
         )
     except (UsageError, DataValidationError, EvaluationError) as err:
         print(f"recsvc-eval: error: {err}", file=sys.stderr)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.tiny_bert import tiny_bert_dir_fixture  # noqa: F401  (pytest fixture)
 from training.eval_cli import main, parse_systems
 
 
@@ -72,6 +73,20 @@ def test_tuned_popularity_window_is_shared_by_every_system(synth_dataset: Path, 
     assert [len(r["tuning"]["trials"]) for r in data["results"]] == [4, 2]
 
 
+def test_raw_encoder_is_evaluated_with_the_given_encoder(
+    synth_dataset: Path, tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RECSVC_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "metrics.json"
+    args = ["--data", str(synth_dataset), "--test-days", "2", "--systems", "raw_encoder", "--no-tune"]
+    assert main([*args, "--encoder-dir", str(tiny_bert_dir), "--k", "10", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["results"][0]
+    assert result["system"] == "raw_encoder"
+    assert result["modes"]["all"]["users"] > 0
+    # Text retrieval proposes items by similarity, not popularity, so lists differ across users.
+    assert result["modes"]["all"]["metrics"]["coverage@10"] > 0.05
+
+
 def test_missing_data_folder_exits_2_with_a_message(tmp_path: Path, capsys) -> None:
     code = main(
         ["--data", str(tmp_path / "nope"), "--systems", "popularity", "--out", str(tmp_path / "m.json")]
@@ -104,5 +119,14 @@ def test_help_explains_every_flag(capsys) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--data", "--test-days", "--systems", "--k", "--out", "--no-tune", "raw_encoder"):
+    for flag in (
+        "--data",
+        "--test-days",
+        "--systems",
+        "--k",
+        "--out",
+        "--no-tune",
+        "raw_encoder",
+        "--encoder-dir",
+    ):
         assert flag in text
