@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-users", type=int, default=None, help="sample of test users (default: all)")
     parser.add_argument(
+        "--encoder-dir", default=None, help="encoder for raw_encoder (default: the shipped all-MiniLM-L6-v2)"
+    )
+    parser.add_argument(
         "--no-tune", action="store_true", help="use BaselineConfig defaults instead of tuning"
     )
     parser.add_argument(
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         valid_days=args.valid_days,
         eval_config=config,
         checkpoint=args.out,
+        encoder_dir=args.encoder_dir,
     )
     total = time.perf_counter() - started
     print()
