@@ -257,8 +257,9 @@ class InteractionData:
 # Baselines
 
 
-class _PopularityFilled:
-    """Shared shell: fit the interaction state and popularity, then personal list + popular fill."""
+class PopularityFilled:
+    """Base for systems that rank "personal list, then popular fill" (subclass and override
+    `_fit_model` / `_personal`): fits the interaction state and popularity, batches users."""
 
     name = "base"
     source = POPULAR
@@ -334,13 +335,13 @@ class _PopularityFilled:
         return scores
 
 
-class PopularityBaseline(_PopularityFilled):
+class PopularityBaseline(PopularityFilled):
     """Most bought/viewed items in the recent window, weighted by event weight; same for everyone."""
 
     name = "popularity"
 
 
-class RepeatThenPopular(_PopularityFilled):
+class RepeatThenPopular(PopularityFilled):
     """The user's own items by recency-weighted count, then popular items (strong in fashion/grocery)."""
 
     name = "repeat_pop"
@@ -379,7 +380,7 @@ def cooccurrence_similarity(user_items: sp.csr_matrix, neighbours: int) -> sp.cs
     return sp.csr_matrix((sims[keep], (rows, cols[keep])), shape=(n, n), dtype=np.float32)
 
 
-class ItemKNN(_PopularityFilled):
+class ItemKNN(PopularityFilled):
     """Item-to-item co-purchase CF: score(i) = sum over history items h of decay(h) * cos(h, i)."""
 
     name = "itemknn"
@@ -411,7 +412,7 @@ class ItemKNN(_PopularityFilled):
         return top_k_per_row(scores, k)
 
 
-class ALSBaseline(_PopularityFilled):
+class ALSBaseline(PopularityFilled):
     """Implicit-feedback matrix factorisation (implicit's CPU ALS) on items seen in train."""
 
     name = "als"
@@ -483,6 +484,9 @@ class ALSBaseline(_PopularityFilled):
         scores[known, :top] = np.where(valid, best_scores, -np.inf)
         return items, scores
 
+
+# Old private name, still imported by training/text_baseline.py.
+_PopularityFilled = PopularityFilled
 
 BASELINES: dict[str, Callable[..., CandidateGenerator]] = {
     "popularity": PopularityBaseline,
