@@ -101,12 +101,20 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def in_flight(self) -> int:
         return self._in_flight
 
+    def _request_id(self, given: str) -> str:
+        """The caller's id when it is a safe log token; otherwise a fresh one (validation then
+        rejects the bad field, but a raw newline-laden id never reaches the logs)."""
+        try:
+            return validation.check_id(given, "request_id", self._limits)
+        except validation.RequestValidationError:
+            return uuid.uuid4().hex
+
     # ------------------------------------------------------------------ RPCs
 
     async def Recommend(
         self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecommendResponse:
-        rid = request.request_id or uuid.uuid4().hex
+        rid = self._request_id(request.request_id)
         return await self._run(
             "Recommend",
             context,
@@ -118,7 +126,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     async def SimilarItems(
         self, request: pb.SimilarItemsRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecommendResponse:
-        rid = request.request_id or uuid.uuid4().hex
+        rid = self._request_id(request.request_id)
         return await self._run(
             "SimilarItems", context, rid, lambda timings: self._similar(request, rid, timings)
         )
@@ -139,7 +147,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"requests: a BatchRecommend stream may carry at most {self._config.max_batch_requests} requests",
                 )
-            rid = request.request_id or uuid.uuid4().hex
+            rid = self._request_id(request.request_id)
             field = f"requests[{i}]"
 
             def work(

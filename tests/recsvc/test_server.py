@@ -310,3 +310,12 @@ def test_metrics_count_requests_and_errors_by_code(client: RecsvcClient, running
     assert count("OK") == ok + 1
     assert count("INVALID_ARGUMENT") == bad + 1
     assert b"recsvc_stage_latency_ms_bucket" in running.server.metrics.exposition()
+
+
+def test_request_id_with_control_characters_is_rejected_and_never_logged(
+    client: RecsvcClient, caplog
+) -> None:
+    err = rpc_error(client.recommend, "u", 2, request_id="evil\nrpc=Forged")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("request_id")
+    assert "rpc=Forged" not in caplog.text
