@@ -108,15 +108,11 @@ def synthetic_bundle(n_items: int, dim: int, n_users: int, candidates: int, seed
     groups = np.full(200, 50)
     features = rng.standard_normal((int(groups.sum()), len(FEATURE_NAMES))).astype(np.float32)
     grades = rng.integers(0, 3, size=len(features))
+    ranker_cfg = replace(RankerConfig(), min_data_in_leaf=5)
+    if hasattr(ranker_cfg, "num_threads"):  # one training thread: the box is shared with the benchmark
+        ranker_cfg = replace(ranker_cfg, num_threads=1)
     ranker = Ranker.train(
-        features,
-        grades,
-        groups,
-        None,
-        None,
-        None,
-        replace(RankerConfig(), min_data_in_leaf=5),
-        feature_names=list(FEATURE_NAMES),
+        features, grades, groups, None, None, None, ranker_cfg, feature_names=list(FEATURE_NAMES)
     )
     log.info("bundle with %d items ready in %.1f s", n_items, time.perf_counter() - t0)
     return LoadedBundle(
