@@ -325,3 +325,46 @@ def test_tiny_production_run_publishes_a_bundle_whose_recommender_answers(
     answer = Recommender(loaded).recommend(RecommendRequest(user_id=user, k=3))
     assert len(answer.items) == 3
     assert all(item.item_id in loaded.catalog.index for item in answer.items)
+
+
+# ----------------------------------------------------------------------------- evaluation adapters
+
+
+@pytest.mark.slow  # building a real bundle (ranking sets + LightGBM) took ~30 s on the loaded 2-core host
+def test_recommender_system_returns_the_request_path_answers_as_a_candidate_frame(
+    synth_loaded, tmp_path: Path
+) -> None:
+    from recsvc.recommender import Recommender, RecommendRequest
+    from tests.helpers.bundle_builder import build_loaded_bundle
+
+    loaded = build_loaded_bundle(synth_loaded.interactions, synth_loaded.items, tmp_path)
+    loaded.ranker.disable_fast_path()  # stock LightGBM: same answers, no native compile in a unit test
+    rec = Recommender(loaded)
+    system = pipeline.RecommenderSystem(rec, batch_size=7)
+    users = [*loaded.history.users()[:10], "never-seen-user"]
+    frame = system.recommend(users, k=5, exclude_seen=True)
+    assert frame.columns == ["user_id", "item_id", "rank", "score", "sources"]
+    assert frame["user_id"].unique().len() == len(users)
+    for user in (users[0], users[-1]):
+        direct = rec.recommend(RecommendRequest(user_id=user, k=5, repeat_policy="exclude"))
+        rows = frame.filter(pl.col("user_id") == user).sort("rank")
+        assert rows["item_id"].to_list() == [i.item_id for i in direct.items]
+        assert rows["rank"].to_list() == list(range(1, len(direct.items) + 1))
+    seen = {loaded.catalog.item_ids[i] for i in loaded.history.get(users[0]).items}
+    assert not seen & set(frame.filter(pl.col("user_id") == users[0])["item_id"].to_list())
+
+
+def test_summarise_evaluation_reshapes_the_table_by_mode_and_system(synth_loaded) -> None:
+    from training.baselines import make_baseline
+    from training.evaluate import evaluate_systems
+    from training.split import holdout_cutoff, time_split
+
+    split = time_split(synth_loaded.interactions, holdout_cutoff(synth_loaded.interactions, 1))
+    systems = [make_baseline("popularity"), make_baseline("repeat_pop")]
+    table = evaluate_systems(systems, split.train, split.test, synth_loaded.items, ks=(12, 50, 100))
+    summary = pipeline.summarise_evaluation(table, (12, 50, 100))
+    for result in table.results:
+        for mode, entry in result["modes"].items():
+            assert summary["final"][mode][result["system"]]["ndcg@12"] == entry["metrics"]["ndcg@12"]
+        assert summary["cold_start"][result["system"]] == result["modes"]["all"]["metrics"]["cold_recall@100"]
+    assert summary["retrieval"] == {}  # no encoder system was evaluated
