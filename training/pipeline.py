@@ -133,18 +133,34 @@ def peak_rss_mb() -> float:
     return kb / 1024.0
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads): comparable across busy and idle hosts."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 @contextmanager
 def measure(stage: str, timings: dict[str, dict[str, float]]) -> Iterator[None]:
-    """Record a stage's wall time and peak RSS into `timings` and the log."""
+    """Record a stage's wall time, CPU time and peak RSS into `timings` and the log."""
     _reset_peak_rss()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     log.info("stage %s: started", stage)
     try:
         yield
     finally:
-        wall = time.perf_counter() - started
-        timings[stage] = {"wall_s": round(wall, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
-        log.info("stage %s: %.1f s, peak RSS %.0f MB", stage, wall, timings[stage]["peak_rss_mb"])
+        wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+        timings[stage] = {
+            "wall_s": round(wall, 3),
+            "cpu_s": round(cpu, 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
+        log.info(
+            "stage %s: %.1f s wall, %.1f s CPU, peak RSS %.0f MB",
+            stage,
+            wall,
+            cpu,
+            timings[stage]["peak_rss_mb"],
+        )
 
 
 # ----------------------------------------------------------------------------- fingerprints

@@ -145,11 +145,28 @@ def console_table(metrics: Mapping[str, Any]) -> str:
 
 def timings_table(timings: Mapping[str, Mapping[str, float]]) -> str:
     """Stage wall time and peak RSS, one row per stage."""
-    rows = [
-        [stage, f"{t.get('wall_s', float('nan')):.1f}", f"{t.get('peak_rss_mb', float('nan')):.0f}"]
-        for stage, t in timings.items()
+    rows = [_timing_row(stage, t) for stage, t in timings.items()]
+    total = [
+        "total",
+        _fmt(sum(t.get("wall_s", 0.0) for t in timings.values()), 1),
+        _fmt(sum(t.get("cpu_s", 0.0) for t in timings.values()), 1),
+        "",
+        "",
     ]
-    return _text_table(["stage", "wall s", "peak RSS MB"], rows)
+    return _text_table(TIMING_HEADER, [*rows, total])
+
+
+TIMING_HEADER = ["stage", "wall s", "CPU s", "peak RSS MB", "note"]
+
+
+def _timing_row(stage: str, t: Mapping[str, Any]) -> list[str]:
+    return [
+        stage,
+        _fmt(t.get("wall_s"), 1),
+        _fmt(t.get("cpu_s"), 1),
+        _fmt(t.get("peak_rss_mb"), 0),
+        "cached from an earlier run" if t.get("cached") else "",
+    ]
 
 
 # ----------------------------------------------------------------------------- plots
@@ -272,10 +289,8 @@ def write_report(
         lines += ["## Ranker feature importance", "", "![importance](feature_importance.png)", ""]
         lines += [_markdown_table(["feature", "gain"], [[k, _fmt(float(v), 1)] for k, v in top]), ""]
     if timings:
-        rows = [
-            [stage, _fmt(t.get("wall_s"), 1), _fmt(t.get("peak_rss_mb"), 0)] for stage, t in timings.items()
-        ]
-        lines += ["## Stage timings", "", _markdown_table(["stage", "wall s", "peak RSS MB"], rows), ""]
+        rows = [_timing_row(stage, t) for stage, t in timings.items()]
+        lines += ["## Stage timings", "", _markdown_table(TIMING_HEADER, rows), ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -111,12 +111,13 @@ def test_changing_the_data_invalidates_every_stage() -> None:
     assert all(a[s] != b[s] for s in pipeline.STAGES)
 
 
-def test_measure_records_wall_time_and_peak_memory() -> None:
+def test_measure_records_wall_time_cpu_time_and_peak_memory() -> None:
     timings: dict[str, dict[str, float]] = {}
     with pipeline.measure("demo", timings):
         block = np.ones(5_000_000, dtype=np.float64)  # 40 MB, touched
         block.sum()
     assert timings["demo"]["wall_s"] >= 0
+    assert timings["demo"]["cpu_s"] >= 0
     assert timings["demo"]["peak_rss_mb"] >= 40
 
 

@@ -68,7 +68,7 @@ def test_write_report_writes_markdown_and_real_png_plots(tmp_path: Path) -> None
         _metrics(),
         loss_curve=curve,
         feature_importance=importance,
-        timings={"finetune": {"wall_s": 12.3, "peak_rss_mb": 800.0}},
+        timings={"finetune": {"wall_s": 12.3, "cpu_s": 20.5, "peak_rss_mb": 800.0}},
         facts={"version": "20260101T000000Z"},
     )
     text = path.read_text()
@@ -82,3 +82,15 @@ def test_write_report_writes_markdown_and_real_png_plots(tmp_path: Path) -> None
 def test_write_report_without_optional_parts_writes_no_plots(tmp_path: Path) -> None:
     report.write_report(tmp_path, {"retrieval": _metrics()["retrieval"]})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+
+
+def test_timings_table_totals_wall_and_cpu_time_and_marks_cached_stages() -> None:
+    text = report.timings_table(
+        {
+            "load": {"wall_s": 1.0, "cpu_s": 0.5, "peak_rss_mb": 100.0, "cached": True},
+            "ranker": {"wall_s": 2.5, "cpu_s": 4.0, "peak_rss_mb": 300.0},
+        }
+    )
+    lines = text.splitlines()
+    assert "cached" in lines[2] and "cached" not in lines[3]
+    assert lines[-1].split() == ["total", "3.5", "4.5"]
