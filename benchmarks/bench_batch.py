@@ -10,7 +10,11 @@ nightly candidate sets. This measures both paths on the same trained bundle (H&M
    the server's for every user called over gRPC.
 
 The bundle comes from `benchmarks/bench_pipeline.py` (bench-out/pipeline/bundles) or `--bundle`.
-Exits 0 with a message when there is none. Numbers depend on the machine and its other users.
+Without one, a synthetic bundle of `--synthetic-items` (default 100k) items is published to a
+temporary bundles root: REAL parts (FAISS HNSW index, production-sized LightGBM ranker, histories,
+stats, co-occurrence; built by bench_serve.synthetic_bundle) over random 384-d item embeddings,
+so the throughput figures hold at 100k items even before a model is trained. Numbers depend on
+the machine and its other users.
 
     .venv/bin/python benchmarks/bench_batch.py [--bundle DIR] [--users 5000] [--grpc-users 500]
 """
@@ -34,11 +38,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from recsvc import bundle as bundle_mod  # noqa: E402
 from recsvc.batch import run_batch  # noqa: E402
 from recsvc.client import RecsvcClient  # noqa: E402
+from recsvc.config import to_dict  # noqa: E402
 from recsvc.recommender import Recommender  # noqa: E402
 
 DEFAULT_BUNDLE = REPO / "bench-out" / "pipeline" / "bundles"
@@ -126,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=2, help="batch worker threads and server workers (default: 2)"
     )
     p.add_argument("--concurrency", type=int, default=4, help="client threads in the concurrent gRPC run")
+    p.add_argument(
+        "--synthetic-items",
+        type=int,
+        default=100_000,
+        help="catalogue size of the synthetic bundle used when there is no trained one (default: %(default)s)",
+    )
+    p.add_argument("--synthetic-dim", type=int, default=384, help="embedding size of the synthetic bundle")
     p.add_argument("--seed", type=int, default=0, help="user sample seed")
     p.add_argument("--out", type=Path, default=REPO / "bench-out" / "batch.json", help="JSON results")
     return p
@@ -134,13 +147,46 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        bundle_dir = bundle_mod.resolve(args.bundle)
-    except bundle_mod.BundleError as exc:
-        print(
-            f"bench_batch: no trained bundle ({exc}); run benchmarks/bench_pipeline.py first or pass --bundle DIR."
-        )
-        return 0
+    with tempfile.TemporaryDirectory(prefix="bench-batch-bundle-") as synthetic_root:
+        try:
+            bundle_dir = bundle_mod.resolve(args.bundle)
+        except bundle_mod.BundleError as exc:
+            log.info(
+                "no trained bundle (%s); publishing a synthetic %d-item bundle", exc, args.synthetic_items
+            )
+            bundle_dir = publish_synthetic_bundle(
+                Path(synthetic_root), args.synthetic_items, args.synthetic_dim
+            )
+        return measure(args, bundle_dir)
+
+
+def publish_synthetic_bundle(root: Path, n_items: int, dim: int) -> Path:
+    """Save bench_serve's synthetic LoadedBundle part by part and publish it (real loader path)."""
+    from bench_serve import synthetic_bundle
+
+    from recsvc.features import FEATURE_NAMES
+    from recsvc.user_tower import save_params
+    from tests.helpers.tiny_bert import make_tiny_bert
+
+    staging = bundle_mod.new_staging_dir(root)
+    b = synthetic_bundle(n_items, dim, n_users=20_000, candidates=500, seed=0, workdir=staging)
+    b.catalog.save(staging / "catalog.parquet")
+    np.save(staging / "item_embeddings.npy", b.item_embeddings)
+    b.index.save(staging)
+    save_params(b.tower, staging / "user_tower.npz")
+    b.ranker.save(staging / "ranker")
+    b.history.save(staging / "history.parquet")
+    b.item_stats.save(staging / "item_stats.npz")
+    b.cooccurrence.save(staging / "cooccurrence.npz")
+    make_tiny_bert(staging / "encoder", hidden=dim, layers=1, heads=4)
+    manifest = {"config": to_dict(b.config), "data_end_ts": b.data_end_ts, "item_count": n_items}
+    version = bundle_mod.publish(
+        staging, root, {**manifest, "feature_names": list(FEATURE_NAMES), "metrics": {}}
+    )
+    return root / version
+
+
+def measure(args: argparse.Namespace, bundle_dir: Path) -> int:
     root = bundle_dir.parent
     if bundle_mod.current_version(root) != bundle_dir.name:
         print(
