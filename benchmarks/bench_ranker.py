@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trees", type=int, default=300, help="boosting rounds, no early stopping (default: %(default)s)"
     )
+    parser.add_argument(
+        "--train-threads",
+        type=int,
+        default=1,
+        help="LightGBM training threads (default: %(default)s; OpenMP spin-waits badly on a shared machine)",
+    )
     parser.add_argument("--leaves", type=int, default=63, help="num_leaves per tree (default: %(default)s)")
     parser.add_argument(
         "--groups", type=int, default=1500, help="training groups of 50 rows (default: %(default)s)"
@@ -101,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         min_data_in_leaf=20,
         learning_rate=0.05,
         search_trials=1,
+        num_threads=args.train_threads,
     )
     start = time.perf_counter()
     ranker = Ranker.train(x, y, g, None, None, None, cfg, feature_names=names)

@@ -317,6 +317,7 @@ class Ranker:
         self.meta: dict[str, Any] = dict(meta or {})
         self._fast: FastPath | None = None
         self._fast_lock = threading.Lock()
+        self._background: threading.Thread | None = None
 
     @property
     def n_features(self) -> int:
@@ -422,6 +423,21 @@ class Ranker:
                 self._fast = build_fast_path(self.booster, folder)
             return self._fast
 
+    def enable_fast_path_in_background(
+        self, cache_dir: str | os.PathLike[str] | None = None
+    ) -> threading.Thread:
+        """Compile in a daemon thread so a (hot) reload is not blocked for a cold compile.
+
+        Until the fast path is verified, `predict` answers with stock predict (same scores).
+        """
+        with self._fast_lock:
+            if self._background is None:
+                self._background = threading.Thread(
+                    target=self.enable_fast_path, args=(cache_dir,), name="ranker-compile", daemon=True
+                )
+                self._background.start()
+            return self._background
+
     def disable_fast_path(self) -> None:
         """Use stock `Booster.predict` from now on (the reference the fast path is checked against)."""
         with self._fast_lock:
@@ -437,7 +453,11 @@ class Ranker:
         x = _check_matrix(X, "ranker features", self.n_features)
         if len(x) == 0:
             return np.zeros(0, dtype=np.float64)
-        fast = self.fast_path
+        fast = self._fast
+        if fast is None:
+            if self._background is not None:
+                return self.predict_stock(x)
+            fast = self.enable_fast_path()
         if fast.enabled:
             n_jobs = 1 if len(x) < PARALLEL_MIN_ROWS else min(8, os.cpu_count() or 1)
             return compiled_predict(fast.model, x, n_jobs)
@@ -474,9 +494,13 @@ class Ranker:
         *,
         expected_feature_names: Sequence[str] | None = None,
         fast_path: bool = True,
+        background: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> Ranker:
         """Read `save`'s files and (by default) compile + verify the fast path now, not on the first request.
+
+        `background=True` compiles in a thread instead (stock predict until it is ready), for servers
+        that must not stall on a cold compile (minutes for 300 trees on a busy 2-core machine).
 
         RankerLoadError names the missing or corrupt file, or lists how the feature names differ.
         """
@@ -509,7 +533,9 @@ class Ranker:
                 f"{_name_diff(names, list(expected_feature_names))}"
             )
         ranker = cls(booster, names, {k: v for k, v in meta.items() if k not in ("feature_names",)})
-        if fast_path:
+        if fast_path and background:
+            ranker.enable_fast_path_in_background(cache_dir)
+        elif fast_path:
             ranker.enable_fast_path(cache_dir)
         else:
             ranker.disable_fast_path()

@@ -236,3 +236,16 @@ def test_nan_in_column_trained_without_missing_values_routes_as_zero_on_fast_pat
     np.testing.assert_allclose(
         ranker.predict(rows), ranker.predict_stock(np.nan_to_num(rows, nan=0.0)), atol=1e-9
     )
+
+
+def test_background_compile_serves_stock_scores_then_switches_to_fast_path(
+    trained: Ranker, tmp_path: Path
+) -> None:
+    trained.save(tmp_path / "ranker")
+    ranker = Ranker.load(tmp_path / "ranker", background=True, cache_dir=tmp_path / "cache")
+    x, _, _ = ranking_set(5, 20, seed=12)
+    during = ranker.predict(x)
+    ranker.enable_fast_path_in_background().join(timeout=120)
+    assert ranker.fast_path.enabled
+    np.testing.assert_allclose(during, trained.predict_stock(x), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(ranker.predict(x), trained.predict_stock(x), rtol=0, atol=1e-9)
