@@ -104,10 +104,11 @@ def test_hot_swap_under_concurrent_load_fails_no_request(root: Path, tmp_path: P
         threads = [threading.Thread(target=hammer, args=(n,)) for n in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        _wait_for(lambda: FIRST_VERSION in versions and min(counts) > 0)
         add_version(root, SECOND_VERSION, make_current=True)
         _wait_for(lambda: server.server.models.active.version == SECOND_VERSION)
-        time.sleep(0.5)
+        swapped_at = list(counts)
+        _wait_for(lambda: SECOND_VERSION in versions and all(c > s for c, s in zip(counts, swapped_at)))
         stop.set()
         for t in threads:
             t.join(timeout=30)
@@ -200,7 +201,7 @@ def test_requests_beyond_max_in_flight_get_resource_exhausted_at_once(root: Path
         release.set()
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "1 concurrent" in err.details()
-        assert answered_in < 1.0
+        assert answered_in < 5.0  # queued behind the blocked worker it would take >= 10 s
         assert len(admitted.result().items) == 3
 
 
