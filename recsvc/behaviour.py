@@ -41,7 +41,7 @@ class ItemStats:
     first_ts: np.ndarray  # float64 [n] first interaction time, nan = never seen
     last_ts: np.ndarray  # float64 [n] last interaction time, nan = never seen
     popularity_window_days: float = 7.0
-    _popular_cache: np.ndarray | None = None
+    _popular_cache: tuple[int, np.ndarray] | None = None  # (depth computed, items)
 
     @property
     def n_items(self) -> int:
@@ -104,14 +104,14 @@ class ItemStats:
 
     def top_popular(self, n: int) -> np.ndarray:
         """The `n` items with the highest recent popularity (int32, best first, only items seen)."""
-        cache = self._popular_cache
-        if cache is None or len(cache) < min(n, self.n_items):
+        cached = self._popular_cache
+        if cached is None or cached[0] < min(n, self.n_items):
             k = min(max(n, 1000), self.n_items)
             part = np.argpartition(-self.popularity, k - 1)[:k] if k < self.n_items else np.arange(k)
-            part = part[np.argsort(-self.popularity[part], kind="stable")]
-            cache = part[self.popularity[part] > 0].astype(np.int32)
-            self._popular_cache = cache
-        return cache[:n]
+            part = part[np.lexsort((part, -self.popularity[part]))]
+            cached = (k, part[self.popularity[part] > 0].astype(np.int32))
+            self._popular_cache = cached
+        return cached[1][:n]
 
     def save(self, path: str | Path) -> None:
         np.savez(

@@ -129,6 +129,7 @@ class Recommender:
         self._clock = int(bundle.data_end_ts)
         self._encoder: TextEncoder | None = None
         self._encoder_lock = threading.Lock()
+        self._warned_attributes: set[str] = set()
 
     # ------------------------------------------------------------------ public API
 
@@ -457,8 +458,17 @@ class Recommender:
     def _diversify(self, order: np.ndarray, items: np.ndarray, policy: RankingPolicy, k: int) -> np.ndarray:
         """Greedy cap of `max_per_category` items per value of the diversity attribute."""
         cap = policy.max_per_category
+        if cap is None:
+            return order[:k]
         codes = self.catalog.attributes.get(policy.diversity_attribute)
-        if cap is None or codes is None:
+        if codes is None:
+            if policy.diversity_attribute not in self._warned_attributes:
+                self._warned_attributes.add(policy.diversity_attribute)
+                log.warning(
+                    "diversity cap ignored: catalogue has no attribute %r (has: %s)",
+                    policy.diversity_attribute,
+                    ", ".join(self.catalog.attributes) or "none",
+                )
             return order[:k]
         taken: dict[int, int] = {}
         chosen = []

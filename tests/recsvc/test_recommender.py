@@ -190,6 +190,15 @@ def test_diversity_cap_limits_items_per_category(rec: Recommender) -> None:
     assert len(set(cats)) == len(cats) == 5
 
 
+def test_diversity_cap_on_an_attribute_the_catalogue_lacks_is_ignored_with_a_warning(
+    rec: Recommender, caplog: pytest.LogCaptureFixture
+) -> None:
+    req = RecommendRequest(user_id=_busy_user(rec), k=5)
+    capped = rec.recommend(req, RankingPolicy(max_per_category=1, diversity_attribute="colour"))
+    assert _ids(capped) == _ids(rec.recommend(req))
+    assert "colour" in caplog.text
+
+
 def test_explanations_name_another_history_item(rec: Recommender) -> None:
     user = _busy_user(rec)
     had = {str(rec.catalog.item_ids[i]) for i in rec.bundle.history.get(user).items}
