@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "--finetune-steps", type=int, default=0, help="also time N fine-tune steps (0 = skip)"
     )
     parser.add_argument(
-        "--finetune-users", type=int, default=3000, help="users sampled for the fine-tune timing"
+        "--finetune-users", type=int, default=300, help="users sampled for the fine-tune timing"
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
