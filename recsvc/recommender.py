@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -148,8 +147,10 @@ class Recommender:
         reqs = [RecommendRequest(user_id=users[0] if users else "__warm__", k=5)]
         self.recommend_many(reqs)
         self.recommend_many(reqs, RankingPolicy(use_ranker=False))
-        if Path(self.bundle.encoder_dir).is_dir():
+        try:
             self._encode_query("warm up")
+        except Exception as exc:  # a broken encoder fails query requests, not the whole model
+            log.warning("query encoder in %s could not be loaded: %s", self.bundle.encoder_dir, exc)
 
     def recommend(self, req: RecommendRequest, policy: RankingPolicy = RankingPolicy()) -> RecommendResult:
         return self.recommend_many([req], policy)[0]
