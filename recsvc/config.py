@@ -220,6 +220,8 @@ class ServeConfig:
     shutdown_grace_s: float = 5.0  # in-flight requests get this long on SIGTERM
     # BLAS/OpenMP threads per request: parallelism comes from `workers`; nested pools thrash. 0 = leave.
     compute_threads: int = 1
+    # Concurrent Recommend calls answered by one recommend_many (one FAISS search, one ranker call); 1 = off.
+    max_batch: int = 8
 
 
 def to_dict(cfg: Any) -> Any:

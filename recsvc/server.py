@@ -128,7 +128,15 @@ def _coerce(name: str, raw: str, annotation: str) -> Any:
 
 
 def _check(cfg: ServeConfig) -> None:
-    positive = ("max_k", "default_k", "max_in_flight", "workers", "max_batch_events", "max_id_chars")
+    positive = (
+        "max_k",
+        "default_k",
+        "max_in_flight",
+        "workers",
+        "max_batch_events",
+        "max_id_chars",
+        "max_batch",
+    )
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"ServeConfig.{name} must be >= 1, got {getattr(cfg, name)}")
@@ -288,6 +296,7 @@ class RecsvcServer:
                 await self._poller
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_s if grace is None else grace)
+            await self.servicer.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.metrics.stop_http()
         self.events.close()

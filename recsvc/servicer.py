@@ -14,13 +14,15 @@ The servicer is thin on purpose. Every RPC goes through `_run`, which
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 
@@ -74,6 +76,141 @@ class RpcAbort(Exception):
         self.message = message
 
 
+@dataclass
+class RecommendPlan:
+    """A validated, routed Recommend request waiting for its Recommender call."""
+
+    request: pb.RecommendRequest
+    rid: str
+    model: LoadedModel
+    req: RecommendRequest
+    policy: RankingPolicy
+    assignment: Assignment | None
+    timings: dict[str, float]
+
+
+@dataclass
+class _Job:
+    plan: RecommendPlan
+    deadline: float | None
+    enqueued: float
+    future: asyncio.Future[pb.RecommendResponse]
+
+
+class RecommendBatcher:
+    """Opportunistic micro-batching of concurrent Recommend calls.
+
+    `workers` dispatchers each take the next queued request plus whatever else is already
+    waiting (up to `max_batch`) and answer them with one `Recommender.recommend_many` call per
+    (model, policy) group: one FAISS search and one ranker call instead of one per request. An
+    idle server therefore never waits to fill a batch (batch of 1, no added latency); a busy one
+    amortises per-call overhead exactly when it matters. `recommend_many` gives the same answers
+    as `recommend` (docs/ARCHITECTURE.md), so batching never changes a response.
+    """
+
+    def __init__(
+        self,
+        executor: Executor,
+        workers: int,
+        max_batch: int,
+        respond: Callable[[RecommendPlan, RecommendResult], pb.RecommendResponse],
+        sizes: Any,
+    ) -> None:
+        self._executor = executor
+        self._workers = workers
+        self._max_batch = max_batch
+        self._respond = respond
+        self._sizes = sizes  # histogram of batch sizes
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._dispatchers: list[asyncio.Task[None]] = []
+
+    async def submit(self, plan: RecommendPlan, deadline: float | None) -> pb.RecommendResponse:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._dispatchers = [
+                asyncio.create_task(self._dispatch(), name=f"recsvc-batcher-{i}")
+                for i in range(self._workers)
+            ]
+        job = _Job(plan, deadline, time.perf_counter(), asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(job)
+        return await job.future
+
+    async def close(self) -> None:
+        for task in self._dispatchers:
+            task.cancel()
+        for task in self._dispatchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _dispatch(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self._queue.get()]
+            while len(jobs) < self._max_batch and not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+            jobs = [j for j in jobs if not j.future.done()]  # callers that gave up
+            if not jobs:
+                continue
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._run_batch, jobs)
+            except BaseException as exc:
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(
+                            exc if isinstance(exc, Exception) else RuntimeError("shutdown")
+                        )
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for job, outcome in zip(jobs, outcomes):
+                if job.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(outcome)
+
+    def _run_batch(self, jobs: list[_Job]) -> list[pb.RecommendResponse | BaseException]:
+        """Worker thread: drop expired/abandoned jobs, one recommend_many per (model, policy)."""
+        started = time.perf_counter()
+        outcomes: list[pb.RecommendResponse | BaseException | None] = [None] * len(jobs)
+        groups: dict[tuple[int, RankingPolicy], list[int]] = {}
+        for i, job in enumerate(jobs):
+            job.plan.timings["queue"] = (started - job.enqueued) * 1000.0
+            if job.future.done():
+                outcomes[i] = asyncio.CancelledError()
+            elif job.deadline is not None and time.monotonic() >= job.deadline:
+                outcomes[i] = RpcAbort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "deadline exceeded while queued; the request was not computed",
+                )
+            else:
+                groups.setdefault((id(job.plan.model), job.plan.policy), []).append(i)
+        for (_, policy), idxs in groups.items():
+            self._sizes.observe(len(idxs))
+            recommender = jobs[idxs[0]].plan.model.recommender
+            try:
+                results = recommender.recommend_many([jobs[i].plan.req for i in idxs], policy)
+            except Exception:
+                # Isolate the failure: answer each request on its own so only the bad one errors.
+                results = []
+                for i in idxs:
+                    try:
+                        results.append(recommender.recommend(jobs[i].plan.req, policy))
+                    except Exception as exc:
+                        results.append(exc)
+            for i, result in zip(idxs, results):
+                if isinstance(result, Exception):
+                    outcomes[i] = result
+                    continue
+                try:
+                    outcomes[i] = self._respond(jobs[i].plan, result)
+                except Exception as exc:
+                    outcomes[i] = exc
+        return [o if o is not None else RuntimeError("request was not processed") for o in outcomes]
+
+
 class RecommenderServicer(pb_grpc.RecommenderServicer):
     def __init__(
         self,
@@ -96,6 +233,16 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             max_per_category=config.max_per_category, diversity_attribute=config.diversity_attribute
         )
         self._in_flight = 0  # only touched on the event loop thread
+        self._batcher = (
+            RecommendBatcher(executor, config.workers, config.max_batch, self._respond, metrics.batch_size)
+            if config.max_batch > 1
+            else None
+        )
+
+    async def close(self) -> None:
+        """Stop the batch dispatchers (after the gRPC server stopped taking requests)."""
+        if self._batcher is not None:
+            await self._batcher.close()
 
     @property
     def in_flight(self) -> int:
@@ -115,6 +262,15 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecommendResponse:
         rid = self._request_id(request.request_id)
+        if self._batcher is not None:
+            return await self._run(
+                "Recommend",
+                context,
+                rid,
+                lambda timings: self._plan(request, rid, timings),
+                user_id=request.user_id,
+                batched=True,
+            )
         return await self._run(
             "Recommend",
             context,
@@ -224,11 +380,13 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         *,
         user_id: str = "",
         offload: bool = True,
+        batched: bool = False,
     ) -> T:
+        """`batched`: `work` only plans (on the loop); the batcher computes and answers."""
         started = time.perf_counter()
         timings: dict[str, float] = {}
         try:
-            result = await self._admit_and_compute(context, work, timings, offload)
+            result = await self._admit_and_compute(context, work, timings, offload, batched)
         except asyncio.CancelledError:
             self._finish(method, rid, grpc.StatusCode.CANCELLED, started, timings, user_id)
             raise
@@ -248,6 +406,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         work: Callable[[dict[str, float]], T],
         timings: dict[str, float],
         offload: bool,
+        batched: bool = False,
     ) -> T:
         if self._in_flight >= self._config.max_in_flight:
             raise RpcAbort(
@@ -265,6 +424,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             if not offload:
                 return work(timings)
             deadline = None if remaining is None else time.monotonic() + remaining
+            if batched and self._batcher is not None:
+                plan = work(timings)
+                assert isinstance(plan, RecommendPlan)
+                return cast(T, await self._batcher.submit(plan, deadline))
             loop = asyncio.get_running_loop()
             enqueued = time.perf_counter()
             return await loop.run_in_executor(
@@ -330,6 +493,13 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def _recommend(
         self, request: pb.RecommendRequest, rid: str, timings: dict[str, float], field: str = ""
     ) -> pb.RecommendResponse:
+        plan = self._plan(request, rid, timings, field)
+        return self._respond(plan, plan.model.recommender.recommend(plan.req, plan.policy))
+
+    def _plan(
+        self, request: pb.RecommendRequest, rid: str, timings: dict[str, float], field: str = ""
+    ) -> RecommendPlan:
+        """Validate and route one request: which model, which domain request, which policy."""
         t0 = time.perf_counter()
         hints = validation.experiment_hints(request, self._limits, field)
         assignment = self._assign(request.user_id, hints, field)
@@ -337,17 +507,24 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         req = validation.recommend_request(request, self._limits, model.attributes, field)
         timings["validate"] = (time.perf_counter() - t0) * 1000.0
         policy = assignment.policy if assignment else self._default_policy
-        result = model.recommender.recommend(req, policy)
+        return RecommendPlan(request, rid, model, req, policy, assignment, timings)
+
+    def _respond(self, plan: RecommendPlan, result: RecommendResult) -> pb.RecommendResponse:
+        """Interleaving, exposure record and the wire response for a computed result."""
+        timings = plan.timings
         _merge_timings(timings, result)
         origins: list[str] | None = None
+        assignment = plan.assignment
         if assignment is not None and assignment.interleave_with:
-            result, origins = self._interleave(request.user_id, rid, req, assignment, result, model)
+            result, origins = self._interleave(
+                plan.request.user_id, plan.rid, plan.req, assignment, result, plan.model
+            )
         t1 = time.perf_counter()
-        response = _response(result, rid, origins)
+        response = _response(result, plan.rid, origins)
         if assignment is not None:
             response.experiment = assignment.experiment
             response.variant = assignment.variant
-            self._log_exposure(rid, request.user_id, assignment, result, origins)
+            self._log_exposure(plan.rid, plan.request.user_id, assignment, result, origins)
         self._metrics.results.observe(len(result.items))
         n_candidates = getattr(result, "candidate_count", None)  # reported when the Recommender provides it
         if n_candidates is not None:

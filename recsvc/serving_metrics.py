@@ -69,6 +69,12 @@ class ServingMetrics:
             "Exposures that could not be written (answer still served)",
             registry=r,
         )
+        self.batch_size = Histogram(
+            "recsvc_batch_size",
+            "Recommend requests answered by one recommend_many call",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+            registry=r,
+        )
         self._active_version: str | None = None
 
     def observe_request(self, method: str, code: str, latency_ms: float) -> None:
