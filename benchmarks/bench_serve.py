@@ -158,6 +158,7 @@ def run_server_child(args: argparse.Namespace) -> int:
         metrics_port=0,
         events_db=str(workdir / "events.sqlite"),
         workers=args.workers,
+        max_batch=args.max_batch,
         max_in_flight=max(64, args.concurrency * 4),
         reload_poll_s=3600,
     )
@@ -299,6 +300,7 @@ def start_child(n_items: int, args: argparse.Namespace, workdir: Path) -> tuple[
         "--users", str(args.users),
         "--candidates", str(args.candidates),
         "--workers", str(args.workers),
+        "--max-batch", str(args.max_batch),
         "--concurrency", str(args.concurrency),
         "--seed", str(args.seed),
         "--workdir", str(workdir),
@@ -356,7 +358,8 @@ def summarise(n_items: int, echo: Phase, phases: dict[str, Phase]) -> dict[str, 
 def print_report(echo: Phase, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(
         f"\nserving benchmark: loopback, {args.concurrency} in flight, k={args.k}, {args.candidates} candidates, "
-        f"dim={args.dim}, {args.workers} workers, cpus={os.cpu_count()} (shared machine: numbers are indicative)"
+        f"dim={args.dim}, {args.workers} workers, max_batch={args.max_batch}, cpus={os.cpu_count()}, "
+        f"load average {os.getloadavg()[0]:.1f} (shared machine: numbers are indicative)"
     )
     print(f"Echo (gRPC floor): {echo.rps:.0f} rps, p50 {echo.pct(50):.2f} ms, p99 {echo.pct(99):.2f} ms")
     print(f"{'items':>9} {'rec rps':>8} {'ratio':>6} {'p50@half':>9} {'p99@half':>9} {'target':>14}")
@@ -395,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workers", type=int, default=4, help="server worker threads (ServeConfig.workers; default 4)"
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="ServeConfig.max_batch: Recommend calls per recommend_many (1 = off)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
