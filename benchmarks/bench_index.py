@@ -4,6 +4,7 @@ For 100k x 384 random unit item vectors and an H&M-sized catalogue (the item cou
 H&M data when present, else 105,542), reports build time, single-query and batched QPS at k=100,
 and recall@100 against exact search. Queries imitate pooled user vectors: the normalised mean of a
 few random items plus noise (uniformly random queries have no meaningful neighbours).
+`--data clustered` draws items around n/100 random centres, closer to real text embeddings.
 Random vectors are the hard case for graph indexes; real text embeddings are clustered, which
 gives HNSW higher recall at the same efSearch.
 """
@@ -49,6 +50,16 @@ def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def item_vectors(n: int, dim: int, data: str, seed: int) -> np.ndarray:
+    """Unit item vectors: i.i.d. random (hardest for graph indexes) or clustered like text embeddings."""
+    rng = np.random.default_rng(seed)
+    if data == "random":
+        return unit(rng.normal(size=(n, dim)))
+    centers = rng.normal(size=(max(1, n // 100), dim))
+    labels = rng.integers(0, len(centers), n)
+    return unit(centers[labels] + rng.normal(size=(n, dim)))
+
+
 def pooled_queries(items: np.ndarray, n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(items), size=(n, 5))
@@ -76,8 +87,7 @@ def ivf_search(items: np.ndarray, nprobe: int) -> tuple[Any, float, dict[str, An
 
 
 def bench_size(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    rng = np.random.default_rng(n)
-    items = unit(rng.normal(size=(n, args.dim)))
+    items = item_vectors(n, args.dim, args.data, seed=n)
     queries = pooled_queries(items, args.queries, seed=n + 1)
     start = time.perf_counter()
     _, exact = exact_top_k(items, queries, args.k)
@@ -103,6 +113,7 @@ def bench_size(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
             "n_items": n,
             "dim": args.dim,
             "kind": kind,
+            "data": args.data,
             "params": {
                 k: v for k, v in params.items() if k in ("M", "efConstruction", "efSearch", "nlist", "nprobe")
             },
@@ -136,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         default=["flat", "hnsw", "ivf"],
         choices=["flat", "hnsw", "ivf"],
         help="indexes to compare",
+    )
+    parser.add_argument(
+        "--data",
+        choices=["random", "clustered"],
+        default="random",
+        help="item vectors: i.i.d. random (worst case) or clustered, ~100 items per cluster (default: %(default)s)",
     )
     parser.add_argument("--k", type=int, default=100, help="neighbours per query (default: %(default)s)")
     parser.add_argument("--queries", type=int, default=1000, help="queries for batched QPS and recall")
