@@ -168,7 +168,7 @@ class PipelineConfig:
     cpu_max_tokens: int | None = 32  # BERT input length on CPU (TextConfig.max_tokens otherwise)
     cpu_finetune_validation: bool = False  # validation re-embeds the catalogue once more
     cpu_eval_max_users: int | None = 3_000  # test users scored per system on CPU (seeded sample)
-    cpu_ranker_max_train_users: int | None = 3_000  # LightGBM rows ~ users x max_candidates
+    cpu_ranker_max_train_users: int | None = 8_000  # LightGBM rows ~ users x max_candidates
     cpu_ranker_search_trials: int | None = 1
     seed: int = 42
 

@@ -43,13 +43,13 @@ STAGES = ("load", "split", "finetune", "embed", "index", "state", "ranker", "eva
 # cached output is still valid.
 STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "load": ((), ("data",)),
-    "split": (("load",), ("split", "pipeline")),
+    "split": (("load",), ("split",)),
     "finetune": (("split",), ("text", "encoder")),
     "embed": (("finetune",), ("text", "encoder")),
     "index": (("embed",), ("index",)),
     "state": (("split",), ("text", "candidates")),
     "ranker": (("index", "state"), ("candidates", "ranker")),
-    "evaluate": (("ranker",), ("candidates", "eval_k", "baselines")),
+    "evaluate": (("ranker",), ("text", "candidates", "eval_k", "baselines", "eval")),
     "publish": (("ranker", "evaluate"), ()),
 }
 STAGE_FILE = "stage.json"
@@ -197,10 +197,28 @@ def stage_fingerprints(
             payload["data"] = data_fp
         if stage == "split":
             payload["evaluate"] = evaluate
+            payload["catalogue"] = extra.get("catalogue")
+        if stage == "finetune":
+            payload["validation"] = extra.get("finetune_validation")
         if stage in ("finetune", "embed", "index"):
             payload["device"] = extra.get("device")
         out[stage] = _digest(payload)
     return out
+
+
+def run_fingerprints(run_cfg: TrainConfig, budget: Budget, data_fp: str, evaluate: bool) -> dict[str, str]:
+    """Stage fingerprints of a run: budgeted config plus the budget facts no section holds."""
+    p = run_cfg.pipeline
+    extra = {
+        "device": budget.device,
+        "catalogue": {
+            "max_items": budget.max_catalogue_items,
+            "half_life": p.catalogue_half_life_days,
+            "seed": p.seed,
+        },
+        "finetune_validation": budget.finetune_validation,
+    }
+    return stage_fingerprints(run_cfg, data_fp, evaluate, extra)
 
 
 # ----------------------------------------------------------------------------- work directory
@@ -509,7 +527,7 @@ def run_training(
     work_root = bundle.new_staging_dir(root) if temporary else Path(work_dir)  # type: ignore[arg-type]
     work = WorkDir(work_root)
     data_fp = data_fingerprint(data_path) if data_path.is_dir() else "absent"
-    fps = stage_fingerprints(run_cfg, data_fp, evaluate, {"device": budget.device})
+    fps = run_fingerprints(run_cfg, budget, data_fp, evaluate)
     ctx = RunContext(data_path, root, run_cfg, budget, evaluate, work, progress, fps)
 
     selected = list(stages) if stages is not None else [s for s in STAGES if evaluate or s != "evaluate"]
@@ -709,9 +727,18 @@ def stage_embed(ctx: RunContext, out: Path) -> None:
     np.save(out / "item_embeddings.npy", np.ascontiguousarray(tuned, dtype=np.float32))
     ctx.memo["item_embeddings"] = tuned
     if ctx.evaluate:
-        raw_encoder = TextEncoder.load(enc_cfg.model_dir, device=device, precision=enc_cfg.precision,
-                                       max_tokens=ctx.cfg.text.max_tokens)  # fmt: skip
-        _, raw = embed_catalogue(raw_encoder, items, ctx.cfg.text, enc_cfg.embed_batch_size, ctx.progress)
+        # The raw encoder never changes, so its vectors come from the shared on-disk cache when
+        # an earlier run embedded the same texts (keyed by model files, text config and texts).
+        from training.text_baseline import cached_catalogue_embeddings
+
+        raw = cached_catalogue_embeddings(
+            enc_cfg.model_dir,
+            items,
+            ctx.cfg.text,
+            batch_size=enc_cfg.embed_batch_size,
+            precision=enc_cfg.precision,
+            progress=ctx.progress,
+        )
         np.save(out / "raw_item_embeddings.npy", np.ascontiguousarray(raw, dtype=np.float32))
 
 

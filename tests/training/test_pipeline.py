@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -104,6 +105,29 @@ def test_changing_a_ranker_setting_invalidates_only_the_ranker_and_later_stages(
     assert changed == {"ranker", "evaluate", "publish"}
 
 
+def test_changing_only_the_ranker_budget_keeps_the_encoder_stages_cached() -> None:
+    cfg = TrainConfig()
+    more = replace(cfg, pipeline=replace(cfg.pipeline, cpu_ranker_max_train_users=9_999))
+    fps = [
+        pipeline.run_fingerprints(pipeline.budgeted_config(c, pipeline.plan_budget(c, "cpu")),
+                                  pipeline.plan_budget(c, "cpu"), "data", True)
+        for c in (cfg, more)
+    ]  # fmt: skip
+    changed = {s for s in pipeline.STAGES if fps[0][s] != fps[1][s]}
+    assert changed == {"ranker", "evaluate", "publish"}
+
+
+def test_changing_the_catalogue_budget_invalidates_the_split_and_everything_after() -> None:
+    cfg = TrainConfig()
+    fewer = replace(cfg, pipeline=replace(cfg.pipeline, cpu_max_catalogue_items=100))
+    fps = [
+        pipeline.run_fingerprints(pipeline.budgeted_config(c, pipeline.plan_budget(c, "cpu")),
+                                  pipeline.plan_budget(c, "cpu"), "data", True)
+        for c in (cfg, fewer)
+    ]  # fmt: skip
+    assert {s for s in pipeline.STAGES if fps[0][s] == fps[1][s]} == {"load"}
+
+
 def test_changing_the_data_invalidates_every_stage() -> None:
     cfg = TrainConfig()
     a = pipeline.stage_fingerprints(cfg, "data-1", True, {})
@@ -163,6 +187,14 @@ def tiny_config(model_dir: Path) -> TrainConfig:
         eval=replace(cfg.eval, tune=False, max_users=80),
         pipeline=replace(cfg.pipeline, cpu_max_catalogue_items=None),
     )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _embedding_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The raw-encoder embedding cache (training.text_baseline) goes to tmp, not ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RECSVC_CACHE_DIR", str(tmp_path_factory.mktemp("embedding_cache")))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -273,15 +305,11 @@ def test_a_single_stage_reruns_from_cached_inputs(trained: dict) -> None:
     )
     assert set(result.timings) == {"ranker"} and result.version is None
     meta = json.loads((trained["work"] / "ranker" / "stage.json").read_text())
-    assert (
-        meta["fingerprint"]
-        == pipeline.stage_fingerprints(
-            pipeline.budgeted_config(cfg, pipeline.plan_budget(cfg, "cpu")),
-            pipeline.data_fingerprint(trained["data"]),
-            True,
-            {"device": "cpu"},
-        )["ranker"]
+    budget = pipeline.plan_budget(cfg, "cpu")
+    expected = pipeline.run_fingerprints(
+        pipeline.budgeted_config(cfg, budget), budget, pipeline.data_fingerprint(trained["data"]), True
     )
+    assert meta["fingerprint"] == expected["ranker"]
 
 
 @pytest.mark.slow
