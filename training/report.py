@@ -198,8 +198,10 @@ def plot_metric_bars(metrics: Mapping[str, Any], path: Path) -> Path:
         ax.set_xticklabels([m.upper() for m in HEADLINE_METRICS])
         ax.set_title(f"{mode} items")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:  # below the panels, so it never hides a bar
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
