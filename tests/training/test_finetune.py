@@ -272,6 +272,7 @@ def write_canonical(folder: Path) -> None:
     items.write_parquet(folder / "items.parquet")
 
 
+@pytest.mark.slow  # 15-35 s: three interpreters import torch + transformers on a shared CPU
 def test_ddp_two_processes_end_with_identical_weights(tiny_bert_dir: Path, tmp_path: Path) -> None:
     data, out = tmp_path / "data", tmp_path / "out"
     write_canonical(data)
