@@ -25,6 +25,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,20 @@ DEFAULT_DATA = REPO / ".." / "shared" / "data" / "hm_fashion_lastweek"
 DEFAULT_BUNDLE = REPO / "bench-out" / "pipeline" / "bundles"
 ALPHA = 0.05
 log = logging.getLogger("bench_ab_sim")
+
+
+def memoised(fn: VariantFn) -> VariantFn:
+    """Serve each user once per variant: the replay asks the same (user, k, now) in several runs."""
+    cache: dict[tuple[str, int], list[str]] = {}
+
+    def ranked(user_ids: Sequence[str], k: int) -> dict[str, list[str]]:
+        todo = [u for u in user_ids if (u, k) not in cache]
+        if todo:
+            for u, items in fn(todo, k).items():
+                cache[(u, k)] = items
+        return {u: cache.get((u, k), []) for u in user_ids}
+
+    return ranked
 
 
 def summarise(name: str, report: ABReport, treatment: str, expect: str) -> dict[str, Any]:
@@ -152,8 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         recommender = Recommender(loaded)
         recommender.warm()
         model_version = loaded.version
-        variants["ranker"] = recommender_variant(recommender, RankingPolicy(use_ranker=True), now=cutoff)
-        variants["ann"] = recommender_variant(recommender, RankingPolicy(use_ranker=False), now=cutoff)
+        variants["ranker"] = memoised(
+            recommender_variant(recommender, RankingPolicy(use_ranker=True), now=cutoff)
+        )
+        variants["ann"] = memoised(
+            recommender_variant(recommender, RankingPolicy(use_ranker=False), now=cutoff)
+        )
         variants["ranker_copy"] = variants["ranker"]
         runs += [
             ("popularity_vs_ranker_ab", "popularity", "ranker", "better", cfg, model_version),
