@@ -45,7 +45,7 @@ from recsvc import bundle as bundle_mod  # noqa: E402
 from recsvc.batch import run_batch  # noqa: E402
 from recsvc.client import RecsvcClient  # noqa: E402
 from recsvc.config import to_dict  # noqa: E402
-from recsvc.recommender import Recommender  # noqa: E402
+from recsvc.recommender import Recommender, RecommendRequest  # noqa: E402
 
 DEFAULT_BUNDLE = REPO / "bench-out" / "pipeline" / "bundles"
 TARGET_RATIO = 5.0
@@ -227,8 +227,6 @@ def measure(args: argparse.Namespace, bundle_dir: Path) -> int:
             .iter_rows()
         }
         # In-process per-user loop: separates what batching buys from what gRPC costs.
-        from recsvc.recommender import RecommendRequest
-
         t1 = time.perf_counter()
         for user in grpc_users:
             recommender.recommend(RecommendRequest(user_id=user, k=args.k))
