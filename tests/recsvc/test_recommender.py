@@ -67,7 +67,7 @@ def test_timings_cover_every_stage(rec: Recommender) -> None:
 
 
 def test_recommend_many_returns_exactly_what_recommend_returns(rec: Recommender) -> None:
-    users = rec.bundle.history.users()[:6]
+    users = rec.bundle.history.users()[:25]  # > 20 queries: FAISS takes its BLAS path in the batch
     cat = rec.catalog
     reqs = [RecommendRequest(user_id=u, k=8, explain=True) for u in users]
     reqs += [
