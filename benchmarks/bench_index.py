@@ -1,4 +1,4 @@
-"""FAISS item index: exact (flat) vs HNSW (vs IVF-flat, for comparison) at catalogue scale.
+"""FAISS item index: exact (flat) vs HNSW vs IVF-flat (`IndexConfig.ann_kind`) at catalogue scale.
 
 For 100k x 384 random unit item vectors and an H&M-sized catalogue (the item count of the shared
 H&M data when present, else 105,542), reports build time, single-query and batched QPS at k=100,
@@ -73,19 +73,6 @@ def qps(search: Any, queries: np.ndarray, k: int, batch: int) -> float:
     return len(queries) / (time.perf_counter() - start)
 
 
-def ivf_search(items: np.ndarray, nprobe: int) -> tuple[Any, float, dict[str, Any]]:
-    """Raw FAISS IVF-flat (what ItemIndex uses above the GPU exact limit), for comparison on CPU."""
-    start = time.perf_counter()
-    nlist = int(max(64, 4 * np.sqrt(len(items))))
-    index = faiss.IndexIVFFlat(
-        faiss.IndexFlatIP(items.shape[1]), items.shape[1], nlist, faiss.METRIC_INNER_PRODUCT
-    )
-    index.train(items)
-    index.add(items)
-    index.nprobe = nprobe
-    return index.search, time.perf_counter() - start, {"nlist": nlist, "nprobe": nprobe}
-
-
 def bench_size(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     items = item_vectors(n, args.dim, args.data, seed=n)
     queries = pooled_queries(items, args.queries, seed=n + 1)
@@ -96,18 +83,17 @@ def bench_size(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     rows = []
     for kind in tqdm(args.kinds, desc=f"{n} items", unit="index"):
-        if kind == "ivf":
-            search, build_s, params = ivf_search(items, args.nprobe)
-        else:
-            cfg = replace(
-                IndexConfig(use_gpu="never", omp_threads=args.threads),
-                exact_max_items=n if kind == "flat" else 0,
-                hnsw_ef_search=args.ef_search,
-            )
-            start = time.perf_counter()
-            index = ItemIndex.build(items, cfg)
-            build_s = time.perf_counter() - start
-            search, params = index.search, dict(index.params)
+        cfg = replace(
+            IndexConfig(use_gpu="never", omp_threads=args.threads),
+            exact_max_items=n if kind == "flat" else 0,
+            ann_kind="ivf" if kind == "ivf" else "hnsw",
+            hnsw_ef_search=args.ef_search,
+            ivf_nprobe=args.nprobe,
+        )
+        start = time.perf_counter()
+        index = ItemIndex.build(items, cfg)
+        build_s = time.perf_counter() - start
+        search, params = index.search, dict(index.params)
         _, found = search(queries, args.k)
         row = {
             "n_items": n,

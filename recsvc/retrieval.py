@@ -1,7 +1,7 @@
 """FAISS inner-product search over the catalogue's L2-normalised item embeddings.
 
-Exact (`IndexFlatIP`) for catalogues up to `IndexConfig.exact_max_items`, HNSW above it, so small
-catalogues never pay an approximation. On a GPU host (`faiss.get_num_gpus() > 0`, faiss-gpu
+Exact (`IndexFlatIP`) for catalogues up to `IndexConfig.exact_max_items`, HNSW (or IVF-flat with
+`ann_kind="ivf"`) above it, so small catalogues never pay an approximation. On a GPU host (`faiss.get_num_gpus() > 0`, faiss-gpu
 installed) search runs on the GPU: exact there up to `gpu_exact_max_items`, IVF-flat above
 (HNSW has no GPU implementation). Whatever was searched on, `save` writes a CPU index, so every
 bundle loads on CPU-only servers.
@@ -112,20 +112,29 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.sum(hits) / max(1, np.sum(sizes)))
 
 
+def _ivf_index(emb: np.ndarray, nprobe: int) -> tuple[faiss.Index, str, dict[str, Any]]:
+    """IVF-flat with nlist = 4 sqrt(n) lists (trained here), searched over `nprobe` lists."""
+    n, d = emb.shape
+    nlist = int(min(65_536, max(1, min(n // 39, 4 * np.sqrt(n)))))
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(emb)
+    ivf.nprobe = nprobe
+    return ivf, "ivf", {"nlist": nlist, "nprobe": nprobe}
+
+
 def _cpu_index(emb: np.ndarray, cfg: IndexConfig, on_gpu: bool) -> tuple[faiss.Index, str, dict[str, Any]]:
     """The CPU index to fill (and maybe move to GPU) plus its kind and parameters."""
     n, d = emb.shape
+    if cfg.ann_kind not in ("hnsw", "ivf"):
+        raise IndexInputError(f"IndexConfig.ann_kind must be 'hnsw' or 'ivf', got {cfg.ann_kind!r}")
     if on_gpu:
         if n <= cfg.gpu_exact_max_items:
             return faiss.IndexFlatIP(d), "flat", {}
-        nlist = int(min(65_536, max(64, 4 * np.sqrt(n))))
-        quantizer = faiss.IndexFlatIP(d)
-        ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        ivf.train(emb)
-        ivf.nprobe = cfg.ivf_nprobe
-        return ivf, "ivf", {"nlist": nlist, "nprobe": cfg.ivf_nprobe}
+        return _ivf_index(emb, cfg.ivf_nprobe)
     if n <= cfg.exact_max_items:
         return faiss.IndexFlatIP(d), "flat", {}
+    if cfg.ann_kind == "ivf":
+        return _ivf_index(emb, cfg.ivf_nprobe)
     hnsw = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
     hnsw.hnsw.efConstruction = cfg.hnsw_ef_construction
     hnsw.hnsw.efSearch = cfg.hnsw_ef_search

@@ -160,3 +160,25 @@ def test_always_gpu_without_gpu_raises_clear_error() -> None:
     with pytest.raises(GpuUnavailableError, match="use_gpu='always'"):
         gpu_available("always")
     assert gpu_available("auto") is False
+
+
+def test_ivf_kind_above_threshold_has_high_recall_and_survives_save_load(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(30, 16))
+    emb = centres[rng.integers(0, 30, 3000)] + 0.5 * rng.normal(size=(3000, 16))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    queries = emb[rng.integers(0, 3000, 50)]
+    index = ItemIndex.build(
+        emb, IndexConfig(use_gpu="never", exact_max_items=100, ann_kind="ivf", ivf_nprobe=16)
+    )
+    recall = index.measure_recall(queries, 20)
+    index.save(tmp_path)
+    loaded = ItemIndex.load(tmp_path, use_gpu="never")
+    assert index.kind == "ivf" and index.params["nprobe"] == 16
+    assert recall >= 0.9
+    np.testing.assert_array_equal(loaded.search(queries, 20)[1], index.search(queries, 20)[1])
+
+
+def test_unknown_ann_kind_is_rejected() -> None:
+    with pytest.raises(IndexInputError, match="ann_kind must be 'hnsw' or 'ivf'"):
+        ItemIndex.build(unit_rows(200, 8), IndexConfig(use_gpu="never", exact_max_items=10, ann_kind="lsh"))
