@@ -22,7 +22,7 @@ import scipy.sparse as sp
 from recsvc.config import TextConfig, to_dict
 from recsvc.encoder import TextEncoder, default_model_dir
 from recsvc.text import item_texts
-from training.baselines import PAD, InteractionData, _PopularityFilled, decay
+from training.baselines import PAD, InteractionData, PopularityFilled, decay
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def recent_history_matrix(data: InteractionData, history_len: int, half_life_day
     return m
 
 
-class EncoderRetrieval(_PopularityFilled):
+class EncoderRetrieval(PopularityFilled):
     """CandidateGenerator: FAISS inner product between user mean vectors and catalogue embeddings."""
 
     source = "encoder"
