@@ -106,7 +106,7 @@ def query_server(workdir: Path, data_dir: Path, bundles: Path) -> None:
             for item_id in history[-5:]:
                 print(f"    {titles.get(item_id, item_id)}")
             _show(f"Recommend(user={known_user})", client.recommend(known_user, 8, explain=True), titles)
-            session = history[-2:] + ["no-such-item"]
+            session = [*history[-2:], "no-such-item"]
             _show(
                 "Recommend(new user, session items + one unknown id)",
                 client.recommend("brand-new-visitor", 8, session_items=session),
@@ -117,7 +117,11 @@ def query_server(workdir: Path, data_dir: Path, bundles: Path) -> None:
                 client.recommend("another-visitor", 8, query="running shoes for trail"),
                 titles,
             )
-            _show(f"SimilarItems({titles.get(history[-1], history[-1])})", client.similar(history[-1], 5), titles)
+            _show(
+                f"SimilarItems({titles.get(history[-1], history[-1])})",
+                client.similar(history[-1], 5),
+                titles,
+            )
             target = client.recommend(known_user, 1).items[0].item_id
             accepted = client.record_events([event(known_user, target, "purchase")])
             print(f"\nRecordEvents: {accepted} event durably stored (user bought '{titles.get(target)}')")
@@ -142,7 +146,9 @@ def _exclude_repeats() -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", type=Path, default=Path("demo"), help="where data, bundles and logs go")
     parser.add_argument("--users", type=int, default=2_000, help="synthetic users (default 2000)")
     parser.add_argument("--items", type=int, default=1_200, help="synthetic catalogue size (default 1200)")
