@@ -34,7 +34,8 @@ setup: $(STAMP) proto
 proto: $(STAMP) $(PROTO_OUT)
 
 recsvc/v1/%_pb2.py: protos/recsvc/v1/%.proto $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --mypy_out=. $<
+	$(PY) -m grpc_tools.protoc -Iprotos --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+		--python_out=. --grpc_python_out=. --mypy_out=. $<
 
 demo: setup
 	$(PY) -m training.demo --workdir $(DEMO_DIR)

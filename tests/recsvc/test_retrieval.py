@@ -31,7 +31,12 @@ def brute_force(emb: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarra
 
 CPU = IndexConfig(use_gpu="never")
 HNSW = IndexConfig(
-    use_gpu="never", exact_max_items=100, hnsw_m=16, hnsw_ef_construction=64, hnsw_ef_search=64
+    use_gpu="never",
+    exact_max_items=100,
+    ann_kind="hnsw",
+    hnsw_m=16,
+    hnsw_ef_construction=64,
+    hnsw_ef_search=64,
 )
 
 
