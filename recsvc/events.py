@@ -11,6 +11,7 @@ replay "everything up to now" and then catch up exactly the events that arrived 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sqlite3
 import threading
@@ -76,8 +77,9 @@ class EventStore:
                 seq = int(self._conn.execute("SELECT last_insert_rowid()").fetchone()[0])
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):  # a closed connection cannot even roll back
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
                 raise EventStoreError(f"cannot write to event store {self.path}: {exc}") from exc
         return seq
 

@@ -69,3 +69,10 @@ def test_empty_append_is_a_no_op(tmp_path: Path) -> None:
     store = EventStore(tmp_path / "ev.sqlite")
     assert store.append([]) == 0
     assert store.count() == 0
+
+
+def test_append_after_close_raises_an_event_store_error(tmp_path: Path) -> None:
+    store = EventStore(tmp_path / "ev.sqlite")
+    store.close()
+    with pytest.raises(EventStoreError, match=r"ev\.sqlite"):
+        store.append([_ev("u", "a", 1)])
