@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -64,18 +63,3 @@ def test_save_and_load_round_trip_including_online_events(tmp_path: Path) -> Non
 def test_before_cuts_strictly_before_the_cutoff() -> None:
     h = UserHistory(np.array([0, 1, 2], np.int32), np.array([5, 10, 15], np.int64), np.ones(3, np.float32))
     assert h.before(10).items.tolist() == [0]
-
-
-def test_get_takes_microseconds_on_many_users() -> None:
-    rng = np.random.default_rng(0)
-    n = 200_000
-    cat = Catalog.from_items(pl.DataFrame({"item_id": [f"i{i}" for i in range(1000)], "title": ["t"] * 1000}))
-    users = np.asarray([f"u{u}" for u in rng.integers(0, 20_000, n)], dtype=object)
-    store = HistoryStore.from_arrays(
-        users, rng.integers(0, 1000, n), rng.integers(0, 10**6, n), np.ones(n), cat
-    )
-    start = time.perf_counter()
-    for u in range(1000):
-        store.get(f"u{u}")
-    per_call_us = (time.perf_counter() - start) / 1000 * 1e6
-    assert per_call_us < 50

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -422,13 +421,10 @@ def test_synthetic_fixture_loads_without_drops(synth_loaded) -> None:
 
 
 @pytest.mark.skipif(not HM.is_dir(), reason="H&M data not staged on this machine")
-def test_hm_week_loads_quickly_and_completely() -> None:
-    started = time.perf_counter()
+def test_hm_week_loads_completely() -> None:
     ds = load_dataset(HM)
-    elapsed = time.perf_counter() - started
     assert ds.interactions.height == 240_311
     assert ds.items.height == 105_542
     assert ds.report.users == 68_984
     assert ds.interactions["timestamp"].is_sorted()
     assert {"price", "source_row"} <= set(ds.interactions.columns)
-    assert elapsed < 10
