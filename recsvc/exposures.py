@@ -16,6 +16,8 @@ interleaved exposures it is the drafting team, which is how clicks are credited.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import hmac
 import json
@@ -145,8 +147,10 @@ class ExposureLog:
                     f"exposure log {self.path}: request_id already logged ({exc}); request ids must be unique"
                 ) from exc
             except sqlite3.Error as exc:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
+                # A closed or broken connection raises again here; the write error is what matters.
+                with contextlib.suppress(sqlite3.Error):
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
                 raise ExposureLogError(f"cannot write exposure log {self.path}: {exc}") from exc
 
     def read(self, experiment: str | None = None) -> list[Exposure]:
