@@ -17,7 +17,6 @@ interleaved exposures it is the drafting team, which is how clicks are credited.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import hmac
 import json
