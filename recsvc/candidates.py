@@ -77,6 +77,17 @@ class Candidates:
         return Candidates(np.zeros(0, np.int32), np.zeros(0, np.uint8), f, f, f, f)
 
 
+def focus_on_query(cands: Candidates, min_keep: int) -> Candidates:
+    """A free-text query is explicit intent: drop items that only popularity proposed.
+
+    The ranker learned from traffic without queries, where popularity features dominate for users
+    without history, so popular-only items would otherwise outrank what the shopper typed. They
+    stay when fewer than `min_keep` other candidates exist, so k results still come back.
+    """
+    keep = cands.sources != SOURCE_BITS["popular"]
+    return cands.take(keep) if int(keep.sum()) >= min_keep else cands
+
+
 def merge(lists: Sequence[SourceList], max_candidates: int) -> Candidates:
     """Union of source lists: one row per item, OR of source bits, per-source scores kept.
 

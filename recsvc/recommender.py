@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from recsvc.candidates import SOURCE_BITS, Candidates, SourceList, cooc_source, generate, merge
+from recsvc.candidates import (
+    SOURCE_BITS,
+    Candidates,
+    SourceList,
+    cooc_source,
+    focus_on_query,
+    generate,
+    merge,
+)
 from recsvc.config import CandidateConfig, RecommenderConfig
 from recsvc.features import build_features, feature_index, pairwise_dot, tower_inputs
 from recsvc.history import Event, UserHistory
@@ -329,6 +337,8 @@ class Recommender:
             blocked = np.union1d(blocked, p.history.items).astype(np.int32)
         cfg = self.cand_cfg
         cands = self._filtered(self._generate(p, ann, query, cfg, timings), p.allowed, blocked, timings)
+        if p.query_vec is not None:
+            cands = focus_on_query(cands, p.req.k)
         if len(cands) < p.req.k and (p.allowed is not None or len(blocked)):
             depth = min(
                 len(self.catalog), MAX_FILTERED_DEPTH, max(cfg.ann, p.req.k) * self.config.filtered_ann_factor

@@ -51,7 +51,10 @@ def _show(title: str, response: object, titles: dict[str, str]) -> None:
         + (f"  unknown={list(response.unknown_item_ids)}" if response.unknown_item_ids else "")  # type: ignore[attr-defined]
     )
     for rank, item in enumerate(items, 1):
-        why = f"   (because: {titles.get(item.explanation, item.explanation)})" if item.explanation else ""
+        why = ""
+        if item.explanation:  # e.g. "similar to item0389": name the item the shopper knows
+            words = [titles.get(w, w) for w in item.explanation.split()]
+            why = f"   ({' '.join(words)})"
         print(
             f"{rank:2d}. {item.score:7.3f}  {titles.get(item.item_id, item.item_id)[:60]:60s} "
             f"[{','.join(item.sources)}]{why}"

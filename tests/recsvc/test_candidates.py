@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 
 from recsvc.behaviour import CoOccurrence, ItemStats
-from recsvc.candidates import SOURCE_BITS, SourceList, generate, merge, repeat_source
+from recsvc.candidates import SOURCE_BITS, SourceList, focus_on_query, generate, merge, repeat_source
 from recsvc.config import DAY, CandidateConfig
 from recsvc.history import UserHistory
 
@@ -102,3 +102,23 @@ def test_generate_for_cold_user_without_ann_is_popularity() -> None:
         now=NOW,
     )
     assert c.has("popular").all() and len(c) == len(stats.top_popular(50))
+
+
+def _query_and_popular() -> object:
+    return merge(
+        [
+            SourceList("query", np.array([1, 2], np.int32), np.array([0.9, 0.8], np.float32)),
+            SourceList("popular", np.array([2, 3, 4], np.int32), np.array([3.0, 2.0, 1.0], np.float32)),
+        ],
+        10,
+    )
+
+
+def test_focus_on_query_drops_items_only_popularity_proposed() -> None:
+    focused = focus_on_query(_query_and_popular(), min_keep=2)
+    assert sorted(focused.items.tolist()) == [1, 2]  # 2 stays: the query proposed it too
+
+
+def test_focus_on_query_keeps_popular_items_when_too_few_remain() -> None:
+    focused = focus_on_query(_query_and_popular(), min_keep=3)
+    assert sorted(focused.items.tolist()) == [1, 2, 3, 4]
