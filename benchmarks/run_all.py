@@ -14,15 +14,16 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# bench_pipeline publishes the H&M bundle that bench_batch and bench_ab_sim then use.
 ORDER = (
     "bench_ranker.py",
     "bench_index.py",
     "bench_embed.py",
     "bench_baselines.py",
+    "bench_pipeline.py",
     "bench_serve.py",
     "bench_batch.py",
     "bench_ab_sim.py",
-    "bench_pipeline.py",
 )
 
 
