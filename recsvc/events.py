@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from recsvc.durable_sqlite import open_durable
 from recsvc.history import Event
 
 _SCHEMA = """
@@ -47,12 +48,7 @@ class EventStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a WAL commit is fsynced before `append` returns (acknowledged = durable).
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
+            self._conn = open_durable(self.path, _SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise EventStoreError(f"cannot open event store {self.path}: {exc}") from exc
         self._lock = threading.Lock()

@@ -29,6 +29,8 @@ from typing import NamedTuple
 
 import polars as pl
 
+from recsvc.durable_sqlite import open_durable
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS exposures (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -104,11 +106,7 @@ class ExposureLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
+            self._conn = open_durable(self.path, _SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise ExposureLogError(f"cannot open exposure log {self.path}: {exc}") from exc
         self._lock = threading.Lock()
