@@ -6,7 +6,9 @@ what makes offline ranker features leak-free, and can absorb new events online.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,10 @@ class ItemStats:
     last_ts: np.ndarray  # float64 [n] last interaction time, nan = never seen
     popularity_window_days: float = 7.0
     _popular_cache: tuple[int, np.ndarray] | None = None  # (depth computed, items)
+    # (row function, table) from `derived_table`; refreshed row by row in `update`
+    _derived: tuple[Callable[[ItemStats, np.ndarray], np.ndarray], np.ndarray] | None = None
+    _version: int = 0  # bumped by every update, so a table built during one is not kept
+    _derived_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def n_items(self) -> int:
@@ -101,6 +107,28 @@ class ItemStats:
             self.last_ts[item_idx] = ts
         self.now = max(self.now, int(ts))
         self._popular_cache = None
+        with self._derived_lock:
+            self._version += 1
+            if self._derived is not None:
+                row_fn, table = self._derived
+                table[item_idx] = row_fn(self, np.asarray([item_idx]))[0]
+
+    def derived_table(self, row_fn: Callable[[ItemStats, np.ndarray], np.ndarray]) -> np.ndarray:
+        """`row_fn(self, rows)` for every item, computed once and kept current by `update`.
+
+        Why: per-item values derived from these counters (features.item_stat_rows) would otherwise
+        be recomputed for every candidate of every request. A table built while an update ran is
+        returned but not kept, so a later call never sees a stale row.
+        """
+        cached = self._derived
+        if cached is not None and cached[0] is row_fn:
+            return cached[1]
+        version = self._version
+        table = row_fn(self, np.arange(self.n_items))
+        with self._derived_lock:
+            if version == self._version:
+                self._derived = (row_fn, table)
+        return table
 
     def top_popular(self, n: int) -> np.ndarray:
         """The `n` items with the highest recent popularity (int32, best first, only items seen)."""

@@ -7,10 +7,13 @@ Changing a feature means changing it here only, so offline and online can never 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
 from recsvc.behaviour import USER_FEATURE_NAMES, ItemStats, decay, user_behaviour
-from recsvc.candidates import SOURCE_NAMES, Candidates
+from recsvc.candidates import SOURCE_BITS, SOURCE_NAMES, Candidates
 from recsvc.catalog import Catalog
 from recsvc.config import DAY, CandidateConfig
 from recsvc.history import UserHistory
@@ -61,6 +64,36 @@ N_FEATURES = len(FEATURE_NAMES)
 _COL = {name: j for j, name in enumerate(FEATURE_NAMES)}
 
 
+# Item behaviour columns that do not depend on the request time, kept as one table per ItemStats.
+ITEM_STAT_COLUMNS: tuple[str, ...] = (
+    "item_cnt_1d",
+    "item_cnt_7d",
+    "item_cnt_30d",
+    "item_cnt_all",
+    "item_users",
+    "item_trend",
+    "item_repurchase_rate",
+)
+
+
+def item_stat_rows(stats: ItemStats, rows: np.ndarray) -> np.ndarray:
+    """The ITEM_STAT_COLUMNS of catalogue items `rows` (float32 [len(rows), 7]).
+
+    ItemStats caches this for all items and refreshes a row when an event updates it, so a
+    request's item features are one gather.
+    """
+    counts = stats.counts[rows]
+    users = stats.users[rows]
+    week = counts[:, 1]
+    table = np.empty((len(counts), len(ITEM_STAT_COLUMNS)), dtype=np.float32)
+    table[:, :4] = counts
+    table[:, 4] = users
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table[:, 5] = np.where(week > 0, counts[:, 0] / (week / 7.0), np.nan)
+        table[:, 6] = np.where(users > 0, stats.repeat_users[rows] / users, np.nan)
+    return table
+
+
 def feature_index(name: str) -> int:
     """Column of a feature in the matrix (KeyError names the unknown feature)."""
     return _COL[name]
@@ -86,45 +119,103 @@ def build_features(
     `history` must contain only what was known before `now` (training passes histories cut at the
     cutoff; serving passes bundle history + events since), `item_emb` rows are L2-normalised.
     """
-    n = len(cands)
-    out = np.full((n, N_FEATURES), np.nan, dtype=np.float32)
-    if n == 0:
+    return build_features_many([history], [cands], [user_vec], item_emb, catalog, stats, [now], cfg)
+
+
+def build_features_many(
+    histories: Sequence[UserHistory],
+    cands: Sequence[Candidates],
+    user_vecs: Sequence[np.ndarray | None],
+    item_emb: np.ndarray,
+    catalog: Catalog,
+    stats: ItemStats,
+    nows: Sequence[int],
+    cfg: CandidateConfig,
+) -> np.ndarray:
+    """`build_features` for many users at once: their matrices stacked in input order.
+
+    Why: per-user numpy calls cost more than the maths at serving batch sizes, so everything that
+    is elementwise or a per-user sum is computed once over all candidates, with each row tagged by
+    its user (segment). Every value is bit-identical to computing the users one by one: per-user
+    sums accumulate in the same order, and dot products stay one matrix-vector product per user.
+    """
+    if not (len(histories) == len(cands) == len(user_vecs) == len(nows)):
+        raise ValueError("histories, cands, user_vecs and nows must have the same length")
+    sizes = np.fromiter((len(c) for c in cands), dtype=np.int64, count=len(cands))
+    total = int(sizes.sum())
+    out = np.full((total, N_FEATURES), np.nan, dtype=np.float32)
+    if total == 0:
         return out
-    items = cands.items
-    cand_emb = item_emb[items]
-    _text_features(out, history, cands, cand_emb, user_vec, item_emb)
-    _source_features(out, cands)
-    _item_features(out, items, stats, now)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    seg = np.repeat(np.arange(len(cands)), sizes)
+    items = np.concatenate([c.items for c in cands]).astype(np.int64)
+    row_now = np.repeat(np.asarray(nows, dtype=np.int64), sizes)
+    _text_features(out, histories, cands, user_vecs, item_emb, bounds)
+    _source_features(out, np.concatenate([c.sources for c in cands]))
+    _item_features(out, items, stats, row_now)
     attributes = list(catalog.attributes.values())
     diversity_codes = attributes[0] if attributes else None
-    out[:, _COL["user_n_events"] : _COL["user_n_events"] + len(USER_FEATURE_NAMES)] = user_behaviour(
-        history, now, diversity_codes
-    )
-    _affinity_features(out, history, items, catalog, now, cfg)
-    _price_features(out, history, items, catalog)
+    user_rows = np.vstack([user_behaviour(h, int(t), diversity_codes) for h, t in zip(histories, nows)])
+    first = _COL["user_n_events"]
+    out[:, first : first + len(USER_FEATURE_NAMES)] = user_rows[seg]
+    history_rows = _HistoryRows.of(histories, nows)
+    _affinity_features(out, history_rows, seg, items, row_now, catalog, cfg)
+    _price_features(out, histories, seg, items, catalog)
     return out
+
+
+@dataclass(frozen=True)
+class _HistoryRows:
+    """All users' histories concatenated, each event tagged with its user's segment and `now`."""
+
+    seg: np.ndarray  # int64 [n_events]
+    items: np.ndarray  # int64 [n_events]
+    timestamps: np.ndarray  # int64 [n_events]
+    weights: np.ndarray  # float64 [n_events]
+    now: np.ndarray  # int64 [n_events]
+    weight_total: np.ndarray  # float64 [n_users] sum of each user's weights (numpy's own sum)
+    empty: np.ndarray  # bool [n_users]
+
+    @classmethod
+    def of(cls, histories: Sequence[UserHistory], nows: Sequence[int]) -> _HistoryRows:
+        lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+        weights = [h.weights.astype(np.float64) for h in histories]
+        return cls(
+            np.repeat(np.arange(len(histories)), lengths),
+            np.concatenate([h.items for h in histories]).astype(np.int64),
+            np.concatenate([h.timestamps for h in histories]).astype(np.int64),
+            np.concatenate(weights),
+            np.repeat(np.asarray(nows, dtype=np.int64), lengths),
+            # per-user .sum() (pairwise summation) so totals match the one-user definition exactly
+            np.fromiter((w.sum() for w in weights), dtype=np.float64, count=len(weights)),
+            lengths == 0,
+        )
 
 
 def _text_features(
     out: np.ndarray,
-    history: UserHistory,
-    cands: Candidates,
-    cand_emb: np.ndarray,
-    user_vec: np.ndarray | None,
+    histories: Sequence[UserHistory],
+    cands: Sequence[Candidates],
+    user_vecs: Sequence[np.ndarray | None],
     item_emb: np.ndarray,
+    bounds: np.ndarray,
 ) -> None:
-    if user_vec is not None:
-        out[:, _COL["cos_user"]] = cand_emb @ np.asarray(user_vec, dtype=np.float32)
-    if len(history):
-        recent = history.items[-HISTORY_COS_ITEMS:]
-        sims = pairwise_dot(cand_emb, item_emb[recent])  # [n, k]
-        out[:, _COL["cos_hist_max"]] = sims.max(axis=1)
-        out[:, _COL["cos_hist_mean"]] = sims.mean(axis=1)
-        out[:, _COL["cos_hist_last"]] = sims[:, -1]
-    out[:, _COL["ann_score"]] = cands.ann_score
-    out[:, _COL["ann_rank"]] = cands.ann_rank
-    out[:, _COL["cooc_score"]] = cands.cooc_score
-    out[:, _COL["repeat_score"]] = cands.repeat_score
+    for r, (history, c, user_vec) in enumerate(zip(histories, cands, user_vecs)):
+        if len(c) == 0 or (user_vec is None and len(history) == 0):
+            continue
+        rows = slice(int(bounds[r]), int(bounds[r + 1]))
+        cand_emb = item_emb[c.items]
+        if user_vec is not None:
+            out[rows, _COL["cos_user"]] = cand_emb @ np.asarray(user_vec, dtype=np.float32)
+        if len(history):
+            sims = pairwise_dot(cand_emb, item_emb[history.items[-HISTORY_COS_ITEMS:]])  # [n, k]
+            out[rows, _COL["cos_hist_max"]] = sims.max(axis=1)
+            out[rows, _COL["cos_hist_mean"]] = sims.mean(axis=1)
+            out[rows, _COL["cos_hist_last"]] = sims[:, -1]
+    out[:, _COL["ann_score"]] = np.concatenate([c.ann_score for c in cands])
+    out[:, _COL["ann_rank"]] = np.concatenate([c.ann_rank for c in cands])
+    out[:, _COL["cooc_score"]] = np.concatenate([c.cooc_score for c in cands])
+    out[:, _COL["repeat_score"]] = np.concatenate([c.repeat_score for c in cands])
 
 
 def pairwise_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -139,46 +230,62 @@ def pairwise_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def _source_features(out: np.ndarray, cands: Candidates) -> None:
-    total = np.zeros(len(cands), dtype=np.float32)
-    for name in SOURCE_NAMES:
-        has = cands.has(name).astype(np.float32)
-        out[:, _COL[f"src_{name}"]] = has
-        total += has
-    out[:, _COL["n_sources"]] = total
+def _source_features(out: np.ndarray, sources: np.ndarray) -> None:
+    # bits -> 0/1 columns in SOURCE_NAMES order, then their count (exact small integers in float32)
+    bits = np.asarray([SOURCE_BITS[name] for name in SOURCE_NAMES], dtype=np.uint8)
+    has = ((sources[:, None] & bits[None, :]) != 0).astype(np.float32)
+    first = _COL[f"src_{SOURCE_NAMES[0]}"]
+    out[:, first : first + len(SOURCE_NAMES)] = has
+    out[:, _COL["n_sources"]] = has.sum(axis=1)
 
 
-def _item_features(out: np.ndarray, items: np.ndarray, stats: ItemStats, now: int) -> None:
-    counts = stats.counts[items]
-    out[:, _COL["item_cnt_1d"] : _COL["item_cnt_all"] + 1] = counts
-    users = stats.users[items]
-    out[:, _COL["item_users"]] = users
-    week = counts[:, 1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out[:, _COL["item_trend"]] = np.where(week > 0, counts[:, 0] / (week / 7.0), np.nan)
-        out[:, _COL["item_repurchase_rate"]] = np.where(users > 0, stats.repeat_users[items] / users, np.nan)
-    out[:, _COL["item_days_since_last"]] = (now - stats.last_ts[items]) / DAY
-    out[:, _COL["item_days_since_first"]] = (now - stats.first_ts[items]) / DAY
+def _item_features(out: np.ndarray, items: np.ndarray, stats: ItemStats, row_now: np.ndarray) -> None:
+    # the time-independent columns are one precomputed table: one gather per request
+    first = _COL["item_cnt_1d"]
+    out[:, first : first + len(ITEM_STAT_COLUMNS)] = stats.derived_table(item_stat_rows)[items]
+    out[:, _COL["item_days_since_last"]] = (row_now - stats.last_ts[items]) / DAY
+    out[:, _COL["item_days_since_first"]] = (row_now - stats.first_ts[items]) / DAY
+
+
+def _segment_lookup(
+    hist_keys: np.ndarray, hist_values: Sequence[np.ndarray], cand_keys: np.ndarray
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Per-key sums of `hist_values` (bincount: input order, as a per-user bincount adds them)
+    looked up at `cand_keys`: (found mask, sums with 0 where not found)."""
+    uniq, inverse = np.unique(hist_keys, return_inverse=True)
+    if len(uniq) == 0:
+        return np.zeros(len(cand_keys), bool), [np.zeros(len(cand_keys)) for _ in hist_values]
+    pos = np.minimum(np.searchsorted(uniq, cand_keys), len(uniq) - 1)
+    found = uniq[pos] == cand_keys
+    sums = [np.bincount(inverse, v, minlength=len(uniq)) for v in hist_values]
+    return found, [np.where(found, s[pos], 0.0) for s in sums]
 
 
 def _affinity_features(
-    out: np.ndarray, history: UserHistory, items: np.ndarray, catalog: Catalog, now: int, cfg: CandidateConfig
+    out: np.ndarray,
+    hist: _HistoryRows,
+    seg: np.ndarray,
+    items: np.ndarray,
+    row_now: np.ndarray,
+    catalog: Catalog,
+    cfg: CandidateConfig,
 ) -> None:
-    if len(history) == 0:
-        out[:, _COL["ui_count"]] = 0.0
-        out[:, _COL["ui_weight"]] = 0.0
-        out[:, _COL["ui_decayed"]] = 0.0
-        return
-    w = history.weights.astype(np.float64)
-    total = w.sum()
+    cand_empty = hist.empty[seg]
     shares = []
+    total = hist.weight_total
+    divisor = np.where(total > 0, total, 1.0)[seg]  # x / 1.0 == x: "no division" when total <= 0
     for j, (name, codes) in enumerate(catalog.attributes.items()):
-        hist_codes = codes[history.items]
+        n_values = max(len(catalog.attribute_values[name]), 1)
+        hist_codes = codes[hist.items]
         known = hist_codes >= 0
-        per_value = np.bincount(hist_codes[known], w[known], minlength=len(catalog.attribute_values[name]))
-        per_value = per_value / total if total > 0 else per_value
         cand_codes = codes[items]
-        share = np.where(cand_codes >= 0, per_value[np.maximum(cand_codes, 0)], np.nan).astype(np.float32)
+        _, (per_value,) = _segment_lookup(
+            hist.seg[known] * n_values + hist_codes[known],
+            [hist.weights[known]],
+            seg * n_values + np.maximum(cand_codes, 0),
+        )
+        share = np.where(cand_codes >= 0, per_value / divisor, np.nan).astype(np.float32)
+        share[cand_empty] = np.nan
         shares.append(share)
         if j < AFFINITY_SLOTS:
             out[:, _COL[f"attr{j}_share"]] = share
@@ -193,32 +300,43 @@ def _affinity_features(
             n_known > 0, np.where(finite, stacked, -1.0).max(axis=0), np.nan
         )
     # how often / how much / how recently the user had this very item
-    uniq, inverse = np.unique(history.items, return_inverse=True)
-    count = np.bincount(inverse, minlength=len(uniq)).astype(np.float32)
-    weight = np.bincount(inverse, w, minlength=len(uniq)).astype(np.float32)
-    decayed = np.bincount(
-        inverse, w * decay(now - history.timestamps, cfg.cooc_half_life_days), minlength=len(uniq)
-    ).astype(np.float32)
-    last = np.full(len(uniq), -np.inf)
-    np.maximum.at(last, inverse, history.timestamps.astype(np.float64))
-    pos = np.minimum(np.searchsorted(uniq, items), len(uniq) - 1)
-    had = uniq[pos] == items
-    out[:, _COL["ui_count"]] = np.where(had, count[pos], 0.0)
-    out[:, _COL["ui_weight"]] = np.where(had, weight[pos], 0.0)
-    out[:, _COL["ui_decayed"]] = np.where(had, decayed[pos], 0.0)
-    out[:, _COL["ui_days_since_last"]] = np.where(had, (now - last[pos]) / DAY, np.nan)
+    stride = np.int64(len(catalog))
+    hist_keys = hist.seg * stride + hist.items
+    cand_keys = seg * stride + items
+    decayed = hist.weights * decay(hist.now - hist.timestamps, cfg.cooc_half_life_days)
+    had, (count, weight, decayed_sum) = _segment_lookup(
+        hist_keys, [np.ones(len(hist_keys)), hist.weights, decayed], cand_keys
+    )
+    # bincount sums in float64 then float32, as the one-user definition stores them
+    out[:, _COL["ui_count"]] = count.astype(np.float32)
+    out[:, _COL["ui_weight"]] = weight.astype(np.float32)
+    out[:, _COL["ui_decayed"]] = decayed_sum.astype(np.float32)
+    if len(hist_keys):
+        uniq, inverse = np.unique(hist_keys, return_inverse=True)
+        last = np.full(len(uniq), -np.inf)
+        np.maximum.at(last, inverse, hist.timestamps.astype(np.float64))
+        pos = np.minimum(np.searchsorted(uniq, cand_keys), len(uniq) - 1)
+        out[:, _COL["ui_days_since_last"]] = np.where(had, (row_now - last[pos]) / DAY, np.nan)
 
 
-def _price_features(out: np.ndarray, history: UserHistory, items: np.ndarray, catalog: Catalog) -> None:
+def _price_features(
+    out: np.ndarray, histories: Sequence[UserHistory], seg: np.ndarray, items: np.ndarray, catalog: Catalog
+) -> None:
     price = catalog.price[items]
     out[:, _COL["item_price"]] = price
-    if len(history):
-        hist_price = catalog.price[history.items]
-        known = np.isfinite(hist_price)
-        if known.any():
-            mean = float(hist_price[known].mean())
-            if mean > 0:
-                out[:, _COL["price_ratio_user_mean"]] = price / mean
+    # the user's mean known price as float32 (numpy's own mean per user), nan = no ratio
+    means = np.full(len(histories), np.nan, dtype=np.float32)
+    for r, history in enumerate(histories):
+        if len(history):
+            hist_price = catalog.price[history.items]
+            known = np.isfinite(hist_price)
+            if known.any():
+                mean = hist_price[known].mean()
+                if mean > 0:
+                    means[r] = mean
+    row_mean = means[seg]
+    has_mean = ~np.isnan(row_mean)
+    out[has_mean, _COL["price_ratio_user_mean"]] = price[has_mean] / row_mean[has_mean]
 
 
 def tower_inputs(

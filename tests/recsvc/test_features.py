@@ -4,11 +4,21 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recsvc.behaviour import ItemStats
-from recsvc.candidates import SourceList, merge
+from recsvc.behaviour import USER_FEATURE_NAMES, CoOccurrence, ItemStats, decay, user_behaviour
+from recsvc.candidates import SOURCE_NAMES, Candidates, SourceList, generate, merge
 from recsvc.catalog import Catalog
 from recsvc.config import DAY, CandidateConfig
-from recsvc.features import FEATURE_NAMES, N_FEATURES, build_features, feature_index, tower_inputs
+from recsvc.features import (
+    AFFINITY_SLOTS,
+    FEATURE_NAMES,
+    HISTORY_COS_ITEMS,
+    N_FEATURES,
+    build_features,
+    build_features_many,
+    feature_index,
+    pairwise_dot,
+    tower_inputs,
+)
 from recsvc.history import UserHistory
 
 NOW = 40 * DAY
@@ -138,3 +148,240 @@ def test_tower_inputs_are_most_recent_first_and_capped() -> None:
     emb, ages, w = tower_inputs(_history(), _emb(), NOW, history_len=2)
     np.testing.assert_array_equal(emb, _emb()[[2, 0]])
     assert ages.tolist() == [DAY, 2 * DAY] and w.tolist() == [1.0, 4.0]
+
+
+def _random_case(
+    seed: int, n_users: int
+) -> tuple[
+    Catalog, np.ndarray, ItemStats, CoOccurrence, list[UserHistory], list[Candidates], list, list[int]
+]:
+    """Realistic mixed batch: empty, short, long and repeat-heavy histories; missing attribute
+    codes and prices; users with and without a user vector; several reference times."""
+    rng = np.random.default_rng(seed)
+    n_items = 300
+    catalog = Catalog.from_items(
+        pl.DataFrame(
+            {
+                "item_id": [f"i{i}" for i in range(n_items)],
+                "title": [f"t{i}" for i in range(n_items)],
+                "category": [f"c{i % 7}" if i % 11 else None for i in range(n_items)],
+                "brand": [f"b{i % 23}" if i % 5 else None for i in range(n_items)],
+                "colour": [f"k{i % 3}" for i in range(n_items)],
+                "material": [None if i % 2 else f"m{i % 4}" for i in range(n_items)],
+                "fit": [f"f{i % 2}" for i in range(n_items)],
+                "price": [float(rng.uniform(1, 90)) if i % 9 else None for i in range(n_items)],
+            }
+        )
+    )
+    emb = rng.standard_normal((n_items, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    n_events = 4000
+    ev_items = (rng.zipf(1.4, n_events) % n_items).astype(np.int64)
+    ev_users = rng.integers(0, 200, n_events)
+    ev_ts = np.sort(rng.integers(NOW - 60 * DAY, NOW, n_events))
+    ev_w = rng.choice(np.array([1.0, 2.0, 8.0], np.float32), n_events)
+    stats = ItemStats.from_interactions(ev_items, ev_users, ev_ts, ev_w, n_items, NOW)
+    cooc = CoOccurrence.from_interactions(ev_items, ev_users, ev_ts, ev_w, n_items, NOW)
+    cfg = CandidateConfig(ann=60, repeat=20, popular=30, cooccurrence=40, max_candidates=120)
+    histories, cands, vecs, nows = [], [], [], []
+    for u in range(n_users):
+        length = [0, 1, 3, 40, 150][u % 5]
+        now = NOW - int(rng.integers(0, 3 * DAY))
+        items = rng.choice(np.arange(20), length) if u % 7 == 3 else rng.integers(0, n_items, length)
+        ts = np.sort(rng.integers(now - 90 * DAY, now, length)).astype(np.int64)
+        h = UserHistory(items.astype(np.int32), ts, rng.choice(np.array([1.0, 0.5, 4.0], np.float32), length))
+        vec = None if u % 3 == 0 else emb[rng.integers(0, n_items)]
+        ann = np.argsort(-(emb @ vec))[:60].astype(np.int32) if vec is not None else None
+        ann_scores = (emb[ann] @ vec).astype(np.float32) if vec is not None else None
+        c = generate(h, ann_items=ann, ann_scores=ann_scores, stats=stats, cooc=cooc, cfg=cfg, now=now)
+        if u % 6 == 5:
+            c = Candidates.empty()
+        histories.append(h)
+        cands.append(c)
+        vecs.append(vec)
+        nows.append(now)
+    return catalog, emb, stats, cooc, histories, cands, vecs, nows
+
+
+def test_build_features_reproduces_the_pre_batching_definition_bit_for_bit() -> None:
+    catalog, emb, stats, _, histories, cands, vecs, nows = _random_case(0, 30)
+    cfg = CandidateConfig()
+    for h, c, v, t in zip(histories, cands, vecs, nows):
+        expected = _ref_build_features(h, c, v, emb, catalog, stats, t, cfg)
+        np.testing.assert_array_equal(build_features(h, c, v, emb, catalog, stats, t, cfg), expected)
+
+
+def test_build_features_many_equals_one_user_at_a_time() -> None:
+    catalog, emb, stats, _, histories, cands, vecs, nows = _random_case(1, 40)
+    cfg = CandidateConfig()
+    many = build_features_many(histories, cands, vecs, emb, catalog, stats, nows, cfg)
+    one_by_one = [
+        _ref_build_features(h, c, v, emb, catalog, stats, t, cfg)
+        for h, c, v, t in zip(histories, cands, vecs, nows)
+    ]
+    assert many.shape == (sum(len(c) for c in cands), N_FEATURES)
+    np.testing.assert_array_equal(many, np.vstack(one_by_one))
+
+
+def test_item_features_follow_online_updates_of_item_stats() -> None:
+    catalog, emb, stats, _, histories, cands, vecs, nows = _random_case(2, 10)
+    cfg = CandidateConfig()
+    build_features_many(histories, cands, vecs, emb, catalog, stats, nows, cfg)  # caches the table
+    hot = int(cands[1].items[0])
+    stats.update(hot, NOW, 8.0, user_prior_count=1)
+    after = build_features(histories[1], cands[1], vecs[1], emb, catalog, stats, nows[1], cfg)
+    expected = _ref_build_features(histories[1], cands[1], vecs[1], emb, catalog, stats, nows[1], cfg)
+    np.testing.assert_array_equal(after, expected)
+    assert after[0, feature_index("item_cnt_all")] == stats.counts[hot, 3]
+
+
+def test_build_features_many_rejects_misaligned_inputs() -> None:
+    catalog, emb, stats, _, histories, cands, vecs, nows = _random_case(3, 4)
+    with pytest.raises(ValueError, match="same length"):
+        build_features_many(histories, cands[:3], vecs, emb, catalog, stats, nows, CandidateConfig())
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-user feature code as it stood before the batched rewrite (bundles' rankers were trained
+# on its output), kept verbatim as the reference that build_features / build_features_many must
+# reproduce bit for bit.
+
+_C = {name: j for j, name in enumerate(FEATURE_NAMES)}
+
+
+def _ref_build_features(
+    history: UserHistory,
+    cands: Candidates,
+    user_vec: np.ndarray | None,
+    item_emb: np.ndarray,
+    catalog: Catalog,
+    stats: ItemStats,
+    now: int,
+    cfg: CandidateConfig,
+) -> np.ndarray:
+    """Feature matrix float32 [len(cands), N_FEATURES] for one user at time `now`.
+
+    `history` must contain only what was known before `now` (training passes histories cut at the
+    cutoff; serving passes bundle history + events since), `item_emb` rows are L2-normalised.
+    """
+    n = len(cands)
+    out = np.full((n, N_FEATURES), np.nan, dtype=np.float32)
+    if n == 0:
+        return out
+    items = cands.items
+    cand_emb = item_emb[items]
+    _ref_text_features(out, history, cands, cand_emb, user_vec, item_emb)
+    _ref_source_features(out, cands)
+    _ref_item_features(out, items, stats, now)
+    attributes = list(catalog.attributes.values())
+    diversity_codes = attributes[0] if attributes else None
+    out[:, _C["user_n_events"] : _C["user_n_events"] + len(USER_FEATURE_NAMES)] = user_behaviour(
+        history, now, diversity_codes
+    )
+    _ref_affinity_features(out, history, items, catalog, now, cfg)
+    _ref_price_features(out, history, items, catalog)
+    return out
+
+
+def _ref_text_features(
+    out: np.ndarray,
+    history: UserHistory,
+    cands: Candidates,
+    cand_emb: np.ndarray,
+    user_vec: np.ndarray | None,
+    item_emb: np.ndarray,
+) -> None:
+    if user_vec is not None:
+        out[:, _C["cos_user"]] = cand_emb @ np.asarray(user_vec, dtype=np.float32)
+    if len(history):
+        recent = history.items[-HISTORY_COS_ITEMS:]
+        sims = pairwise_dot(cand_emb, item_emb[recent])  # [n, k]
+        out[:, _C["cos_hist_max"]] = sims.max(axis=1)
+        out[:, _C["cos_hist_mean"]] = sims.mean(axis=1)
+        out[:, _C["cos_hist_last"]] = sims[:, -1]
+    out[:, _C["ann_score"]] = cands.ann_score
+    out[:, _C["ann_rank"]] = cands.ann_rank
+    out[:, _C["cooc_score"]] = cands.cooc_score
+    out[:, _C["repeat_score"]] = cands.repeat_score
+
+
+def _ref_source_features(out: np.ndarray, cands: Candidates) -> None:
+    total = np.zeros(len(cands), dtype=np.float32)
+    for name in SOURCE_NAMES:
+        has = cands.has(name).astype(np.float32)
+        out[:, _C[f"src_{name}"]] = has
+        total += has
+    out[:, _C["n_sources"]] = total
+
+
+def _ref_item_features(out: np.ndarray, items: np.ndarray, stats: ItemStats, now: int) -> None:
+    counts = stats.counts[items]
+    out[:, _C["item_cnt_1d"] : _C["item_cnt_all"] + 1] = counts
+    users = stats.users[items]
+    out[:, _C["item_users"]] = users
+    week = counts[:, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out[:, _C["item_trend"]] = np.where(week > 0, counts[:, 0] / (week / 7.0), np.nan)
+        out[:, _C["item_repurchase_rate"]] = np.where(users > 0, stats.repeat_users[items] / users, np.nan)
+    out[:, _C["item_days_since_last"]] = (now - stats.last_ts[items]) / DAY
+    out[:, _C["item_days_since_first"]] = (now - stats.first_ts[items]) / DAY
+
+
+def _ref_affinity_features(
+    out: np.ndarray, history: UserHistory, items: np.ndarray, catalog: Catalog, now: int, cfg: CandidateConfig
+) -> None:
+    if len(history) == 0:
+        out[:, _C["ui_count"]] = 0.0
+        out[:, _C["ui_weight"]] = 0.0
+        out[:, _C["ui_decayed"]] = 0.0
+        return
+    w = history.weights.astype(np.float64)
+    total = w.sum()
+    shares = []
+    for j, (name, codes) in enumerate(catalog.attributes.items()):
+        hist_codes = codes[history.items]
+        known = hist_codes >= 0
+        per_value = np.bincount(hist_codes[known], w[known], minlength=len(catalog.attribute_values[name]))
+        per_value = per_value / total if total > 0 else per_value
+        cand_codes = codes[items]
+        share = np.where(cand_codes >= 0, per_value[np.maximum(cand_codes, 0)], np.nan).astype(np.float32)
+        shares.append(share)
+        if j < AFFINITY_SLOTS:
+            out[:, _C[f"attr{j}_share"]] = share
+    if shares:
+        stacked = np.vstack(shares)
+        finite = np.isfinite(stacked)
+        n_known = finite.sum(axis=0)
+        filled = np.where(finite, stacked, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, _C["attr_share_mean"]] = np.where(n_known > 0, filled.sum(axis=0) / n_known, np.nan)
+        out[:, _C["attr_share_max"]] = np.where(
+            n_known > 0, np.where(finite, stacked, -1.0).max(axis=0), np.nan
+        )
+    # how often / how much / how recently the user had this very item
+    uniq, inverse = np.unique(history.items, return_inverse=True)
+    count = np.bincount(inverse, minlength=len(uniq)).astype(np.float32)
+    weight = np.bincount(inverse, w, minlength=len(uniq)).astype(np.float32)
+    decayed = np.bincount(
+        inverse, w * decay(now - history.timestamps, cfg.cooc_half_life_days), minlength=len(uniq)
+    ).astype(np.float32)
+    last = np.full(len(uniq), -np.inf)
+    np.maximum.at(last, inverse, history.timestamps.astype(np.float64))
+    pos = np.minimum(np.searchsorted(uniq, items), len(uniq) - 1)
+    had = uniq[pos] == items
+    out[:, _C["ui_count"]] = np.where(had, count[pos], 0.0)
+    out[:, _C["ui_weight"]] = np.where(had, weight[pos], 0.0)
+    out[:, _C["ui_decayed"]] = np.where(had, decayed[pos], 0.0)
+    out[:, _C["ui_days_since_last"]] = np.where(had, (now - last[pos]) / DAY, np.nan)
+
+
+def _ref_price_features(out: np.ndarray, history: UserHistory, items: np.ndarray, catalog: Catalog) -> None:
+    price = catalog.price[items]
+    out[:, _C["item_price"]] = price
+    if len(history):
+        hist_price = catalog.price[history.items]
+        known = np.isfinite(hist_price)
+        if known.any():
+            mean = float(hist_price[known].mean())
+            if mean > 0:
+                out[:, _C["price_ratio_user_mean"]] = price / mean
