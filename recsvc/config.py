@@ -85,6 +85,10 @@ class EncoderConfig:
     valid_k: int = 50  # early stopping watches validation Recall@valid_k over the full catalogue
     valid_max_users: int = 2_000  # validation users sampled (seeded) to keep evaluation cheap
     tower_refit_steps: int = 300  # user-tower-only steps on the final embeddings (BERT frozen)
+    # The tower starts as event-weight x recency mean pooling with this half-life (the raw_encoder
+    # baseline's recipe) and ships only if it beats that pooling on the most recent held-out pairs.
+    tower_init_half_life_days: float = 3.0
+    tower_holdout_pairs: int = 1_000  # most recent training pairs held out of the refit; 0 = off
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,20 @@ request, no per-user state to retrain. Training uses the torch module (`UserTowe
 `user_vector` / `user_vectors`, the same maths in numpy (tested equal to 1e-5).
 
 Maths, for history items i (most recent first) with embedding h_i, age a_i (s) and weight w_i:
-    logit_i = (h_i · q) / sqrt(d) + age_coef · log1p(a_i / 1 day) + weight_coef · log(w_i) + pos_i
+    logit_i = (h_i · q) / sqrt(d) + age_coef · log1p(a_i / 1 day) + age_days_coef · a_i / 1 day
+              + weight_coef · log(w_i) + pos_i
     p = h-weighted softmax(logit) pooling:  pooled = Σ softmax(logit)_i h_i
     user = normalise(pooled + pooled @ W + b)
-The residual linear map starts at zero, so an untrained tower is attention-weighted mean pooling.
+The residual linear map starts at zero, so an untrained tower is attention-weighted mean pooling:
+plain mean by default, or with `UserTower.recency_pooling(...)` exactly the event-weight x
+exponential-recency mean pooling of the `raw_encoder` baseline (weight_coef = 1, age_days_coef =
+-ln 2 / half-life), so training starts from that strong baseline instead of below it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +28,9 @@ from torch import nn
 
 DAY_S = 86_400.0
 MIN_WEIGHT = 1e-6
-_PARAM_KEYS = ("query", "age_coef", "weight_coef", "position_bias", "linear", "bias")
+_PARAM_KEYS = ("query", "age_coef", "weight_coef", "position_bias", "linear", "bias", "age_days_coef")
+# Arrays added after the first bundle format: absent in older user_tower.npz files, read as zero.
+_OPTIONAL_KEYS = ("age_days_coef",)
 
 
 class TowerParamsError(ValueError):
@@ -56,6 +62,19 @@ class UserTower(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(history_len))
         self.linear = nn.Parameter(torch.zeros(dim, dim))
         self.bias = nn.Parameter(torch.zeros(dim))
+        self.age_days_coef = nn.Parameter(torch.zeros(()))
+
+    @classmethod
+    def recency_pooling(cls, dim: int, history_len: int, half_life_days: float) -> UserTower:
+        """A tower that computes normalise(Σ w_i · 2^(-a_i / half-life) · h_i): the raw-encoder
+        baseline's user vector. Fine-tuning starts here, so it can only move away from a good point."""
+        if half_life_days <= 0:
+            raise ValueError(f"half_life_days must be > 0, got {half_life_days}")
+        tower = cls(dim, history_len)
+        with torch.no_grad():
+            tower.weight_coef.fill_(1.0)
+            tower.age_days_coef.fill_(-math.log(2.0) / half_life_days)
+        return tower
 
     def forward(
         self, hist_emb: torch.Tensor, ages_s: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor
@@ -71,6 +90,7 @@ class UserTower(nn.Module):
         logits = (
             hist_emb @ self.query / math.sqrt(self.dim)
             + self.age_coef * _age_feature(ages_s.float())
+            + self.age_days_coef * (ages_s.float().clamp(min=0.0) / DAY_S)
             + self.weight_coef * _weight_feature(weights.float())
             + self.position_bias[:length]
         )
@@ -101,6 +121,7 @@ class TowerParams:
     position_bias: np.ndarray  # [history_len]
     linear: np.ndarray  # [d, d]
     bias: np.ndarray  # [d]
+    age_days_coef: np.ndarray = field(default_factory=lambda: np.zeros((), np.float32))  # scalar
 
     @property
     def dim(self) -> int:
@@ -125,10 +146,13 @@ def load_params(path: str | Path) -> TowerParams:
         raise TowerParamsError(f"user tower file {src} does not exist")
     try:
         with np.load(src) as data:
-            missing = [k for k in _PARAM_KEYS if k not in data.files]
+            missing = [k for k in _PARAM_KEYS if k not in data.files and k not in _OPTIONAL_KEYS]
             if missing:
                 raise TowerParamsError(f"user tower file {src} lacks array(s): {', '.join(missing)}")
-            arrays = {k: data[k].astype(np.float32) for k in _PARAM_KEYS}
+            arrays = {
+                k: data[k].astype(np.float32) if k in data.files else np.zeros((), np.float32)
+                for k in _PARAM_KEYS
+            }
     except (OSError, ValueError) as exc:
         if isinstance(exc, TowerParamsError):
             raise
@@ -164,6 +188,7 @@ def user_vectors(
     logits = (
         hist @ params.query / np.float32(math.sqrt(dim))
         + params.age_coef * _age_feature(np.asarray(ages_s, dtype=np.float32))
+        + params.age_days_coef * (np.maximum(np.asarray(ages_s, dtype=np.float32), 0.0) / np.float32(DAY_S))
         + params.weight_coef * _weight_feature(np.asarray(weights, dtype=np.float32))
         + params.position_bias[:length]
     ).astype(np.float32)

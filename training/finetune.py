@@ -13,6 +13,11 @@ After the loop, the catalogue is re-embedded with the final encoder and the user
 refitted on those embeddings (BERT frozen), so serving, which pools final embeddings, sees exactly
 what the tower was trained on.
 
+The tower starts as the raw-encoder baseline's recency-weighted mean pooling, and the refit holds
+out the most recent pairs: if the learned tower does not beat that plain pooling on them (Recall@
+valid_k over the catalogue), plain pooling is what ships. A few CPU steps can thus never make user
+vectors worse than the simple baseline.
+
 Runs single-process or under `torchrun --nproc_per_node N -m training.finetune ...` (DDP; gloo on
 CPU, nccl on GPU); only rank 0 writes files.
 """
@@ -361,6 +366,9 @@ class FinetuneHistory:
     valid_recall: list[float] = field(default_factory=list)  # Recall@valid_k at valid_steps
     step_seconds: list[float] = field(default_factory=list)
     tower_refit_losses: list[float] = field(default_factory=list)
+    # Held-out Recall@valid_k of the learned tower and of plain recency pooling; which one shipped.
+    tower_holdout_recall: dict[str, float] = field(default_factory=dict)
+    tower_choice: str = ""
 
 
 @dataclass
@@ -441,7 +449,9 @@ def finetune(
     if getattr(encoder.model, "pooler", None) is not None:  # unused by mean pooling: keep DDP happy
         for p in encoder.model.pooler.parameters():
             p.requires_grad_(False)
-    tower = UserTower(encoder.dim, cfg.history_len).to(rt.device)
+    tower = UserTower.recency_pooling(encoder.dim, cfg.history_len, cfg.tower_init_half_life_days).to(
+        rt.device
+    )
     model = TwoTower(encoder.model, tower, rt.device, encoder.precision)
     ddp = nn.parallel.DistributedDataParallel(model) if rt.world > 1 else model
 
@@ -608,7 +618,11 @@ def finetune(
     # Serving pools FINAL embeddings: re-embed, then refit the tower alone on them.
     encoder.model.eval()
     final = refresh_cache(full=True)
-    _refit_tower(tower, final, pairs, log_q_all, cfg, hist, progress and rt.main)
+    fit_pairs, holdout = split_recent_pairs(pairs, cfg.tower_holdout_pairs)
+    _refit_tower(tower, final, fit_pairs, log_q_all, cfg, hist, progress and rt.main)
+    if holdout is not None:
+        pooling = UserTower.recency_pooling(encoder.dim, cfg.history_len, cfg.tower_init_half_life_days)
+        choose_tower(tower, pooling.to(rt.device), final, holdout, cfg.valid_k, hist)
     recall_after = validation_recall(tower.eval(), final, vset, cfg.valid_k) if vset is not None else None
     if recall_after is not None:
         log.info("after tower refit: validation Recall@%d = %.4f", cfg.valid_k, recall_after)
@@ -700,6 +714,66 @@ def _refit_tower(
         loss.backward()
         optimizer.step()
         hist.tower_refit_losses.append(float(loss.detach()))
+
+
+def split_recent_pairs(pairs: TrainingPairs, n_holdout: int) -> tuple[TrainingPairs, TrainingPairs | None]:
+    """(older pairs, the `n_holdout` most recent pairs); no hold-out when that would leave fewer
+    fitting pairs than held-out ones (tiny data: the comparison would be noise)."""
+    if n_holdout <= 0 or len(pairs) < 2 * n_holdout:
+        return pairs, None
+    order = np.argsort(pairs.timestamps, kind="stable")
+    older, recent = np.sort(order[:-n_holdout]), np.sort(order[-n_holdout:])
+    return _subset_pairs(pairs, older), _subset_pairs(pairs, recent)
+
+
+def _subset_pairs(pairs: TrainingPairs, rows: np.ndarray) -> TrainingPairs:
+    ctx = pairs.context
+    return TrainingPairs(
+        Histories(ctx.items[rows], ctx.ages_s[rows], ctx.weights[rows]),
+        pairs.targets[rows],
+        pairs.weights[rows],
+        pairs.timestamps[rows],
+    )
+
+
+def pair_recall(
+    tower: UserTower, item_emb: torch.Tensor, pairs: TrainingPairs, k: int, chunk: int = 256
+) -> float:
+    """Share of pairs whose next item is in the tower's top-k over the whole catalogue."""
+    hits = 0
+    with torch.inference_mode():
+        for start in range(0, len(pairs), chunk):
+            rows = np.arange(start, min(start + chunk, len(pairs)))
+            users = tower(*_history_tensors(pairs.context, rows, item_emb))
+            top = torch.topk(users @ item_emb.T, k=min(k, item_emb.shape[0]), dim=1).indices.cpu().numpy()
+            hits += int((top == pairs.targets[rows][:, None]).any(axis=1).sum())
+    return hits / max(1, len(pairs))
+
+
+def choose_tower(
+    tower: UserTower,
+    pooling: UserTower,
+    item_emb: torch.Tensor,
+    holdout: TrainingPairs,
+    k: int,
+    hist: FinetuneHistory,
+) -> None:
+    """Keep the learned tower only if it beats plain recency pooling on held-out pairs; otherwise
+    load the pooling weights into `tower` (ties go to pooling: the simpler model)."""
+    learned = pair_recall(tower.eval(), item_emb, holdout, k)
+    plain = pair_recall(pooling.eval(), item_emb, holdout, k)
+    hist.tower_holdout_recall = {"learned": learned, "pooling": plain}
+    hist.tower_choice = "learned" if learned > plain else "pooling"
+    if hist.tower_choice == "pooling":
+        tower.load_state_dict(pooling.state_dict())
+    log.info(
+        "user tower on %d held-out pairs: Recall@%d learned %.4f vs recency pooling %.4f -> shipping %s",
+        len(holdout),
+        k,
+        learned,
+        plain,
+        hist.tower_choice,
+    )
 
 
 def _check_config(cfg: EncoderConfig) -> None:

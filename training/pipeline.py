@@ -700,6 +700,8 @@ def stage_finetune(ctx: RunContext, out: Path) -> None:
             "valid_recall_before": result.valid_recall_before,
             "valid_recall_after": result.valid_recall_after,
             "valid_k": ctx.cfg.encoder.valid_k,
+            "tower_choice": hist.tower_choice,
+            "tower_holdout_recall": hist.tower_holdout_recall,
             "seconds": result.seconds,
             "loss_curve": curve,
             "valid_curve": [{"step": s, "recall": r} for s, r in zip(hist.valid_steps, hist.valid_recall)],

@@ -88,6 +88,41 @@ def test_untrained_tower_is_the_normalised_mean_of_the_history() -> None:
     )
 
 
+def test_recency_pooling_tower_is_the_weight_and_recency_weighted_mean() -> None:
+    params = UserTower.recency_pooling(DIM, LEN, half_life_days=3.0).to_params()
+    hist, ages, weights, _ = random_batch()
+    coef = weights[0] * np.exp2(-ages[0] / (3.0 * 86_400))
+    pooled = (coef[:, None] * hist[0]).sum(axis=0)
+    np.testing.assert_allclose(
+        user_vector(params, hist[0], ages[0], weights[0]), pooled / np.linalg.norm(pooled), atol=1e-5
+    )
+
+
+def test_recency_pooling_torch_and_numpy_agree() -> None:
+    tower = UserTower.recency_pooling(DIM, LEN, half_life_days=1.0)
+    hist, ages, weights, mask = random_batch()
+    expected = torch_vectors(tower, hist, ages, weights, mask)
+    np.testing.assert_allclose(
+        user_vectors(tower.to_params(), hist, ages, weights, mask), expected, atol=1e-5
+    )
+
+
+def test_recency_pooling_rejects_a_non_positive_half_life() -> None:
+    with pytest.raises(ValueError, match="half_life_days"):
+        UserTower.recency_pooling(DIM, LEN, half_life_days=0.0)
+
+
+def test_tower_file_without_age_days_coef_loads_it_as_zero(tmp_path: Path) -> None:
+    """Bundles written before the linear age term still load and serve the same vectors."""
+    params = random_tower().to_params()
+    path = tmp_path / "old.npz"
+    old_keys = ("query", "age_coef", "weight_coef", "position_bias", "linear", "bias")
+    np.savez(path, **{k: getattr(params, k) for k in old_keys})
+    loaded = load_params(path)
+    assert float(loaded.age_days_coef) == 0.0
+    np.testing.assert_array_equal(loaded.linear, params.linear)
+
+
 def test_history_longer_than_history_len_uses_the_most_recent_items() -> None:
     params = random_tower().to_params()
     hist, ages, weights, _ = random_batch()
@@ -109,7 +144,7 @@ def test_recent_heavy_age_coefficient_favours_recent_items() -> None:
 def test_params_round_trip_through_npz(tmp_path: Path) -> None:
     params = random_tower().to_params()
     loaded = load_params(save_params(params, tmp_path / "user_tower.npz"))
-    for key in ("query", "age_coef", "weight_coef", "position_bias", "linear", "bias"):
+    for key in ("query", "age_coef", "weight_coef", "position_bias", "linear", "bias", "age_days_coef"):
         np.testing.assert_array_equal(getattr(loaded, key), getattr(params, key))
     assert UserTower.from_params(loaded).history_len == LEN
 

@@ -15,15 +15,20 @@ import torch
 
 from recsvc.config import DAY, EncoderConfig, TextConfig
 from recsvc.encoder import TextEncoder
-from recsvc.user_tower import load_params, user_vectors
+from recsvc.user_tower import UserTower, load_params, user_vectors
 from tests.helpers.tiny_bert import tiny_bert_dir_fixture  # noqa: F401  (pytest fixture)
 from training.finetune import (
     FinetuneError,
+    FinetuneHistory,
+    Histories,
+    TrainingPairs,
     build_pairs,
+    choose_tower,
     finetune,
     last_histories,
     lr_factor,
     sampled_softmax_loss,
+    split_recent_pairs,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -155,6 +160,56 @@ def test_pairs_cap_keeps_the_most_recent() -> None:
     inter, index = tiny_log()
     pairs = build_pairs(inter, index, history_len=2, max_pairs=2)
     assert sorted(pairs.timestamps.tolist()) == [3, 5]
+
+
+def recurrence_pairs(n_items: int = 8, shift: int = 0) -> TrainingPairs:
+    """One pair per item: context = that item alone, target = the item `shift` places later."""
+    items = np.arange(n_items, dtype=np.int32)
+    context = Histories(items[:, None], np.zeros((n_items, 1), np.float32), np.ones((n_items, 1), np.float32))
+    return TrainingPairs(
+        context, (items + shift) % n_items, np.ones(n_items, np.float32), items.astype(np.int64)
+    )
+
+
+def test_split_recent_pairs_holds_out_the_newest_pairs() -> None:
+    pairs = recurrence_pairs(10)
+    fit, holdout = split_recent_pairs(pairs, 3)
+    assert holdout is not None
+    assert sorted(holdout.timestamps.tolist()) == [7, 8, 9]
+    assert sorted(fit.timestamps.tolist()) == list(range(7))
+
+
+def test_split_recent_pairs_skips_the_holdout_on_tiny_data() -> None:
+    pairs = recurrence_pairs(5)
+    fit, holdout = split_recent_pairs(pairs, 3)
+    assert holdout is None and len(fit) == 5
+
+
+def test_choose_tower_ships_recency_pooling_when_the_learned_tower_is_worse() -> None:
+    n = 8
+    emb = torch.eye(n)
+    pooling = UserTower.recency_pooling(n, 1, 3.0)
+    learned = UserTower.recency_pooling(n, 1, 3.0)
+    with torch.no_grad():
+        learned.linear.copy_(-2.0 * torch.eye(n))  # points every user away from their own item
+    hist = FinetuneHistory()
+    choose_tower(learned, pooling, emb, recurrence_pairs(n), k=1, hist=hist)
+    assert hist.tower_choice == "pooling"
+    assert hist.tower_holdout_recall == {"learned": 0.0, "pooling": 1.0}
+    assert torch.equal(learned.linear, torch.zeros(n, n))
+
+
+def test_choose_tower_keeps_a_learned_tower_that_beats_pooling() -> None:
+    n = 8
+    emb = torch.eye(n)
+    learned = UserTower.recency_pooling(n, 1, 3.0)
+    shift = torch.roll(torch.eye(n), shifts=1, dims=1)  # e_i @ shift = e_(i+1)
+    with torch.no_grad():
+        learned.linear.copy_(shift - torch.eye(n))
+    hist = FinetuneHistory()
+    choose_tower(learned, UserTower.recency_pooling(n, 1, 3.0), emb, recurrence_pairs(n, shift=1), 1, hist)
+    assert hist.tower_choice == "learned"
+    assert torch.equal(learned.linear, shift - torch.eye(n))
 
 
 def test_last_histories_see_only_events_before_now() -> None:
