@@ -18,6 +18,10 @@ from recsvc.history import UserHistory
 
 SOURCE_BITS: dict[str, int] = {"ann": 1, "repeat": 2, "popular": 4, "cooc": 8, "session": 16, "query": 32}
 SOURCE_NAMES: tuple[str, ...] = tuple(SOURCE_BITS)
+# Source names of every possible bitmask, so naming a candidate's sources is one tuple lookup.
+NAMES_BY_BITS: tuple[tuple[str, ...], ...] = tuple(
+    tuple(name for name, bit in SOURCE_BITS.items() if bits & bit) for bits in range(2 ** len(SOURCE_BITS))
+)
 # Order in which sources are kept when the union exceeds max_candidates (most specific first).
 SOURCE_PRIORITY: tuple[str, ...] = ("session", "query", "repeat", "ann", "cooc", "popular")
 # Recent history items whose co-occurrence neighbours are proposed.
@@ -57,8 +61,11 @@ class Candidates:
 
     def source_names(self, i: int) -> tuple[str, ...]:
         """Names of the sources that proposed candidate `i`."""
-        bits = int(self.sources[i])
-        return tuple(name for name, bit in SOURCE_BITS.items() if bits & bit)
+        return NAMES_BY_BITS[int(self.sources[i])]
+
+    def source_names_of(self, rows: np.ndarray) -> list[tuple[str, ...]]:
+        """`source_names` for many candidates (the k returned ones) in one pass."""
+        return [NAMES_BY_BITS[bits] for bits in self.sources[rows].tolist()]
 
     def take(self, keep: np.ndarray) -> Candidates:
         """Subset by boolean mask or index array (filters keep evidence aligned)."""

@@ -5,8 +5,10 @@ history (bundle + events since) -> user vector (user tower over item embeddings)
 ranker -> diversity cap -> top k.
 
 `recommend` is `recommend_many` with one request, so the batch tool and the server give the same
-answer by construction: only the FAISS search and the ranker call are batched, and ANN scores are
-recomputed exactly per request so batch-size-dependent BLAS rounding cannot reorder results.
+answer by construction: the FAISS search, the feature matrix (features.build_features_many, equal
+bit for bit to one user at a time) and the ranker call are batched; candidate sources stay per
+request, and ANN scores are recomputed exactly per request so batch-size-dependent BLAS rounding
+cannot reorder results.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from recsvc.candidates import (
     merge,
 )
 from recsvc.config import CandidateConfig, RecommenderConfig
-from recsvc.features import build_features, feature_index, pairwise_dot, tower_inputs
+from recsvc.features import build_features_many, feature_index, pairwise_dot, tower_inputs
 from recsvc.history import Event, UserHistory
 from recsvc.user_tower import user_vector
 
@@ -114,13 +116,6 @@ class _Prepared:
     allowed: np.ndarray | None  # item mask from attribute filters, None = all
 
 
-@dataclass
-class _Ranked:
-    cands: Candidates
-    features: np.ndarray
-    text_score: np.ndarray
-
-
 class Recommender:
     """Serves one loaded bundle; thread-safe (events mutate under a lock, reads are lock-free)."""
 
@@ -180,20 +175,33 @@ class Recommender:
         queries = self._search_many([p.query_vec for p in prepared], self.config.query_candidates)
         timings["retrieval"] = _ms(t)
 
-        ranked = [self._candidates(p, a, q, timings) for p, a, q in zip(prepared, ann, queries)]
+        cands = [self._candidates(p, a, q, timings) for p, a, q in zip(prepared, ann, queries)]
 
         t = time.perf_counter()
-        if policy.use_ranker and any(len(r.cands) for r in ranked):
-            scores = self.bundle.ranker.predict(np.vstack([r.features for r in ranked]))
-            scores = np.asarray(scores, dtype=np.float64)
-            bounds = np.cumsum([0] + [len(r.cands) for r in ranked])
-            per_request = [scores[a:b] for a, b in itertools.pairwise(bounds)]
+        features = build_features_many(
+            [p.history for p in prepared],
+            cands,
+            [p.user_vec if p.user_vec is not None else p.query_vec for p in prepared],
+            self.item_emb,
+            self.catalog,
+            self.bundle.item_stats,
+            [p.now for p in prepared],
+            self.cand_cfg,
+        )
+        bounds = np.cumsum([0] + [len(c) for c in cands])
+        rows = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+        timings["features"] += _ms(t)
+
+        t = time.perf_counter()
+        if policy.use_ranker and len(features):
+            scores = np.asarray(self.bundle.ranker.predict(features), dtype=np.float64)
+            per_request = [scores[r] for r in rows]
         else:
-            per_request = [r.text_score for r in ranked]
+            per_request = [_text_interest(features[r]) for r in rows]
         timings["ranking"] = _ms(t)
 
         t = time.perf_counter()
-        results = [self._finish(p, r, s, policy, timings) for p, r, s in zip(prepared, ranked, per_request)]
+        results = [self._finish(p, c, s, policy) for p, c, s in zip(prepared, cands, per_request)]
         timings["filters"] += _ms(t)
         timings["total"] = _ms(start)
         for result in results:
@@ -325,8 +333,8 @@ class Recommender:
         ann: tuple[np.ndarray, np.ndarray],
         query: tuple[np.ndarray, np.ndarray],
         timings: dict[str, float],
-    ) -> _Ranked:
-        """Sources -> hard filters -> features.
+    ) -> Candidates:
+        """Sources -> hard filters (features are built for the whole batch afterwards).
 
         When the filters leave fewer than k items, ANN is searched again INSIDE the allowed set
         (FAISS filtered search), and if the catalogue still has allowed items left, the most popular
@@ -354,19 +362,7 @@ class Recommender:
             )
         if len(cands) < p.req.k:
             cands = self._fill(p.req.k, cands, p.allowed, blocked)
-        t = time.perf_counter()
-        feats = build_features(
-            p.history,
-            cands,
-            p.user_vec if p.user_vec is not None else p.query_vec,
-            self.item_emb,
-            self.catalog,
-            self.bundle.item_stats,
-            p.now,
-            cfg,
-        )
-        timings["features"] += _ms(t)
-        return _Ranked(cands, feats, _text_interest(feats))
+        return cands
 
     def _generate(
         self,
@@ -443,25 +439,21 @@ class Recommender:
         )
 
     def _finish(
-        self,
-        p: _Prepared,
-        r: _Ranked,
-        scores: np.ndarray,
-        policy: RankingPolicy,
-        timings: dict[str, float],
+        self, p: _Prepared, cands: Candidates, scores: np.ndarray, policy: RankingPolicy
     ) -> RecommendResult:
-        order = _order(np.asarray(scores, dtype=np.float64), r.cands.items)
-        order = self._diversify(order, r.cands.items, policy, p.req.k)
-        items = r.cands.items[order]
+        order = _order(np.asarray(scores, dtype=np.float64), cands.items)
+        order = self._diversify(order, cands.items, policy, p.req.k)
+        items = cands.items[order]
         explanations = self._explain(p.history, items) if p.req.explain else [None] * len(items)
+        # one vectorised pass per column for the k returned items, then plain Python objects
         out = [
-            ScoredItem(
-                str(self.catalog.item_ids[items[j]]),
-                float(scores[i]),
-                r.cands.source_names(i),
-                explanations[j],
+            ScoredItem(item_id, score, sources, explanation)
+            for item_id, score, sources, explanation in zip(
+                self.catalog.item_ids[items].tolist(),
+                np.asarray(scores, dtype=np.float64)[order].tolist(),
+                cands.source_names_of(order),
+                explanations,
             )
-            for j, i in enumerate(order)
         ]
         personalised = len(p.history) > 0 or p.query_vec is not None
         return RecommendResult(out, self.model_version, p.unknown, personalised, {})

@@ -133,3 +133,16 @@ def test_user_behaviour_measures_activity_recency_and_diversity() -> None:
 def test_user_behaviour_of_empty_history_is_zero_activity_and_nan_recency() -> None:
     f = dict(zip(USER_FEATURE_NAMES, user_behaviour(UserHistory.empty(), NOW)))
     assert f["n_events"] == 0 and np.isnan(f["days_since_last"])
+
+
+def _count_rows(stats: ItemStats, rows: np.ndarray) -> np.ndarray:
+    return stats.counts[rows, 3:4] * 2
+
+
+def test_derived_table_is_built_once_and_follows_updates() -> None:
+    stats = ItemStats.from_interactions(*_events(), n_items=3, now=NOW)
+    table = stats.derived_table(_count_rows)
+    assert stats.derived_table(_count_rows) is table  # cached
+    stats.update(1, NOW + 5, 3.0, user_prior_count=0)
+    np.testing.assert_array_equal(stats.derived_table(_count_rows), _count_rows(stats, np.arange(3)))
+    assert stats.derived_table(_count_rows)[1, 0] == (8.0 + 3.0) * 2

@@ -122,3 +122,10 @@ def test_focus_on_query_drops_items_only_popularity_proposed() -> None:
 def test_focus_on_query_keeps_popular_items_when_too_few_remain() -> None:
     focused = focus_on_query(_query_and_popular(), min_keep=3)
     assert sorted(focused.items.tolist()) == [1, 2, 3, 4]
+
+
+def test_source_names_of_many_rows_match_one_row_at_a_time() -> None:
+    c = merge([_sl("ann", [5, 3]), _sl("popular", [3, 7]), _sl("cooc", [7, 5]), _sl("session", [1])], 10)
+    rows = np.array([3, 0, 2, 1])
+    assert c.source_names_of(rows) == [c.source_names(int(i)) for i in rows]
+    assert c.source_names(c.items.tolist().index(1)) == ("session",)
