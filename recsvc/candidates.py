@@ -105,10 +105,8 @@ def merge(lists: Sequence[SourceList], max_candidates: int) -> Candidates:
     if not ordered or sum(len(s.items) for s in ordered) == 0:
         return Candidates.empty()
     all_items = np.concatenate([np.asarray(s.items, dtype=np.int32) for s in ordered])
-    bits = np.concatenate([np.full(len(s.items), SOURCE_BITS[s.source], np.uint8) for s in ordered])
     unique, first, inverse = np.unique(all_items, return_index=True, return_inverse=True)
     sources = np.zeros(len(unique), np.uint8)
-    np.bitwise_or.at(sources, inverse, bits)
     evidence = {
         name: np.full(len(unique), np.nan, np.float32) for name in ("ann", "ann_rank", "cooc", "repeat")
     }
@@ -116,6 +114,8 @@ def merge(lists: Sequence[SourceList], max_candidates: int) -> Candidates:
     for s in ordered:
         rows = inverse[offset : offset + len(s.items)]
         offset += len(s.items)
+        # one bit per source: a repeated row within a list sets the same bit (no unbuffered .at needed)
+        sources[rows] |= SOURCE_BITS[s.source]
         if s.source == "ann":
             evidence["ann"][rows] = s.scores
             evidence["ann_rank"][rows] = np.arange(len(rows), dtype=np.float32)
@@ -166,7 +166,9 @@ def cooc_source(
     lengths = hi - lo
     if lengths.sum() == 0:
         return SourceList(source, np.zeros(0, np.int32), np.zeros(0, np.float32))
-    positions = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])
+    # every seed's CSR row lo..hi-1, concatenated, without a Python loop over seeds
+    starts = np.cumsum(lengths) - lengths
+    positions = np.arange(int(lengths.sum())) + np.repeat(lo - starts, lengths)
     neighbours = cooc.indices[positions]
     scores = cooc.scores[positions] * np.repeat(np.asarray(seed_weights, np.float32), lengths)
     items, inverse = np.unique(neighbours, return_inverse=True)

@@ -1,9 +1,18 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from recsvc.behaviour import CoOccurrence, ItemStats
-from recsvc.candidates import SOURCE_BITS, SourceList, focus_on_query, generate, merge, repeat_source
+from recsvc.candidates import (
+    SOURCE_BITS,
+    SourceList,
+    cooc_source,
+    focus_on_query,
+    generate,
+    merge,
+    repeat_source,
+)
 from recsvc.config import DAY, CandidateConfig
 from recsvc.history import UserHistory
 
@@ -129,3 +138,21 @@ def test_source_names_of_many_rows_match_one_row_at_a_time() -> None:
     rows = np.array([3, 0, 2, 1])
     assert c.source_names_of(rows) == [c.source_names(int(i)) for i in rows]
     assert c.source_names(c.items.tolist().index(1)) == ("session",)
+
+
+def test_cooc_source_sums_seed_weight_times_similarity_over_all_seeds() -> None:
+    rng = np.random.default_rng(0)
+    n = 40
+    item = rng.integers(0, n, 600)
+    user = rng.integers(0, 30, 600)
+    ts = np.sort(rng.integers(NOW - 5 * DAY, NOW, 600))
+    cooc = CoOccurrence.from_interactions(item, user, ts, np.ones(600, np.float32), n, NOW, neighbours=8)
+    seeds = np.array([3, 0, 17, 39, 5], np.int32)  # includes items with empty neighbour rows
+    weights = np.array([1.0, 0.5, 2.0, 1.5, 0.25], np.float32)
+    expected: dict[int, float] = {}
+    for s, w in zip(seeds, weights):
+        for nb, sc in zip(*cooc.neighbours(int(s))):
+            expected[int(nb)] = expected.get(int(nb), 0.0) + float(sc) * float(w)
+    got = cooc_source(seeds, weights, cooc, n=100)
+    assert dict(zip(got.items.tolist(), got.scores.tolist())) == pytest.approx(expected)
+    assert np.all(np.diff(got.scores) <= 0)
