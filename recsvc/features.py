@@ -247,6 +247,10 @@ def _item_features(out: np.ndarray, items: np.ndarray, stats: ItemStats, row_now
     out[:, _COL["item_days_since_first"]] = (row_now - stats.first_ts[items]) / DAY
 
 
+# Largest (user, attribute value) key space summed with a dense bincount instead of a sort.
+DENSE_KEYS_MAX = 1 << 20
+
+
 def _segment_lookup(
     hist_keys: np.ndarray, hist_values: Sequence[np.ndarray], cand_keys: np.ndarray
 ) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -271,26 +275,32 @@ def _affinity_features(
     cfg: CandidateConfig,
 ) -> None:
     cand_empty = hist.empty[seg]
-    shares = []
     total = hist.weight_total
     divisor = np.where(total > 0, total, 1.0)[seg]  # x / 1.0 == x: "no division" when total <= 0
-    for j, (name, codes) in enumerate(catalog.attributes.items()):
-        n_values = max(len(catalog.attribute_values[name]), 1)
-        hist_codes = codes[hist.items]
+    attributes = list(catalog.attributes.items())
+    if attributes:
+        # Every attribute at once: key = (user, attribute, value). Masking the [attribute, event]
+        # matrix keeps each key's events in history order, so sums equal a per-user bincount.
+        n_values = [max(len(catalog.attribute_values[name]), 1) for name, _ in attributes]
+        offsets = np.concatenate([[0], np.cumsum(n_values)[:-1]]).astype(np.int64)[:, None]
+        span = np.int64(sum(n_values))
+        hist_codes = np.stack([codes[hist.items] for _, codes in attributes])  # [A, n_events]
+        cand_codes = np.stack([codes[items] for _, codes in attributes])  # [A, n]
         known = hist_codes >= 0
-        cand_codes = codes[items]
-        _, (per_value,) = _segment_lookup(
-            hist.seg[known] * n_values + hist_codes[known],
-            [hist.weights[known]],
-            seg * n_values + np.maximum(cand_codes, 0),
+        hist_keys = (hist.seg[None, :] * span + offsets + hist_codes)[known]
+        hist_weights = np.broadcast_to(hist.weights, hist_codes.shape)[known]
+        cand_keys = (seg[None, :] * span + offsets + np.maximum(cand_codes, 0)).ravel()
+        n_keys = int(span) * len(hist.empty)
+        if n_keys <= DENSE_KEYS_MAX:  # small key space: one dense bincount, then a gather
+            per_value = np.bincount(hist_keys, hist_weights, minlength=n_keys)[cand_keys]
+        else:
+            _, (per_value,) = _segment_lookup(hist_keys, [hist_weights], cand_keys)
+        stacked = np.where(cand_codes >= 0, per_value.reshape(cand_codes.shape) / divisor, np.nan).astype(
+            np.float32
         )
-        share = np.where(cand_codes >= 0, per_value / divisor, np.nan).astype(np.float32)
-        share[cand_empty] = np.nan
-        shares.append(share)
-        if j < AFFINITY_SLOTS:
-            out[:, _COL[f"attr{j}_share"]] = share
-    if shares:
-        stacked = np.vstack(shares)
+        stacked[:, cand_empty] = np.nan
+        for j in range(min(AFFINITY_SLOTS, len(stacked))):
+            out[:, _COL[f"attr{j}_share"]] = stacked[j]
         finite = np.isfinite(stacked)
         n_known = finite.sum(axis=0)
         filled = np.where(finite, stacked, 0.0)
@@ -300,23 +310,24 @@ def _affinity_features(
             n_known > 0, np.where(finite, stacked, -1.0).max(axis=0), np.nan
         )
     # how often / how much / how recently the user had this very item
+    if len(hist.items) == 0:
+        out[:, _COL["ui_count"]] = 0.0
+        out[:, _COL["ui_weight"]] = 0.0
+        out[:, _COL["ui_decayed"]] = 0.0
+        return
     stride = np.int64(len(catalog))
-    hist_keys = hist.seg * stride + hist.items
     cand_keys = seg * stride + items
+    uniq, inverse = np.unique(hist.seg * stride + hist.items, return_inverse=True)
     decayed = hist.weights * decay(hist.now - hist.timestamps, cfg.cooc_half_life_days)
-    had, (count, weight, decayed_sum) = _segment_lookup(
-        hist_keys, [np.ones(len(hist_keys)), hist.weights, decayed], cand_keys
-    )
-    # bincount sums in float64 then float32, as the one-user definition stores them
-    out[:, _COL["ui_count"]] = count.astype(np.float32)
-    out[:, _COL["ui_weight"]] = weight.astype(np.float32)
-    out[:, _COL["ui_decayed"]] = decayed_sum.astype(np.float32)
-    if len(hist_keys):
-        uniq, inverse = np.unique(hist_keys, return_inverse=True)
-        last = np.full(len(uniq), -np.inf)
-        np.maximum.at(last, inverse, hist.timestamps.astype(np.float64))
-        pos = np.minimum(np.searchsorted(uniq, cand_keys), len(uniq) - 1)
-        out[:, _COL["ui_days_since_last"]] = np.where(had, (row_now - last[pos]) / DAY, np.nan)
+    last = np.full(len(uniq), -np.inf)
+    np.maximum.at(last, inverse, hist.timestamps.astype(np.float64))
+    pos = np.minimum(np.searchsorted(uniq, cand_keys), len(uniq) - 1)
+    had = uniq[pos] == cand_keys
+    # bincount sums (float64, input order) then float32, as the one-user definition stores them
+    for name, values in (("ui_count", None), ("ui_weight", hist.weights), ("ui_decayed", decayed)):
+        sums = np.bincount(inverse, values, minlength=len(uniq)).astype(np.float32)
+        out[:, _COL[name]] = np.where(had, sums[pos], 0.0)
+    out[:, _COL["ui_days_since_last"]] = np.where(had, (row_now - last[pos]) / DAY, np.nan)
 
 
 def _price_features(

@@ -16,9 +16,10 @@ from recsvc.batch import (
     parse_shard,
     parts_dir,
     read_users,
+    results_frame,
     run_batch,
 )
-from recsvc.recommender import RankingPolicy, Recommender, RecommendRequest
+from recsvc.recommender import RankingPolicy, Recommender, RecommendRequest, RecommendResult, ScoredItem
 from tests.helpers.bundle_builder import write_bundle
 
 K = 8
@@ -273,3 +274,31 @@ def test_cli_bad_bundle_and_users_file_exit_2_naming_them(bundles_root: Path, tm
     pl.DataFrame({"uid": ["a"]}).write_parquet(tmp_path / "u.parquet")
     assert main(["--bundle", str(bundles_root), "--users", str(tmp_path / "u.parquet"), *out]) == 2
     assert "no user_id column" in capsys.readouterr().err
+
+
+def test_results_frame_ranks_each_users_items_from_one_and_joins_sources() -> None:
+    results = [
+        RecommendResult([ScoredItem("a", 1.0, ("ann", "cooc")), ScoredItem("b", 0.5, ())], "v", [], True, {}),
+        RecommendResult([], "v", [], False, {}),
+        RecommendResult([ScoredItem("c", 2.0, ("popular",))], "v", [], False, {}),
+    ]
+    frame = results_frame(["u1", "u2", "u3"], results)
+    assert frame.rows() == [
+        ("u1", "a", 1, 1.0, "ann,cooc"),
+        ("u1", "b", 2, 0.5, ""),
+        ("u3", "c", 1, 2.0, "popular"),
+    ]
+    assert results_frame(["u2"], [results[1]]).height == 0
+
+
+def test_thread_budget_caps_blas_and_faiss_threads_and_restores_them() -> None:
+    import faiss
+    from threadpoolctl import threadpool_info
+
+    from recsvc.batch import thread_budget
+
+    before = faiss.omp_get_max_threads()
+    with thread_budget(workers=64):
+        assert faiss.omp_get_max_threads() == 1
+        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+    assert faiss.omp_get_max_threads() == before
