@@ -867,6 +867,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tower-refit-steps", type=int, default=d.tower_refit_steps, help="tower-only steps at the end"
     )
+    p.add_argument(
+        "--tower-init-half-life-days",
+        type=float,
+        default=d.tower_init_half_life_days,
+        help="the tower starts as event-weight x recency mean pooling with this half-life",
+    )
+    p.add_argument(
+        "--tower-holdout-pairs",
+        type=int,
+        default=d.tower_holdout_pairs,
+        help="most recent pairs held out of the refit; the tower ships only if it beats pooling on them (0 = off)",
+    )
     p.add_argument("--valid-max-users", type=int, default=d.valid_max_users, help="validation users sampled")
     p.add_argument(
         "--precision",
@@ -894,6 +906,7 @@ def main(argv: list[str] | None = None) -> int:
         grad_accum=args.grad_accum, lr=args.lr, tower_lr=args.tower_lr, history_len=args.history_len,
         max_train_pairs=args.max_train_pairs, hard_negatives=args.hard_negatives, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, tower_refit_steps=args.tower_refit_steps,
+        tower_init_half_life_days=args.tower_init_half_life_days, tower_holdout_pairs=args.tower_holdout_pairs,
         valid_max_users=args.valid_max_users, precision=args.precision, seed=args.seed,
     )  # fmt: skip
     try:
