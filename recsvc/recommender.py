@@ -119,6 +119,16 @@ class _Prepared:
     allowed: np.ndarray | None  # item mask from attribute filters, None = all
 
 
+def _anonymous(p: _Prepared) -> bool:
+    """No history, no session items, no query: nothing personal to rank on.
+
+    Every such user gets the same feature rows, so the ranker can only reorder popular items; on
+    H&M's validation window its order was no better than plain recent popularity (NDCG@12
+    0.013-0.019 vs 0.018 across ranker seeds), so these requests get the popularity order.
+    """
+    return len(p.history) == 0 and len(p.session_idx) == 0 and p.query_vec is None
+
+
 class Recommender:
     """Serves one loaded bundle; thread-safe (events mutate under a lock, reads are lock-free)."""
 
@@ -227,6 +237,9 @@ class Recommender:
         if policy.use_ranker and len(features):
             scores = np.asarray(self.bundle.ranker.predict(features), dtype=np.float64)
             per_request = [scores[r] for r in rows]
+            for i, (p, c) in enumerate(zip(prepared, cands)):
+                if _anonymous(p):
+                    per_request[i] = self.bundle.item_stats.popularity[c.items].astype(np.float64)
         else:
             per_request = [_text_interest(features[r]) for r in rows]
         timings["ranking"] += _ms(t)

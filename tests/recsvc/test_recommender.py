@@ -115,6 +115,12 @@ def test_user_without_history_or_context_gets_popular_items(rec: Recommender) ->
     assert set(_ids(result)) <= popular
 
 
+def test_user_without_history_or_context_gets_the_popularity_order(rec: Recommender) -> None:
+    result = rec.recommend(RecommendRequest(user_id="stranger", k=5))
+    expected = [str(rec.catalog.item_ids[i]) for i in rec.bundle.item_stats.top_popular(5)]
+    assert _ids(result) == expected
+
+
 def test_free_text_query_personalises_a_cold_user_via_the_bundle_encoder(rec: Recommender) -> None:
     result = rec.recommend(RecommendRequest(user_id="stranger", k=5, query="warm wool jacket"))
     assert result.personalised
