@@ -129,6 +129,15 @@ def _anonymous(p: _Prepared) -> bool:
     return len(p.history) == 0 and len(p.session_idx) == 0 and p.query_vec is None
 
 
+def _query_only(p: _Prepared) -> bool:
+    """A free-text query and nothing else: order by similarity to the query.
+
+    The ranker learned from users whose vector pools their history; it never saw a query vector,
+    and on the demo shop it put popular backpacks above the running shoes a shopper typed.
+    """
+    return len(p.history) == 0 and len(p.session_idx) == 0 and p.query_vec is not None
+
+
 class Recommender:
     """Serves one loaded bundle; thread-safe (events mutate under a lock, reads are lock-free)."""
 
@@ -240,6 +249,8 @@ class Recommender:
             for i, (p, c) in enumerate(zip(prepared, cands)):
                 if _anonymous(p):
                     per_request[i] = self.bundle.item_stats.popularity[c.items].astype(np.float64)
+                elif _query_only(p):
+                    per_request[i] = _text_interest(features[rows[i]])
         else:
             per_request = [_text_interest(features[r]) for r in rows]
         timings["ranking"] += _ms(t)

@@ -128,6 +128,15 @@ def test_free_text_query_personalises_a_cold_user_via_the_bundle_encoder(rec: Re
     assert all("query" in i.sources for i in result.items)
 
 
+def test_query_only_request_is_ordered_by_similarity_to_the_query(rec: Recommender) -> None:
+    result = rec.recommend(RecommendRequest(user_id="stranger", k=5, query="warm wool jacket"))
+    query_vec = rec._encode_query("warm wool jacket")
+    sims = [float(rec.item_emb[rec.catalog.index[i.item_id]] @ query_vec) for i in result.items]
+    scores = [i.score for i in result.items]
+    np.testing.assert_allclose(scores, sims, atol=1e-5)  # the score IS the query similarity
+    assert scores == sorted(scores, reverse=True)
+
+
 def test_exclude_items_and_attribute_filters_are_hard_constraints(rec: Recommender) -> None:
     user = _busy_user(rec)
     cat = rec.catalog
