@@ -89,6 +89,10 @@ class EncoderConfig:
     # baseline's recipe) and ships only if it beats that pooling on the most recent held-out pairs.
     tower_init_half_life_days: float = 3.0
     tower_holdout_pairs: int = 1_000  # most recent training pairs held out of the refit; 0 = off
+    # Train only the top N BERT layers (embeddings and lower layers frozen); None = all layers.
+    # The states entering the first trainable layer are cached once per catalogue, so training
+    # steps and catalogue re-embeddings run only the top N layers (about N/6 of MiniLM's cost).
+    trainable_layers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +238,9 @@ class ServeConfig:
     compute_threads: int = 1
     # Concurrent Recommend calls answered by one recommend_many (one FAISS search, one ranker call); 1 = off.
     max_batch: int = 8
+    # Micro-batches computed at once. Each dispatcher drains everything queued (up to max_batch), so
+    # fewer dispatchers = bigger batches; with `workers` dispatchers on 2 cores batches stayed ~1.
+    batch_dispatchers: int = 1
 
 
 def to_dict(cfg: Any) -> Any:

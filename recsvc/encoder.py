@@ -3,6 +3,11 @@
 Used offline (fine-tuning, catalogue embedding) and online only for free-text queries. Texts are
 encoded in length-sorted batches so padding, which dominates CPU cost for short item titles, is
 minimal; output order is restored.
+
+Partial fine-tuning trains only the top BERT layers. `encode_with_states` then keeps, for every
+text, the hidden states entering the first trainable layer (`LayerStates`), so later passes run
+only the layers above (`encode_states`, `embed_states`): the frozen layers below would compute the
+same states again.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ import contextlib
 import importlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +84,79 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     summed = (hidden.to(torch.float32) * mask).sum(dim=1)
     pooled = summed / mask.sum(dim=1).clamp(min=1e-9)
     return torch.nn.functional.normalize(pooled, p=2, dim=-1)
+
+
+def bert_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer blocks of a HF BERT (`model.encoder.layer`)."""
+    try:
+        return model.encoder.layer
+    except AttributeError as exc:
+        raise EncoderError(f"{type(model).__name__} has no encoder.layer: not a BERT-style model") from exc
+
+
+def _layer_attention_mask(
+    model: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor
+) -> object:
+    """The attention mask in the form BERT's own forward hands to its layers (same function)."""
+    if hasattr(model, "_create_attention_masks"):  # transformers >= 5
+        mask, _ = model._create_attention_masks(
+            attention_mask=attention_mask,
+            encoder_attention_mask=None,
+            embedding_output=hidden,
+            encoder_hidden_states=None,
+            past_key_values=None,
+        )
+        return mask
+    return model.get_extended_attention_mask(attention_mask, attention_mask.shape)  # transformers 4
+
+
+def forward_from_layer(
+    model: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, first_layer: int
+) -> torch.Tensor:
+    """Last hidden state of BERT when `hidden` enters layer `first_layer` (layers below skipped)."""
+    mask = _layer_attention_mask(model, hidden, attention_mask)
+    for layer in bert_layers(model)[first_layer:]:
+        out = layer(hidden, mask)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+@dataclass
+class LayerStates:
+    """Hidden states entering BERT layer `layer` for every text of a pass (row i = text i).
+
+    `hidden` is kept on the CPU in a compact dtype (bf16/fp16 under mixed precision, else fp32),
+    zero beyond each text's length; padding never reaches a real token (attention masks it, mean
+    pooling ignores it), so a text's states do not depend on which batch computed them.
+    """
+
+    layer: int
+    hidden: torch.Tensor  # [n, max_len, d], storage dtype, CPU
+    lengths: torch.Tensor  # int64 [n] real tokens per text
+    input_dtype: torch.dtype  # dtype the layer received; restored before re-running it
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.hidden.numel() * self.hidden.element_size()
+
+    def batch(
+        self, rows: Sequence[int] | np.ndarray, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [b, width, d] in the layer's input dtype, attention mask [b, width]) for `rows`."""
+        index = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        lengths = self.lengths[index]
+        width = int(lengths.max())
+        hidden = self.hidden[index, :width].to(device=device, dtype=self.input_dtype)
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long().to(device)
+        return hidden, mask
+
+
+def storage_dtype(precision: str) -> torch.dtype:
+    """Compact dtype for cached layer states: what mixed precision computes in, fp32 otherwise."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 class TextEncoder:
@@ -189,23 +268,109 @@ class TextEncoder:
         out = (model or self.model)(**tokens)
         return mean_pool(out.last_hidden_state, tokens["attention_mask"])
 
+    def embed_states(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        first_layer: int,
+        model: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Pooled, normalised embeddings from states entering `first_layer`, WITH autograd."""
+        last = forward_from_layer(model or self.model, hidden, attention_mask, first_layer)
+        return mean_pool(last, attention_mask)
+
     def encode(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """float32 [n, dim], L2-normalised, row i = texts[i]."""
         if batch_size < 1:
             raise EncoderError(f"batch_size must be >= 1, got {batch_size}")
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
-            return out
+            return np.zeros((0, self.dim), dtype=np.float32)
         ids = self.token_ids(texts)
-        order = np.argsort([-len(x) for x in ids], kind="stable")
+        return self._encode_sorted(
+            [len(x) for x in ids], lambda batch: self.embed_batch(self.pad([ids[i] for i in batch])),
+            batch_size, progress,
+        )  # fmt: skip
+
+    def encode_with_states(
+        self, texts: Sequence[str], layer: int, batch_size: int = 256, progress: bool = False
+    ) -> tuple[np.ndarray, LayerStates]:
+        """`encode(texts)` (the very same computation, bit for bit) plus the hidden states that
+        entered layer `layer` for every text, captured on the way."""
+        if batch_size < 1:
+            raise EncoderError(f"batch_size must be >= 1, got {batch_size}")
+        n_layers = len(bert_layers(self.model))
+        if not 0 <= layer < n_layers:
+            raise EncoderError(f"layer must be in [0, {n_layers}), got {layer}")
+        ids = self.token_ids(texts)
+        lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+        width = int(lengths.max()) if len(ids) else 0
+        store = torch.zeros((len(ids), width, self.dim), dtype=storage_dtype(self.precision))
+        current: dict[str, object] = {}
+
+        def capture(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rows = torch.as_tensor(current["rows"])
+            current["dtype"] = hidden.dtype
+            width = hidden.shape[1]
+            real = torch.arange(width)[None, :] < lengths[rows][:, None]
+            kept = hidden.detach().to("cpu", store.dtype).masked_fill(~real[:, :, None], 0)
+            store[rows, :width] = kept
+
+        def embed(batch: np.ndarray) -> torch.Tensor:
+            current["rows"] = batch
+            return self.embed_batch(self.pad([ids[i] for i in batch]))
+
+        handle = bert_layers(self.model)[layer].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            emb = (
+                self._encode_sorted(lengths.tolist(), embed, batch_size, progress)
+                if ids
+                else np.zeros((0, self.dim), dtype=np.float32)
+            )
+        finally:
+            handle.remove()
+        dtype = current.get("dtype", torch.float32)
+        return emb, LayerStates(layer, store, lengths, dtype)  # type: ignore[arg-type]
+
+    def encode_states(
+        self,
+        states: LayerStates,
+        rows: np.ndarray | None = None,
+        batch_size: int = 256,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """float32 [len(rows), dim] for the texts at `rows` (all by default), running only the
+        layers from `states.layer` up: same batching as `encode`, a fraction of its cost."""
+        if batch_size < 1:
+            raise EncoderError(f"batch_size must be >= 1, got {batch_size}")
+        picked = np.arange(len(states)) if rows is None else np.asarray(rows, dtype=np.int64)
+        if picked.size == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+
+        def embed(batch: np.ndarray) -> torch.Tensor:
+            hidden, mask = states.batch(picked[batch], self.device)
+            return self.embed_states(hidden, mask, states.layer)
+
+        return self._encode_sorted(states.lengths[picked].tolist(), embed, batch_size, progress)
+
+    def _encode_sorted(
+        self,
+        lengths: Sequence[int],
+        embed: Callable[[np.ndarray], torch.Tensor],
+        batch_size: int,
+        progress: bool,
+    ) -> np.ndarray:
+        """Run `embed` over longest-first batches of positions (eval, no grad, autocast); rows in
+        input order. Every encode path batches the same way, so their outputs agree bit for bit."""
+        out = np.zeros((len(lengths), self.dim), dtype=np.float32)
+        order = np.argsort([-n for n in lengths], kind="stable")
         was_training = self.model.training
         self.model.eval()
-        bar = tqdm(total=len(texts), desc="encode", unit="text", disable=not progress)
+        bar = tqdm(total=len(lengths), desc="encode", unit="text", disable=not progress)
         try:
             with torch.inference_mode(), self.autocast():
                 for batch in _chunks(order, batch_size):
-                    emb = self.embed_batch(self.pad([ids[i] for i in batch]))
-                    out[batch] = emb.float().cpu().numpy()
+                    out[batch] = embed(batch).float().cpu().numpy()
                     bar.update(len(batch))
         finally:
             bar.close()

@@ -6,6 +6,14 @@ the item). The context side is cheap: history items are looked up in an embeddin
 catalogue embedded with the current encoder, refreshed at every epoch start and every
 validation), and pooled by the user tower. Only the positives go through BERT with gradients.
 
+The first pass embeds the WHOLE catalogue with the raw encoder: those vectors are the step-0 cache
+and, single-process, exactly the raw-encoder baseline's embeddings (`FinetuneResult.
+raw_item_embeddings`, same tokenisation, precision and batching as `TextEncoder.encode`). With
+`trainable_layers` = N, the embeddings and lower layers are frozen and that pass also keeps the
+hidden states entering the first trainable layer for every item (`LayerStates`): training steps,
+cache refreshes and the final re-embedding then run only the top N layers, which is the same model
+as a full forward with the frozen layers below (up to the states' bf16 rounding).
+
 Loss: sampled softmax with in-batch negatives, temperature, logQ popularity correction and
 masking of in-batch duplicates of a row's positive (`sampled_softmax_loss`).
 
@@ -33,6 +41,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -45,7 +54,14 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from recsvc.config import DAY, EncoderConfig, SplitConfig, TextConfig, to_dict
-from recsvc.encoder import TextEncoder, autocast_context, mean_pool
+from recsvc.encoder import (
+    LayerStates,
+    TextEncoder,
+    autocast_context,
+    bert_layers,
+    forward_from_layer,
+    mean_pool,
+)
 from recsvc.text import item_texts
 from recsvc.user_tower import TowerParams, UserTower, save_params
 
@@ -265,21 +281,41 @@ def sampled_softmax_loss(
 
 
 class TwoTower(nn.Module):
-    """BERT (item side, through text) + user tower (history side) in one module, so DDP syncs both."""
+    """BERT (item side, through text) + user tower (history side) in one module, so DDP syncs both.
 
-    def __init__(self, bert: nn.Module, tower: UserTower, device: torch.device, precision: str) -> None:
+    With `first_layer` set, the item side takes cached (hidden, attention mask) states entering that
+    layer instead of tokens and runs only the layers from there up.
+    """
+
+    def __init__(
+        self,
+        bert: nn.Module,
+        tower: UserTower,
+        device: torch.device,
+        precision: str,
+        first_layer: int | None = None,
+    ) -> None:
         super().__init__()
         self.bert = bert
         self.tower = tower
         self.device_type = device
         self.precision = precision
+        self.first_layer = first_layer
 
     def forward(
-        self, tokens: dict[str, torch.Tensor], hist: tuple[torch.Tensor, ...]
+        self,
+        item_inputs: dict[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor],
+        hist: tuple[torch.Tensor, ...],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast_context(self.device_type, self.precision):
-            out = self.bert(**tokens)
-        items = mean_pool(out.last_hidden_state, tokens["attention_mask"])
+            if isinstance(item_inputs, dict):
+                mask = item_inputs["attention_mask"]
+                last = self.bert(**item_inputs).last_hidden_state
+            else:
+                assert self.first_layer is not None, "cached states need TwoTower(first_layer=...)"
+                hidden, mask = item_inputs
+                last = forward_from_layer(self.bert, hidden, mask, self.first_layer)
+        items = mean_pool(last, mask)
         users = self.tower(*hist)  # fp32: tiny, and must match the numpy serving maths
         return users, items
 
@@ -316,21 +352,64 @@ def init_runtime() -> Runtime:
     return Runtime(rank, world, device)
 
 
-def embed_all(
-    encoder: TextEncoder, texts: list[str], batch_size: int, rt: Runtime, progress: bool
+def embed_rows(
+    encode: Callable[[np.ndarray, bool], np.ndarray], rows: np.ndarray, dim: int, rt: Runtime, progress: bool
 ) -> torch.Tensor:
-    """Catalogue embeddings with the current encoder; under DDP each rank embeds a shard."""
+    """float32 [len(rows), dim] = encode(rows, progress); under DDP each rank encodes a shard."""
     if rt.world == 1:
-        return torch.from_numpy(encoder.encode(texts, batch_size, progress=progress)).to(rt.device)
-    shard = math.ceil(len(texts) / rt.world)
-    mine = encoder.encode(
-        texts[rt.rank * shard : (rt.rank + 1) * shard], batch_size, progress=progress and rt.main
-    )
-    padded = torch.zeros((shard, encoder.dim), dtype=torch.float32, device=rt.device)
+        return torch.from_numpy(encode(rows, progress)).to(rt.device)
+    shard = math.ceil(len(rows) / rt.world)
+    mine = encode(rows[rt.rank * shard : (rt.rank + 1) * shard], progress and rt.main)
+    padded = torch.zeros((shard, dim), dtype=torch.float32, device=rt.device)
     padded[: mine.shape[0]] = torch.from_numpy(mine).to(rt.device)
     parts = [torch.zeros_like(padded) for _ in range(rt.world)]
     dist.all_gather(parts, padded)
-    return torch.cat(parts)[: len(texts)]
+    return torch.cat(parts)[: len(rows)]
+
+
+def raw_catalogue_pass(
+    encoder: TextEncoder,
+    texts: list[str],
+    batch_size: int,
+    rt: Runtime,
+    progress: bool,
+    capture_layer: int | None,
+) -> tuple[torch.Tensor, LayerStates | None]:
+    """The one full-BERT pass over the catalogue: embeddings (+ states entering `capture_layer`).
+
+    Single-process this is `encoder.encode(texts, batch_size)` bit for bit. Under DDP each rank
+    encodes a shard and all ranks receive every row (states too: every rank trains on any item).
+    """
+    if capture_layer is None:
+        return embed_rows(
+            lambda r, bar: encoder.encode([texts[i] for i in r], batch_size, progress=bar),
+            np.arange(len(texts)), encoder.dim, rt, progress,
+        ), None  # fmt: skip
+    if rt.world == 1:
+        emb, states = encoder.encode_with_states(texts, capture_layer, batch_size, progress=progress)
+        return torch.from_numpy(emb).to(rt.device), states
+    shard = math.ceil(len(texts) / rt.world)
+    mine, part = encoder.encode_with_states(
+        texts[rt.rank * shard : (rt.rank + 1) * shard],
+        capture_layer,
+        batch_size,
+        progress=progress and rt.main,
+    )
+    width = torch.tensor([part.hidden.shape[1]], device=rt.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    emb = torch.zeros((shard, encoder.dim), dtype=torch.float32, device=rt.device)
+    emb[: mine.shape[0]] = torch.from_numpy(mine)
+    hidden = torch.zeros((shard, int(width), encoder.dim), dtype=part.hidden.dtype, device=rt.device)
+    hidden[: len(part), : part.hidden.shape[1]] = part.hidden
+    lengths = torch.zeros(shard, dtype=torch.long, device=rt.device)
+    lengths[: len(part)] = part.lengths
+    gathered = []
+    for local in (emb, hidden.view(torch.uint8), lengths):  # bytes: any dtype, any backend
+        parts = [torch.zeros_like(local) for _ in range(rt.world)]
+        dist.all_gather(parts, local)
+        gathered.append(torch.cat(parts)[: len(texts)].cpu())
+    states = LayerStates(capture_layer, gathered[1].view(part.hidden.dtype), gathered[2], part.input_dtype)
+    return gathered[0].to(rt.device), states
 
 
 def hard_negatives(cache: torch.Tensor, positives: torch.Tensor, n: int) -> torch.Tensor:
@@ -378,6 +457,10 @@ class FinetuneResult:
     tower_path: Path
     item_ids: np.ndarray  # object [n_items], catalogue order of `items`
     item_embeddings: np.ndarray  # float32 [n_items, d], final encoder, L2-normalised
+    # float32 [n_items, d] from the RAW encoder: bit-identical to the raw-encoder baseline's
+    # `encode` (single process); None under DDP, whose sharded batches differ.
+    raw_item_embeddings: np.ndarray | None
+    raw_precision: str  # resolved precision of that raw pass (part of the embedding cache key)
     history: FinetuneHistory
     steps: int
     best_step: int
@@ -386,6 +469,8 @@ class FinetuneResult:
     valid_recall_after: float | None  # final encoder + refitted tower
     seconds: float
     weights_checksum: str  # sha256 of the final BERT + tower weights (equal across DDP ranks)
+    trainable_layers: int = 0  # BERT layers trained (the others frozen)
+    state_cache_bytes: int = 0  # memory held by the cached layer states (0 = full fine-tuning)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -444,15 +529,36 @@ def finetune(
         rt.world,
     )
 
+    first_layer = _first_trainable_layer(encoder.model, cfg.trainable_layers)
+    n_trainable = len(bert_layers(encoder.model)) - (first_layer or 0)
+    # The one raw full-BERT pass, before any checkpoint is loaded: raw baseline vectors, step-0
+    # cache and (partial fine-tuning) the frozen layers' output for every item.
+    raw_cache, states = raw_catalogue_pass(
+        encoder, texts, cfg.embed_batch_size, rt, progress, capture_layer=first_layer
+    )
+    raw_embeddings = raw_cache.cpu().numpy().copy() if rt.world == 1 else None
+    if states is not None:
+        log.info(
+            "training the top %d BERT layers; cached states entering layer %d: %.2f GB",
+            n_trainable,
+            first_layer,
+            states.nbytes / 1e9,
+        )
+
     for p in encoder.model.parameters():
         p.requires_grad_(True)
+    frozen: list[nn.Module] = []
+    if first_layer is not None:
+        frozen = [encoder.model.embeddings, *bert_layers(encoder.model)[:first_layer]]
     if getattr(encoder.model, "pooler", None) is not None:  # unused by mean pooling: keep DDP happy
-        for p in encoder.model.pooler.parameters():
+        frozen.append(encoder.model.pooler)
+    for module in frozen:
+        for p in module.parameters():
             p.requires_grad_(False)
     tower = UserTower.recency_pooling(encoder.dim, cfg.history_len, cfg.tower_init_half_life_days).to(
         rt.device
     )
-    model = TwoTower(encoder.model, tower, rt.device, encoder.precision)
+    model = TwoTower(encoder.model, tower, rt.device, encoder.precision, first_layer)
     ddp = nn.parallel.DistributedDataParallel(model) if rt.world > 1 else model
 
     decay, no_decay = [], []
@@ -498,13 +604,16 @@ def finetune(
     if vset is None and cfg.hard_negatives == 0:
         needed = np.unique(pairs.context.items[pairs.context.mask])
 
+    def encode(rows: np.ndarray, bar: bool) -> np.ndarray:
+        if states is not None:  # only the trainable layers, from the cached states
+            return encoder.encode_states(states, rows, cfg.embed_batch_size, progress=bar)
+        return encoder.encode([texts[i] for i in rows], cfg.embed_batch_size, progress=bar)
+
     def refresh_cache(full: bool = False) -> torch.Tensor:
         if full or needed is None or needed.size == len(texts):
-            return embed_all(encoder, texts, cfg.embed_batch_size, rt, progress)
+            return embed_rows(encode, np.arange(len(texts)), encoder.dim, rt, progress)
         cache = torch.zeros((len(texts), encoder.dim), dtype=torch.float32, device=rt.device)
-        cache[torch.from_numpy(needed).to(rt.device)] = embed_all(
-            encoder, [texts[i] for i in needed], cfg.embed_batch_size, rt, progress
-        )
+        cache[torch.from_numpy(needed).to(rt.device)] = embed_rows(encode, needed, encoder.dim, rt, progress)
         return cache
 
     def evaluate(cache: torch.Tensor) -> float | None:
@@ -531,7 +640,8 @@ def finetune(
         )
         return recall
 
-    cache = refresh_cache()
+    cache = raw_cache if state["step"] == 0 else refresh_cache()
+    del raw_cache
     cache_step = state["step"]
     recall_before = None
     if state["step"] == 0 and not hist.valid_steps:
@@ -560,7 +670,7 @@ def finetune(
             sync = (micro + 1) % cfg.grad_accum == 0 or micro + 1 == micro_per_epoch
             ctx = ddp.no_sync() if (rt.world > 1 and not sync) else contextlib.nullcontext()
             with ctx:
-                loss = _pair_loss(ddp, encoder, pairs, batch, cache, token_ids, log_q_all, cfg, rt)
+                loss = _pair_loss(ddp, encoder, pairs, batch, cache, token_ids, states, log_q_all, cfg, rt)
                 scaler.scale(loss / cfg.grad_accum).backward()
             step_loss += float(loss.detach()) / cfg.grad_accum
             step_pairs += len(batch) * rt.world
@@ -640,6 +750,8 @@ def finetune(
         tower_path=tower_path,
         item_ids=item_ids,
         item_embeddings=final.cpu().numpy(),
+        raw_item_embeddings=raw_embeddings,
+        raw_precision=encoder.precision,
         history=hist,
         steps=state["step"],
         best_step=state["best_step"] if vset is not None else state["step"],
@@ -648,6 +760,8 @@ def finetune(
         valid_recall_after=recall_after,
         seconds=time.perf_counter() - started,
         weights_checksum=state_checksum(model),
+        trainable_layers=n_trainable,
+        state_cache_bytes=0 if states is None else states.nbytes,
     )
 
 
@@ -658,18 +772,23 @@ def _pair_loss(
     batch: np.ndarray,
     cache: torch.Tensor,
     token_ids: list[list[int]],
+    states: LayerStates | None,
     log_q_all: torch.Tensor,
     cfg: EncoderConfig,
     rt: Runtime,
 ) -> torch.Tensor:
-    """Loss of one micro-batch: unique positives (+ hard negatives) go through BERT once each."""
+    """Loss of one micro-batch: unique positives (+ hard negatives) go through BERT once each
+    (from their cached layer states when the lower layers are frozen)."""
     positives = torch.from_numpy(pairs.targets[batch]).long().to(rt.device)
     columns = positives
     if cfg.hard_negatives > 0:
         columns = torch.cat([positives, hard_negatives(cache, positives, cfg.hard_negatives)])
     unique, inverse = torch.unique(columns, return_inverse=True)
-    tokens = encoder.pad([token_ids[i] for i in unique.tolist()])
-    users, unique_vecs = model(tokens, _history_tensors(pairs.context, batch, cache))
+    rows = unique.tolist()
+    item_inputs = (
+        encoder.pad([token_ids[i] for i in rows]) if states is None else states.batch(rows, rt.device)
+    )
+    users, unique_vecs = model(item_inputs, _history_tensors(pairs.context, batch, cache))
     return sampled_softmax_loss(
         users,
         unique_vecs[inverse],
@@ -776,6 +895,16 @@ def choose_tower(
     )
 
 
+def _first_trainable_layer(bert: nn.Module, trainable_layers: int | None) -> int | None:
+    """Index of the lowest trained BERT layer, or None when every layer (and the embeddings) train."""
+    n_layers = len(bert_layers(bert))
+    if trainable_layers is None or trainable_layers >= n_layers:
+        if trainable_layers is not None and trainable_layers > n_layers:
+            log.info("trainable_layers %d >= the model's %d layers: training all", trainable_layers, n_layers)
+        return None
+    return n_layers - trainable_layers
+
+
 def _check_config(cfg: EncoderConfig) -> None:
     for name in ("history_len", "batch_size", "grad_accum", "epochs"):
         if getattr(cfg, name) < 1:
@@ -784,6 +913,10 @@ def _check_config(cfg: EncoderConfig) -> None:
         raise FinetuneError(f"EncoderConfig.temperature must be > 0, got {cfg.temperature}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise FinetuneError(f"EncoderConfig.max_steps must be >= 1 or None, got {cfg.max_steps}")
+    if cfg.trainable_layers is not None and cfg.trainable_layers < 1:
+        raise FinetuneError(
+            f"EncoderConfig.trainable_layers must be >= 1 or None (all layers), got {cfg.trainable_layers}"
+        )
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -879,6 +1012,12 @@ def _parser() -> argparse.ArgumentParser:
         default=d.tower_holdout_pairs,
         help="most recent pairs held out of the refit; the tower ships only if it beats pooling on them (0 = off)",
     )
+    p.add_argument(
+        "--trainable-layers",
+        type=int,
+        default=d.trainable_layers,
+        help="train only the top N BERT layers from cached lower-layer states (default: all layers)",
+    )
     p.add_argument("--valid-max-users", type=int, default=d.valid_max_users, help="validation users sampled")
     p.add_argument(
         "--precision",
@@ -908,6 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_every=args.checkpoint_every, tower_refit_steps=args.tower_refit_steps,
         tower_init_half_life_days=args.tower_init_half_life_days, tower_holdout_pairs=args.tower_holdout_pairs,
         valid_max_users=args.valid_max_users, precision=args.precision, seed=args.seed,
+        trainable_layers=args.trainable_layers,
     )  # fmt: skip
     try:
         data = load_dataset(args.data)

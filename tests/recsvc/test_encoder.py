@@ -110,3 +110,55 @@ def test_real_minilm_ranks_related_products_above_unrelated_ones() -> None:
         ["running shoes", "trail running sneakers", "espresso coffee beans"]
     )
     assert shoes @ sneakers > shoes @ coffee + 0.3
+
+
+# ----------------------------------------------------------------------------- cached layer states
+
+
+def test_encode_with_states_returns_exactly_what_encode_returns(tiny_bert_dir: Path) -> None:
+    encoder = TextEncoder.load(tiny_bert_dir, precision="fp32")
+    emb, states = encoder.encode_with_states(TEXTS, layer=1, batch_size=2)
+    np.testing.assert_array_equal(emb, encoder.encode(TEXTS, batch_size=2))
+    assert states.hidden.shape == (len(TEXTS), int(states.lengths.max()), encoder.dim)
+
+
+def test_states_are_zero_beyond_each_text_length(tiny_bert_dir: Path) -> None:
+    encoder = TextEncoder.load(tiny_bert_dir, precision="fp32")
+    _, states = encoder.encode_with_states(TEXTS, layer=1, batch_size=5)
+    shortest = int(states.lengths.argmin())
+    n = int(states.lengths[shortest])
+    assert torch.count_nonzero(states.hidden[shortest, n:]) == 0
+    assert torch.count_nonzero(states.hidden[shortest, :n]) > 0
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_encode_states_equals_a_full_forward_in_fp32(tiny_bert_dir: Path, layer: int) -> None:
+    encoder = TextEncoder.load(tiny_bert_dir, precision="fp32")
+    _, states = encoder.encode_with_states(TEXTS, layer=layer, batch_size=2)
+    with torch.no_grad():  # change the layers above: the cached states stay valid, outputs move
+        for p in encoder.model.encoder.layer[layer:].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    np.testing.assert_allclose(
+        encoder.encode_states(states, batch_size=2), encoder.encode(TEXTS, batch_size=2), atol=1e-6
+    )
+
+
+def test_encode_states_of_a_row_subset_follows_the_rows(tiny_bert_dir: Path) -> None:
+    encoder = TextEncoder.load(tiny_bert_dir, precision="fp32")
+    full, states = encoder.encode_with_states(TEXTS, layer=1, batch_size=2)
+    rows = np.array([4, 1, 3])
+    np.testing.assert_allclose(encoder.encode_states(states, rows, batch_size=2), full[rows], atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="no native bf16 on this CPU")
+def test_bf16_states_match_a_full_forward_within_bf16_tolerance(tiny_bert_dir: Path) -> None:
+    encoder = TextEncoder.load(tiny_bert_dir, precision="bf16")
+    emb, states = encoder.encode_with_states(TEXTS, layer=1, batch_size=2)
+    assert states.hidden.dtype == torch.bfloat16
+    np.testing.assert_allclose(encoder.encode_states(states, batch_size=2), emb, atol=2e-2)
+
+
+def test_encode_with_states_rejects_a_layer_outside_the_model(tiny_bert_dir: Path) -> None:
+    encoder = TextEncoder.load(tiny_bert_dir, precision="fp32")
+    with pytest.raises(EncoderError, match="layer must be in"):
+        encoder.encode_with_states(TEXTS, layer=2)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from recsvc.config import DAY, EncoderConfig, TextConfig
-from recsvc.encoder import TextEncoder
+from recsvc.encoder import TextEncoder, cpu_supports_bf16
+from recsvc.text import item_texts
 from recsvc.user_tower import UserTower, load_params, user_vectors
 from tests.helpers.tiny_bert import tiny_bert_dir_fixture  # noqa: F401  (pytest fixture)
 from training.finetune import (
@@ -30,6 +31,7 @@ from training.finetune import (
     sampled_softmax_loss,
     split_recent_pairs,
 )
+from training.text_baseline import cached_catalogue_embeddings
 
 REPO = Path(__file__).resolve().parents[2]
 TOPICS = [
@@ -247,8 +249,6 @@ def test_finetune_outputs_are_what_serving_loads(tiny_bert_dir: Path, tmp_path: 
     cfg = small_cfg(tiny_bert_dir, max_steps=3, tower_refit_steps=5)
     result = finetune(train, items, cfg, TextConfig(), tmp_path, progress=False)
     encoder = TextEncoder.load(result.encoder_dir, precision="fp32")
-    from recsvc.text import item_texts
-
     np.testing.assert_allclose(
         encoder.encode(item_texts(items, TextConfig())), result.item_embeddings, atol=1e-5
     )
@@ -317,6 +317,99 @@ def test_tower_vectors_rank_next_topic_items_after_finetuning(tiny_bert_dir: Pat
     assert share > 0.5
 
 
+# ----------------------------------------------------------------------------- shared raw pass, partial fine-tuning
+
+
+@pytest.mark.parametrize("trainable_layers", [None, 1])
+def test_raw_embeddings_are_bit_identical_to_the_raw_baseline_cache(
+    tiny_bert_dir: Path, tmp_path: Path, trainable_layers: int | None
+) -> None:
+    inter, items = cycle_dataset(n_users=30)
+    train, _ = split(inter, 4)
+    cfg = small_cfg(tiny_bert_dir, max_steps=2, tower_refit_steps=0, trainable_layers=trainable_layers,
+                    embed_batch_size=7)  # fmt: skip
+    text_cfg = TextConfig(max_tokens=12)  # truncation on: the same token ids on both sides
+    result = finetune(train, items, cfg, text_cfg, tmp_path / "ft", progress=False)
+    baseline = cached_catalogue_embeddings(
+        tiny_bert_dir, items, text_cfg, batch_size=7, precision="fp32", cache_dir=tmp_path / "cache"
+    )
+    assert result.raw_item_embeddings is not None and result.raw_precision == "fp32"
+    np.testing.assert_array_equal(result.raw_item_embeddings, baseline)
+    assert not np.array_equal(result.item_embeddings, baseline)  # the tuned vectors moved
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="no native bf16 on this CPU")
+def test_bf16_raw_embeddings_are_bit_identical_to_the_raw_baseline_cache(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    inter, items = cycle_dataset(n_users=30)
+    train, _ = split(inter, 4)
+    cfg = small_cfg(tiny_bert_dir, max_steps=1, tower_refit_steps=0, trainable_layers=1, precision="bf16")
+    result = finetune(train, items, cfg, TextConfig(), tmp_path / "ft", progress=False)
+    baseline = cached_catalogue_embeddings(tiny_bert_dir, items, TextConfig(), batch_size=cfg.embed_batch_size,
+                                           precision="bf16", cache_dir=tmp_path / "cache")  # fmt: skip
+    assert result.raw_precision == "bf16"
+    np.testing.assert_array_equal(result.raw_item_embeddings, baseline)
+
+
+@pytest.mark.parametrize(("precision", "atol"), [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_partial_finetune_embeddings_equal_a_full_forward_of_the_saved_encoder(
+    tiny_bert_dir: Path, tmp_path: Path, precision: str, atol: float
+) -> None:
+    if precision == "bf16" and not cpu_supports_bf16():
+        pytest.skip("no native bf16 on this CPU")
+    inter, items = cycle_dataset(n_users=30)
+    train, _ = split(inter, 4)
+    cfg = small_cfg(tiny_bert_dir, max_steps=4, tower_refit_steps=0, trainable_layers=1, precision=precision)
+    result = finetune(train, items, cfg, TextConfig(), tmp_path, progress=False)
+    encoder = TextEncoder.load(result.encoder_dir, precision=precision)
+    full = encoder.encode(item_texts(items, TextConfig()), batch_size=cfg.embed_batch_size)
+    np.testing.assert_allclose(result.item_embeddings, full, atol=atol)
+    assert result.trainable_layers == 1 and result.state_cache_bytes > 0
+
+
+def test_partial_finetune_trains_only_the_top_layers(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    inter, items = cycle_dataset(n_users=30)
+    train, _ = split(inter, 4)
+    cfg = small_cfg(tiny_bert_dir, max_steps=3, tower_refit_steps=0, trainable_layers=1)
+    result = finetune(train, items, cfg, TextConfig(), tmp_path, progress=False)
+    trained = TextEncoder.load(result.encoder_dir, precision="fp32").model.state_dict()
+    initial = TextEncoder.load(tiny_bert_dir, precision="fp32").model.state_dict()
+    frozen = [k for k in initial if k.startswith(("embeddings.", "encoder.layer.0."))]
+    top = [k for k in initial if k.startswith("encoder.layer.1.")]
+    assert frozen and all(torch.equal(trained[k], initial[k]) for k in frozen)
+    assert any(not torch.equal(trained[k], initial[k]) for k in top)
+
+
+def test_partial_finetune_improves_validation_recall(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    inter, items = cycle_dataset()
+    train, valid = split(inter, 4)
+    cfg = small_cfg(tiny_bert_dir, trainable_layers=1, lr=1e-3)
+    result = finetune(train, items, cfg, TextConfig(), tmp_path, valid=valid, progress=False)
+    assert np.mean(result.history.losses[-5:]) < np.mean(result.history.losses[:5])
+    assert result.valid_recall_before is not None and result.valid_recall_after is not None
+    assert result.valid_recall_after > result.valid_recall_before + 0.2
+
+
+def test_partial_finetune_resumes_from_the_last_checkpoint(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    inter, items = cycle_dataset(n_users=40)
+    train, _ = split(inter, 4)
+    first = finetune(train, items, small_cfg(tiny_bert_dir, max_steps=4, tower_refit_steps=0, trainable_layers=1),
+                     TextConfig(), tmp_path, progress=False)  # fmt: skip
+    resumed = finetune(train, items, small_cfg(tiny_bert_dir, max_steps=6, tower_refit_steps=0, trainable_layers=1),
+                       TextConfig(), tmp_path, progress=False, resume=True)  # fmt: skip
+    assert resumed.history.losses[:4] == first.history.losses and resumed.steps == 6
+    np.testing.assert_array_equal(resumed.raw_item_embeddings, first.raw_item_embeddings)
+
+
+def test_zero_trainable_layers_is_a_clear_error(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    inter, items = cycle_dataset(n_users=10)
+    with pytest.raises(FinetuneError, match="trainable_layers must be >= 1"):
+        finetune(
+            inter, items, small_cfg(tiny_bert_dir, trainable_layers=0), TextConfig(), tmp_path, progress=False
+        )
+
+
 # ----------------------------------------------------------------------------- DDP
 
 
@@ -327,8 +420,11 @@ def write_canonical(folder: Path) -> None:
     items.write_parquet(folder / "items.parquet")
 
 
-@pytest.mark.slow  # 15-35 s: three interpreters import torch + transformers on a shared CPU
-def test_ddp_two_processes_end_with_identical_weights(tiny_bert_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.slow  # 15-35 s each: three interpreters import torch + transformers on a shared CPU
+@pytest.mark.parametrize("trainable_layers", [None, 1])
+def test_ddp_two_processes_end_with_identical_weights(
+    tiny_bert_dir: Path, tmp_path: Path, trainable_layers: int | None
+) -> None:
     data, out = tmp_path / "data", tmp_path / "out"
     write_canonical(data)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
@@ -336,6 +432,8 @@ def test_ddp_two_processes_end_with_identical_weights(tiny_bert_dir: Path, tmp_p
            "-m", "training.finetune", "--data", str(data), "--out", str(out), "--model-dir", str(tiny_bert_dir),
            "--max-steps", "3", "--batch-size", "8", "--history-len", "4", "--valid-days", "0", "--lr", "1e-3",
            "--tower-refit-steps", "5", "--precision", "fp32", "--rank-checksums", "--no-progress"]  # fmt: skip
+    if trainable_layers is not None:
+        cmd += ["--trainable-layers", str(trainable_layers)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0 = (out / "checksum-rank0.txt").read_text()
@@ -343,9 +441,12 @@ def test_ddp_two_processes_end_with_identical_weights(tiny_bert_dir: Path, tmp_p
     assert rank0 == rank1 and len(rank0.split()) == 2
     trained = TextEncoder.load(out / "encoder", precision="fp32").model.state_dict()
     initial = TextEncoder.load(tiny_bert_dir, precision="fp32").model.state_dict()
-    assert not torch.equal(
+    embeddings_moved = not torch.equal(
         trained["embeddings.word_embeddings.weight"], initial["embeddings.word_embeddings.weight"]
     )
+    top = [k for k in initial if k.startswith("encoder.layer.1.")]
+    assert embeddings_moved == (trainable_layers is None)
+    assert any(not torch.equal(trained[k], initial[k]) for k in top)
     assert (out / "user_tower.npz").is_file()
 
 
