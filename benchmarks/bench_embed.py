@@ -5,10 +5,13 @@ For each precision it measures, on the same item sample in the same run:
   * bare forward:   the same length-sorted, pre-tokenised batches `embed_catalogue` uses, model
                     forward only (no text building, tokenisation, pooling or copies);
   * embed_catalogue: the full path (item text, tokenisation, sorting, forward, pooling, L2).
-Target: embed_catalogue >= 0.9x bare forward. Optionally times fine-tuning steps on H&M pairs.
-Exits 0 with a message when the shared data folder is absent.
+  * top N layers:   re-embedding from cached states entering the top N layers (what partial
+                    fine-tuning's cache refreshes and final re-embedding run), for each N given.
+Target: embed_catalogue >= 0.9x bare forward. Optionally times fine-tuning steps on H&M pairs
+(full BERT or only the top N layers). Exits 0 with a message when the shared data folder is absent.
 
     .venv/bin/python benchmarks/bench_embed.py [--data DIR] [--sample 5000] [--finetune-steps 10]
+        [--trainable-layers 1 2 3]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,7 +76,7 @@ def naive_batches(encoder: TextEncoder, texts: list[str], batch_size: int) -> li
 
 
 def bench_precision(
-    precision: str, items: pl.DataFrame, batch_size: int, repeats: int
+    precision: str, items: pl.DataFrame, batch_size: int, repeats: int, top_layers: list[int]
 ) -> dict[str, float | str]:
     encoder = TextEncoder.load(precision=precision)
     texts = item_texts(items, TextConfig())
@@ -95,10 +99,25 @@ def bench_precision(
     }
     result["ratio_vs_bare"] = result["embed_catalogue_items_s"] / result["bare_forward_items_s"]
     result["ratio_vs_naive"] = result["embed_catalogue_items_s"] / result["naive_forward_items_s"]
+    n_layers = len(encoder.model.encoder.layer)
+    for top in top_layers:
+        _, states = encoder.encode_with_states(texts, n_layers - top, batch_size=batch_size)
+        best = min(
+            _timed(lambda s=states: encoder.encode_states(s, batch_size=batch_size)) for _ in range(repeats)
+        )
+        result[f"top{top}_layers_items_s"] = n / best
     return result
 
 
-def bench_finetune(data: Path, steps: int, users: int, seed: int) -> dict[str, float]:
+def _timed(work: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def bench_finetune(
+    data: Path, steps: int, users: int, seed: int, trainable_layers: int | None
+) -> dict[str, float]:
     """Fine-tune step time on real H&M pairs (a user sample; catalogue = their items)."""
     from training.finetune import finetune
 
@@ -113,7 +132,13 @@ def bench_finetune(data: Path, steps: int, users: int, seed: int) -> dict[str, f
     items = pl.read_parquet(data / "items.parquet").filter(
         pl.col("item_id").is_in(train["item_id"].unique().implode())
     )
-    cfg = replace(EncoderConfig(), max_steps=steps, tower_refit_steps=20, checkpoint_every=10_000)
+    cfg = replace(
+        EncoderConfig(),
+        max_steps=steps,
+        tower_refit_steps=20,
+        checkpoint_every=10_000,
+        trainable_layers=trainable_layers,
+    )
     with tempfile.TemporaryDirectory() as out:
         result = finetune(train, items, cfg, TextConfig(), out, progress=True)
     secs = result.history.step_seconds[1:] or result.history.step_seconds  # first step includes warm-up
@@ -121,6 +146,7 @@ def bench_finetune(data: Path, steps: int, users: int, seed: int) -> dict[str, f
         "pairs": result.n_pairs,
         "items": items.height,
         "batch_size": cfg.batch_size,
+        "trainable_layers": result.trainable_layers,
         "step_seconds_mean": float(np.mean(secs)),
         "pairs_per_s": cfg.batch_size / float(np.mean(secs)),
         "total_seconds": result.seconds,
@@ -154,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         "--finetune-users", type=int, default=300, help="users sampled for the fine-tune timing"
     )
     parser.add_argument(
+        "--trainable-layers",
+        type=int,
+        nargs="*",
+        default=[1, 2, 3],
+        help="time re-embedding (and fine-tune steps) through only the top N layers (default: %(default)s)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
@@ -169,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     items = items.sample(n=min(args.sample, items.height), seed=args.seed)
     report: dict[str, object] = {"torch_threads": torch.get_num_threads(), "precisions": []}
     for precision in args.precisions:
-        row = bench_precision(precision, items, args.batch_size, args.repeats)
+        row = bench_precision(precision, items, args.batch_size, args.repeats, args.trainable_layers)
         report["precisions"].append(row)  # type: ignore[union-attr]
         print(
             f"{row['precision']:>5}: naive forward {row['naive_forward_items_s']:7.0f} items/s | bare forward "
@@ -177,13 +210,20 @@ def main(argv: list[str] | None = None) -> int:
             f"| ratio vs bare {row['ratio_vs_bare']:.2f} (target >= 0.90), vs naive {row['ratio_vs_naive']:.2f}",
             flush=True,
         )
+        for top in args.trainable_layers:
+            print(
+                f"       top {top} layers from cached states: {row[f'top{top}_layers_items_s']:7.0f} items/s"
+            )
     if args.finetune_steps > 0:
-        ft = bench_finetune(args.data, args.finetune_steps, args.finetune_users, args.seed)
-        report["finetune"] = ft
-        print(
-            f"fine-tune: {ft['step_seconds_mean']:.2f} s/step at batch {ft['batch_size']} "
-            f"({ft['pairs_per_s']:.0f} pairs/s), {ft['pairs']} pairs, {ft['items']} items"
-        )
+        report["finetune"] = []
+        for layers in [None, *args.trainable_layers]:
+            ft = bench_finetune(args.data, args.finetune_steps, args.finetune_users, args.seed, layers)
+            report["finetune"].append(ft)  # type: ignore[union-attr]
+            print(
+                f"fine-tune ({ft['trainable_layers']} layers trained): {ft['step_seconds_mean']:.2f} s/step "
+                f"at batch {ft['batch_size']} ({ft['pairs_per_s']:.0f} pairs/s), {ft['pairs']} pairs, "
+                f"{ft['items']} items"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

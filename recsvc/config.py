@@ -181,6 +181,9 @@ class PipelineConfig:
     # Measured on a shared 2-core host: ~50 items/s embedded at 32 tokens, ~13 s per 64-pair step.
     cpu_max_catalogue_items: int | None = 5_000  # covers ~85% of H&M's next-day purchases
     cpu_max_finetune_steps: int | None = 15
+    # Train only the top N BERT layers on CPU: lower-layer states are computed once in the raw
+    # pass that also gives the raw-encoder baseline, so steps and re-embedding cost ~N/6.
+    cpu_trainable_layers: int | None = 2
     cpu_max_tokens: int | None = 32  # BERT input length on CPU (TextConfig.max_tokens otherwise)
     cpu_finetune_validation: bool = False  # validation re-embeds the catalogue once more
     cpu_eval_max_users: int | None = 3_000  # test users scored per system on CPU (seeded sample)

@@ -533,9 +533,11 @@ def finetune(
     n_trainable = len(bert_layers(encoder.model)) - (first_layer or 0)
     # The one raw full-BERT pass, before any checkpoint is loaded: raw baseline vectors, step-0
     # cache and (partial fine-tuning) the frozen layers' output for every item.
+    pass_started = time.perf_counter()
     raw_cache, states = raw_catalogue_pass(
         encoder, texts, cfg.embed_batch_size, rt, progress, capture_layer=first_layer
     )
+    log.info("raw catalogue pass: %d items in %.1fs", len(texts), time.perf_counter() - pass_started)
     raw_embeddings = raw_cache.cpu().numpy().copy() if rt.world == 1 else None
     if states is not None:
         log.info(
@@ -727,7 +729,14 @@ def finetune(
 
     # Serving pools FINAL embeddings: re-embed, then refit the tower alone on them.
     encoder.model.eval()
+    pass_started = time.perf_counter()
     final = refresh_cache(full=True)
+    log.info(
+        "final re-embedding through %d layer(s): %d items in %.1fs",
+        n_trainable,
+        len(texts),
+        time.perf_counter() - pass_started,
+    )
     fit_pairs, holdout = split_recent_pairs(pairs, cfg.tower_holdout_pairs)
     _refit_tower(tower, final, fit_pairs, log_q_all, cfg, hist, progress and rt.main)
     if holdout is not None:

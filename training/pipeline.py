@@ -291,6 +291,7 @@ class Budget:
     device: str
     max_catalogue_items: int | None
     max_finetune_steps: int | None
+    finetune_trainable_layers: int | None  # top BERT layers trained (None = all)
     max_tokens: int
     eval_max_users: int | None
     finetune_validation: bool
@@ -325,6 +326,9 @@ def plan_budget(cfg: TrainConfig, device: str) -> Budget:
         device=device,
         max_catalogue_items=_min_optional(p.max_catalogue_items, p.cpu_max_catalogue_items if cpu else None),
         max_finetune_steps=_min_optional(cfg.encoder.max_steps, p.cpu_max_finetune_steps if cpu else None),
+        finetune_trainable_layers=_min_optional(
+            cfg.encoder.trainable_layers, p.cpu_trainable_layers if cpu else None
+        ),
         max_tokens=min(cfg.text.max_tokens, p.cpu_max_tokens)
         if cpu and p.cpu_max_tokens
         else cfg.text.max_tokens,
@@ -343,7 +347,11 @@ def budgeted_config(cfg: TrainConfig, budget: Budget) -> TrainConfig:
     """`cfg` with the budget's caps written into the sections that read them."""
     return replace(
         cfg,
-        encoder=replace(cfg.encoder, max_steps=budget.max_finetune_steps),
+        encoder=replace(
+            cfg.encoder,
+            max_steps=budget.max_finetune_steps,
+            trainable_layers=budget.finetune_trainable_layers,
+        ),
         text=replace(cfg.text, max_tokens=budget.max_tokens),
         eval=replace(cfg.eval, max_users=budget.eval_max_users),
         ranker=replace(
@@ -671,6 +679,9 @@ def stage_split(ctx: RunContext, out: Path) -> None:
     ctx.memo["served_items"] = served
 
 
+RAW_EMBEDDINGS = "raw_item_embeddings.npy"  # raw (not fine-tuned) encoder, row i = catalog item i
+
+
 def stage_finetune(ctx: RunContext, out: Path) -> None:
     """Fine-tune BERT + user tower on data < T2 (early stopping on [T2, T1))."""
     from training.finetune import finetune
@@ -689,6 +700,8 @@ def stage_finetune(ctx: RunContext, out: Path) -> None:
     )
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # resumable state, not part of a bundle
     np.save(out / "item_embeddings.npy", np.ascontiguousarray(result.item_embeddings, dtype=np.float32))
+    if result.raw_item_embeddings is not None:  # the raw baseline's vectors: stage embed reuses them
+        np.save(out / RAW_EMBEDDINGS, np.ascontiguousarray(result.raw_item_embeddings, dtype=np.float32))
     hist = result.history
     curve = [{"step": i + 1, "loss": float(v)} for i, v in enumerate(hist.losses)]
     write_json(
@@ -703,6 +716,9 @@ def stage_finetune(ctx: RunContext, out: Path) -> None:
             "tower_choice": hist.tower_choice,
             "tower_holdout_recall": hist.tower_holdout_recall,
             "seconds": result.seconds,
+            "raw_precision": result.raw_precision,
+            "trainable_layers": result.trainable_layers,
+            "state_cache_gb": round(result.state_cache_bytes / 1e9, 3),
             "loss_curve": curve,
             "valid_curve": [{"step": s, "recall": r} for s, r in zip(hist.valid_steps, hist.valid_recall)],
         },
@@ -729,19 +745,27 @@ def stage_embed(ctx: RunContext, out: Path) -> None:
     np.save(out / "item_embeddings.npy", np.ascontiguousarray(tuned, dtype=np.float32))
     ctx.memo["item_embeddings"] = tuned
     if ctx.evaluate:
-        # The raw encoder never changes, so its vectors come from the shared on-disk cache when
-        # an earlier run embedded the same texts (keyed by model files, text config and texts).
-        from training.text_baseline import cached_catalogue_embeddings
+        # Fine-tuning's first pass embedded the catalogue with the raw encoder exactly as the
+        # baseline does; otherwise the raw vectors come from the on-disk cache (keyed by model
+        # files, text config, texts and precision) or are computed once more.
+        from training.text_baseline import cached_catalogue_embeddings, store_catalogue_embeddings
 
-        raw = cached_catalogue_embeddings(
-            enc_cfg.model_dir,
-            items,
-            ctx.cfg.text,
-            batch_size=enc_cfg.embed_batch_size,
-            precision=enc_cfg.precision,
-            progress=ctx.progress,
-        )
-        np.save(out / "raw_item_embeddings.npy", np.ascontiguousarray(raw, dtype=np.float32))
+        raw_path = ft / RAW_EMBEDDINGS
+        raw = np.load(raw_path) if raw_path.is_file() else None
+        if raw is not None and raw.shape == tuned.shape:
+            precision = read_json(ft / "summary.json")["raw_precision"]
+            store_catalogue_embeddings(enc_cfg.model_dir, items, ctx.cfg.text, raw, precision)
+            log.info("raw-encoder embeddings reused from the fine-tuning pass")
+        else:
+            raw = cached_catalogue_embeddings(
+                enc_cfg.model_dir,
+                items,
+                ctx.cfg.text,
+                batch_size=enc_cfg.embed_batch_size,
+                precision=enc_cfg.precision,
+                progress=ctx.progress,
+            )
+        np.save(out / RAW_EMBEDDINGS, np.ascontiguousarray(raw, dtype=np.float32))
 
 
 def stage_index(ctx: RunContext, out: Path) -> None:

@@ -52,6 +52,44 @@ def embedding_cache_key(model_dir: Path, text_cfg: TextConfig, texts: list[str],
     return digest.hexdigest()[:32]
 
 
+def catalogue_cache_file(
+    model_dir: str | Path | None,
+    items: pl.DataFrame,
+    text_cfg: TextConfig,
+    precision: str,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Where the embeddings of `items` by this model, text config and RESOLVED precision live."""
+    path = default_model_dir() if model_dir is None else Path(model_dir)
+    key = embedding_cache_key(path, text_cfg, item_texts(items, text_cfg), precision)
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"{key}.npy"
+
+
+def _write_cache(file: Path, emb: np.ndarray) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.parent / f"{file.stem}.{os.getpid()}.tmp.npy"
+    np.save(tmp, np.ascontiguousarray(emb, dtype=np.float32))
+    os.replace(tmp, file)
+
+
+def store_catalogue_embeddings(
+    model_dir: str | Path | None,
+    items: pl.DataFrame,
+    text_cfg: TextConfig,
+    emb: np.ndarray,
+    precision: str,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Put vectors computed elsewhere (fine-tuning's raw pass: the same `encode` call) into the
+    cache under the key `cached_catalogue_embeddings` looks up, so later runs skip the pass."""
+    if emb.shape[0] != items.height:
+        raise ValueError(f"{emb.shape[0]} embeddings for {items.height} catalogue items")
+    file = catalogue_cache_file(model_dir, items, text_cfg, precision, cache_dir)
+    _write_cache(file, emb)
+    log.info("stored %d raw-encoder embeddings in the cache at %s", emb.shape[0], file)
+    return file
+
+
 def cached_catalogue_embeddings(
     model_dir: str | Path | None,
     items: pl.DataFrame,
@@ -66,9 +104,7 @@ def cached_catalogue_embeddings(
     path = default_model_dir() if model_dir is None else Path(model_dir)
     texts = item_texts(items, text_cfg)
     encoder = TextEncoder.load(path, precision=precision, max_tokens=text_cfg.max_tokens)
-    key = embedding_cache_key(path, text_cfg, texts, encoder.precision)
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    file = folder / f"{key}.npy"
+    file = catalogue_cache_file(path, items, text_cfg, encoder.precision, cache_dir)
     if file.is_file():
         emb = np.load(file)
         if emb.shape == (len(texts), encoder.dim):
@@ -76,10 +112,7 @@ def cached_catalogue_embeddings(
             return emb
         log.warning("ignoring cache file %s with shape %s", file, emb.shape)
     emb = encoder.encode(texts, batch_size=batch_size, progress=progress)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"{key}.{os.getpid()}.tmp.npy"
-    np.save(tmp, emb)
-    os.replace(tmp, file)
+    _write_cache(file, emb)
     log.info("embedded %d items; cached at %s", len(texts), file)
     return emb
 

@@ -79,6 +79,7 @@ def test_cpu_budget_caps_steps_catalogue_tokens_and_eval_users() -> None:
     assert budget.finetune_validation == p.cpu_finetune_validation
     run_cfg = pipeline.budgeted_config(cfg, budget)
     assert run_cfg.encoder.max_steps == p.cpu_max_finetune_steps
+    assert budget.finetune_trainable_layers == run_cfg.encoder.trainable_layers == p.cpu_trainable_layers
     assert run_cfg.eval.max_users == p.cpu_eval_max_users
     assert run_cfg.ranker.max_train_users == min(cfg.ranker.max_train_users, p.cpu_ranker_max_train_users)
     assert run_cfg.ranker.search_trials == min(cfg.ranker.search_trials, p.cpu_ranker_search_trials)
@@ -89,6 +90,7 @@ def test_cuda_budget_applies_only_the_general_caps() -> None:
     budget = pipeline.plan_budget(cfg, "cuda")
     assert budget.max_catalogue_items == 123
     assert budget.max_finetune_steps is None
+    assert budget.finetune_trainable_layers is None  # every layer trains on a GPU
     assert budget.max_tokens == cfg.text.max_tokens
     assert budget.eval_max_users is None
     assert budget.finetune_validation
@@ -185,7 +187,7 @@ def tiny_config(model_dir: Path) -> TrainConfig:
         ),
         baselines=replace(cfg.baselines, als_iterations=2, als_factors=8),
         eval=replace(cfg.eval, tune=False, max_users=80),
-        pipeline=replace(cfg.pipeline, cpu_max_catalogue_items=None),
+        pipeline=replace(cfg.pipeline, cpu_max_catalogue_items=None, cpu_trainable_layers=1),
     )
 
 
@@ -274,6 +276,27 @@ def test_evaluation_compares_every_baseline_and_the_pipeline_in_both_modes(train
     assert set(evaluation["retrieval"]) == {"raw_encoder", "finetuned_encoder"}
     assert "recall@100" in evaluation["retrieval"]["raw_encoder"]
     assert "full_pipeline" in evaluation["cold_start"]
+
+
+@pytest.mark.slow
+def test_embed_reuses_the_finetune_raw_pass_and_fills_the_raw_embedding_cache(trained: dict) -> None:
+    from training.text_baseline import cached_catalogue_embeddings, catalogue_cache_file
+
+    work = trained["work"]
+    raw = np.load(work / "finetune" / "raw_item_embeddings.npy")
+    np.testing.assert_array_equal(np.load(work / "embed" / "raw_item_embeddings.npy"), raw)
+    summary = json.loads((work / "finetune" / "summary.json").read_text())
+    assert summary["trainable_layers"] == 1 and summary["state_cache_gb"] > 0
+    cfg = pipeline.budgeted_config(
+        tiny_config(trained["bert"]), pipeline.plan_budget(tiny_config(trained["bert"]), "cpu")
+    )
+    served = pl.read_parquet(work / "split" / "served_items.parquet")
+    assert catalogue_cache_file(trained["bert"], served, cfg.text, summary["raw_precision"]).is_file()
+    fresh = cached_catalogue_embeddings(
+        trained["bert"], served, cfg.text, batch_size=cfg.encoder.embed_batch_size, precision="fp32",
+        cache_dir=Path(trained["root"]) / "fresh-cache", progress=False,
+    )  # fmt: skip
+    np.testing.assert_array_equal(fresh, raw)  # computed anew: the same vectors bit for bit
 
 
 @pytest.mark.slow

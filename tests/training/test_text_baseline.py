@@ -9,7 +9,7 @@ import pytest
 from recsvc.config import TextConfig
 from tests.helpers.tiny_bert import tiny_bert_dir_fixture  # noqa: F401  (pytest fixture)
 from training.baselines import CandidateGenerator
-from training.text_baseline import EncoderRetrieval, cached_catalogue_embeddings
+from training.text_baseline import EncoderRetrieval, cached_catalogue_embeddings, store_catalogue_embeddings
 
 ITEMS = pl.DataFrame(
     {
@@ -92,3 +92,20 @@ def test_changed_text_config_misses_the_cache(tiny_bert_dir: Path, tmp_path: Pat
 def test_recommend_before_fit_is_an_error(tiny_bert_dir: Path) -> None:
     with pytest.raises(RuntimeError, match="fit"):
         EncoderRetrieval(tiny_bert_dir).recommend(["u"], k=1, exclude_seen=False)
+
+
+def test_stored_embeddings_are_what_the_cache_lookup_returns(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    stored = np.full((ITEMS.height, 32), 0.25, dtype=np.float32)
+    file = store_catalogue_embeddings(tiny_bert_dir, ITEMS, TextConfig(), stored, "fp32", cache_dir=tmp_path)
+    assert list(tmp_path.glob("*.npy")) == [file]
+    found = cached_catalogue_embeddings(
+        tiny_bert_dir, ITEMS, TextConfig(), precision="fp32", cache_dir=tmp_path
+    )
+    np.testing.assert_array_equal(found, stored)
+
+
+def test_storing_embeddings_for_another_catalogue_size_is_an_error(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="3 embeddings for 8 catalogue items"):
+        store_catalogue_embeddings(tiny_bert_dir, ITEMS, TextConfig(), np.zeros((3, 32)), "fp32", tmp_path)
