@@ -159,6 +159,7 @@ def run_server_child(args: argparse.Namespace) -> int:
         events_db=str(workdir / "events.sqlite"),
         workers=args.workers,
         max_batch=args.max_batch,
+        batch_dispatchers=args.batch_dispatchers,
         max_in_flight=max(64, args.concurrency * 4),
         reload_poll_s=3600,
     )
@@ -301,6 +302,7 @@ def start_child(n_items: int, args: argparse.Namespace, workdir: Path) -> tuple[
         "--candidates", str(args.candidates),
         "--workers", str(args.workers),
         "--max-batch", str(args.max_batch),
+        "--batch-dispatchers", str(args.batch_dispatchers),
         "--concurrency", str(args.concurrency),
         "--seed", str(args.seed),
         "--workdir", str(workdir),
@@ -358,7 +360,8 @@ def summarise(n_items: int, echo: Phase, phases: dict[str, Phase]) -> dict[str, 
 def print_report(echo: Phase, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(
         f"\nserving benchmark: loopback, {args.concurrency} in flight, k={args.k}, {args.candidates} candidates, "
-        f"dim={args.dim}, {args.workers} workers, max_batch={args.max_batch}, cpus={os.cpu_count()}, "
+        f"dim={args.dim}, {args.workers} workers, max_batch={args.max_batch}, "
+        f"dispatchers={args.batch_dispatchers}, cpus={os.cpu_count()}, "
         f"load average {os.getloadavg()[0]:.1f} (shared machine: numbers are indicative)"
     )
     print(f"Echo (gRPC floor): {echo.rps:.0f} rps, p50 {echo.pct(50):.2f} ms, p99 {echo.pct(99):.2f} ms")
@@ -404,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=8,
         help="ServeConfig.max_batch: Recommend calls per recommend_many (1 = off)",
+    )
+    p.add_argument(
+        "--batch-dispatchers",
+        type=int,
+        default=1,
+        help="ServeConfig.batch_dispatchers: micro-batches computed at once (default 1)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(

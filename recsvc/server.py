@@ -136,6 +136,7 @@ def _check(cfg: ServeConfig) -> None:
         "max_batch_events",
         "max_id_chars",
         "max_batch",
+        "batch_dispatchers",
     )
     for name in positive:
         if getattr(cfg, name) < 1:

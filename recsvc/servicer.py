@@ -234,7 +234,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         )
         self._in_flight = 0  # only touched on the event loop thread
         self._batcher = (
-            RecommendBatcher(executor, config.workers, config.max_batch, self._respond, metrics.batch_size)
+            RecommendBatcher(
+                executor, config.batch_dispatchers, config.max_batch, self._respond, metrics.batch_size
+            )
             if config.max_batch > 1
             else None
         )

@@ -70,6 +70,11 @@ def test_out_of_range_value_is_named() -> None:
         load_config(None, env={"RECSVC_MAX_IN_FLIGHT": "0"})
 
 
+def test_zero_batch_dispatchers_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match="batch_dispatchers"):
+        load_config(None, env={"RECSVC_BATCH_DISPATCHERS": "0"})
+
+
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"nope\.yaml"):
         load_config(tmp_path / "nope.yaml", env={})
