@@ -100,8 +100,8 @@ class _Job:
 class RecommendBatcher:
     """Opportunistic micro-batching of concurrent Recommend calls.
 
-    `workers` dispatchers each take the next queued request plus whatever else is already
-    waiting (up to `max_batch`) and answer them with one `Recommender.recommend_many` call per
+    `dispatchers` (ServeConfig.batch_dispatchers) each take the next queued request plus whatever
+    else is already waiting (up to `max_batch`) and answer them with one `Recommender.recommend_many` call per
     (model, policy) group: one FAISS search and one ranker call instead of one per request. An
     idle server therefore never waits to fill a batch (batch of 1, no added latency); a busy one
     amortises per-call overhead exactly when it matters. `recommend_many` gives the same answers
@@ -111,13 +111,13 @@ class RecommendBatcher:
     def __init__(
         self,
         executor: Executor,
-        workers: int,
+        dispatchers: int,
         max_batch: int,
         respond: Callable[[RecommendPlan, RecommendResult], pb.RecommendResponse],
         sizes: Any,
     ) -> None:
         self._executor = executor
-        self._workers = workers
+        self._n_dispatchers = dispatchers
         self._max_batch = max_batch
         self._respond = respond
         self._sizes = sizes  # histogram of batch sizes
@@ -129,7 +129,7 @@ class RecommendBatcher:
             self._queue = asyncio.Queue()
             self._dispatchers = [
                 asyncio.create_task(self._dispatch(), name=f"recsvc-batcher-{i}")
-                for i in range(self._workers)
+                for i in range(self._n_dispatchers)
             ]
         job = _Job(plan, deadline, time.perf_counter(), asyncio.get_running_loop().create_future())
         self._queue.put_nowait(job)
