@@ -85,6 +85,11 @@ def test_cpu_budget_caps_steps_catalogue_tokens_and_eval_users() -> None:
     assert run_cfg.ranker.search_trials == min(cfg.ranker.search_trials, p.cpu_ranker_search_trials)
 
 
+def test_default_cpu_budget_serves_a_catalogue_the_size_of_hm() -> None:
+    cap = pipeline.plan_budget(TrainConfig(), "cpu").max_catalogue_items
+    assert cap is None or cap >= 110_000  # H&M has 105,542 items: the CPU run must not cap it
+
+
 def test_cuda_budget_applies_only_the_general_caps() -> None:
     cfg = replace(TrainConfig(), pipeline=replace(TrainConfig().pipeline, max_catalogue_items=123))
     budget = pipeline.plan_budget(cfg, "cuda")
