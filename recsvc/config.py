@@ -128,6 +128,24 @@ class CandidateConfig:
     cooc_half_life_days: float = 7.0
     popularity_window_days: float = 7.0
     max_candidates: int = 500
+    cf: int = 100  # collaborative-filtering (ALS fold-in) candidates; 0 disables the source
+
+
+@dataclass(frozen=True)
+class CollaborativeConfig:
+    """Implicit-ALS item factors fitted offline, user factors folded in per request (recsvc/collaborative.py)."""
+
+    enabled: bool = True  # False: bundles carry no factors (no cf candidates, cf features nan)
+    factors: int = 64
+    regularization: float = 0.05
+    iterations: int = 15
+    alpha: float = 1.0  # confidence = alpha x summed (decayed) event weight, as implicit scales it
+    half_life_days: float = 0.0  # recency decay of event weights in fit and fold-in; 0 = none
+    threads: int = 2
+    seed: int = 42
+    # Items with factors are searched exactly up to this many, with an IVF inner-product index above.
+    exact_max_items: int = 50_000
+    ivf_nprobe: int = 32
 
 
 @dataclass(frozen=True)
@@ -140,6 +158,11 @@ class RecommenderConfig:
     filtered_ann_factor: int = 4  # filters leave < k: ANN inside the allowed set, this x deeper
     explain_history_items: int = 20  # recent history items searched for an explanation
     query_precision: str = "bf16"  # encoder precision for free-text queries on CPU
+    # Items nobody has interacted with yet cannot win on behaviour features: this share of the k
+    # slots (rounded up; 0 disables) at 0-based positions >= cold_first_position goes to the best
+    # never-seen candidates by text interest (cosine to the user/query vector).
+    cold_item_share: float = 0.05
+    cold_first_position: int = 12
 
 
 @dataclass(frozen=True)
@@ -158,6 +181,9 @@ class RankerConfig:
     seed: int = 42
     num_threads: int = 0  # LightGBM training threads; 0 = LightGBM's default (all cores)
     eval_at: int = 12  # validation metric is NDCG@eval_at (early stopping and search)
+    # Also train a ranker for repeat_policy=exclude requests: candidates and labels without the
+    # items the user already has. It ships only if it beats the main ranker on that validation set.
+    novel_ranker: bool = True
 
 
 @dataclass(frozen=True)
@@ -195,6 +221,7 @@ class TrainConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     candidates: CandidateConfig = field(default_factory=CandidateConfig)
+    collaborative: CollaborativeConfig = field(default_factory=CollaborativeConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     eval_k: tuple[int, ...] = (12, 50, 100, 200)
     # Defined further down the file, hence the lambdas (resolved when a TrainConfig is made).
