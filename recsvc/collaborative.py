@@ -1,6 +1,6 @@
 """Collaborative filtering at serving time: ALS item factors + a numpy fold-in of the user.
 
-Item factors are fitted offline with `implicit` (training/collaborative.py). A user's factor is
+Item factors are fitted offline with `implicit` (training/als_fit.py). A user's factor is
 NOT stored: it is solved per request from their history by the same least-squares step implicit's
 ALS uses for users, so serving needs no `implicit`, reflects events recorded since the bundle, and
 training (features at T2/T1) and serving (at T) share one definition.

@@ -91,7 +91,7 @@ def state_at(
     )
     cf = None
     if cf_cfg is not None and cf_cfg.enabled:
-        from training.collaborative import fit_cf
+        from training.als_fit import fit_cf
 
         cf = fit_cf(item_idx, user_idx, ts, weights, len(catalog), cutoff, cf_cfg)
     return ServingState(cutoff, history, stats, cooc, cf)

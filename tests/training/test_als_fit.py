@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 
 from recsvc.config import DAY, CollaborativeConfig
-from training.collaborative import confidence_matrix, fit_cf
+from training.als_fit import confidence_matrix, fit_cf
 
 CUTOFF = 50 * DAY
 
