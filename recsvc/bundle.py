@@ -30,6 +30,7 @@ from recsvc.config import TrainConfig, from_dict
 if TYPE_CHECKING:
     from recsvc.behaviour import CoOccurrence, ItemStats
     from recsvc.catalog import Catalog
+    from recsvc.collaborative import CFModel
     from recsvc.history import HistoryStore
     from recsvc.ranker import Ranker
     from recsvc.retrieval import ItemIndex
@@ -38,6 +39,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# Optional part: ALS item factors (recsvc.collaborative.CFModel); without it requests get no cf
+# candidates and nan cf features.
+CF_FILE = "collaborative.npz"
+# Optional part: the ranker for repeat_policy=exclude requests (else the main ranker serves them).
+NOVEL_RANKER_DIR = "ranker_novel"
 MANIFEST_NAME = "manifest.json"
 CURRENT_NAME = "CURRENT"
 STAGING_PREFIX = ".staging-"
@@ -397,6 +403,8 @@ class LoadedBundle:
     cooccurrence: CoOccurrence
     encoder_dir: Path
     data_end_ts: int
+    cf: CFModel | None = None  # ALS item factors (collaborative.npz); None in bundles without them
+    novel_ranker: Ranker | None = None  # ranker_novel/, for repeat_policy=exclude; None = use `ranker`
 
 
 def load(path_or_root: str | Path, verify: bool = True) -> LoadedBundle:
@@ -407,6 +415,8 @@ def load(path_or_root: str | Path, verify: bool = True) -> LoadedBundle:
     # Imported here so verify/publish/rollback work without loading torch, faiss or lightgbm.
     from recsvc.behaviour import CoOccurrence, ItemStats
     from recsvc.catalog import Catalog
+    from recsvc.collaborative import CFModel
+    from recsvc.features import FEATURE_NAMES
     from recsvc.history import HistoryStore
     from recsvc.ranker import Ranker
     from recsvc.retrieval import ItemIndex
@@ -431,6 +441,29 @@ def load(path_or_root: str | Path, verify: bool = True) -> LoadedBundle:
             f"{len(catalog.item_ids)} items (bundle {directory})"
         )
     part("index.faiss")
+    ranker = Ranker.load(part("ranker"))
+    novel_ranker = (
+        Ranker.load(directory / NOVEL_RANKER_DIR) if (directory / NOVEL_RANKER_DIR).exists() else None
+    )
+    for name, model in (("ranker", ranker), (NOVEL_RANKER_DIR, novel_ranker)):
+        if model is not None and model.feature_names != list(FEATURE_NAMES):
+            missing = [n for n in FEATURE_NAMES if n not in model.feature_names]
+            extra = [n for n in model.feature_names if n not in FEATURE_NAMES]
+            raise BundleError(
+                f"the ranker in {directory / name} was trained on another feature set than this recsvc "
+                f"computes (missing: {', '.join(missing) or 'none'}; unknown: {', '.join(extra) or 'none'}); "
+                "retrain the bundle with this version (recsvc-train)"
+            )
+    cf_path = directory / CF_FILE
+    try:
+        cf = CFModel.load(cf_path) if cf_path.exists() else None
+    except (ValueError, KeyError, OSError) as exc:
+        raise BundleError(f"{CF_FILE} in bundle {directory} cannot be read: {exc}") from exc
+    if cf is not None and cf.item_factors.shape[0] != len(catalog.item_ids):
+        raise BundleError(
+            f"{CF_FILE} has {cf.item_factors.shape[0]} item rows but catalog.parquet has "
+            f"{len(catalog.item_ids)} items (bundle {directory})"
+        )
     bundle = LoadedBundle(
         path=directory,
         version=directory.name,
@@ -440,12 +473,14 @@ def load(path_or_root: str | Path, verify: bool = True) -> LoadedBundle:
         item_embeddings=item_embeddings,
         index=ItemIndex.load(directory),
         tower=load_params(part("user_tower.npz")),
-        ranker=Ranker.load(part("ranker")),
+        ranker=ranker,
         history=HistoryStore.load(part("history.parquet"), catalog),
         item_stats=ItemStats.load(part("item_stats.npz")),
         cooccurrence=CoOccurrence.load(part("cooccurrence.npz")),
         encoder_dir=part("encoder"),
         data_end_ts=int(manifest.get("data_end_ts", 0)),
+        cf=cf,
+        novel_ranker=novel_ranker,
     )
     log.info("loaded bundle %s (%d items)", bundle.version, len(catalog.item_ids))
     return bundle

@@ -16,14 +16,22 @@ from recsvc.behaviour import CoOccurrence, ItemStats, decay
 from recsvc.config import CandidateConfig
 from recsvc.history import UserHistory
 
-SOURCE_BITS: dict[str, int] = {"ann": 1, "repeat": 2, "popular": 4, "cooc": 8, "session": 16, "query": 32}
+SOURCE_BITS: dict[str, int] = {
+    "ann": 1,
+    "repeat": 2,
+    "popular": 4,
+    "cooc": 8,
+    "session": 16,
+    "query": 32,
+    "cf": 64,
+}
 SOURCE_NAMES: tuple[str, ...] = tuple(SOURCE_BITS)
 # Source names of every possible bitmask, so naming a candidate's sources is one tuple lookup.
 NAMES_BY_BITS: tuple[tuple[str, ...], ...] = tuple(
     tuple(name for name, bit in SOURCE_BITS.items() if bits & bit) for bits in range(2 ** len(SOURCE_BITS))
 )
 # Order in which sources are kept when the union exceeds max_candidates (most specific first).
-SOURCE_PRIORITY: tuple[str, ...] = ("session", "query", "repeat", "ann", "cooc", "popular")
+SOURCE_PRIORITY: tuple[str, ...] = ("session", "query", "repeat", "ann", "cf", "cooc", "popular")
 # Recent history items whose co-occurrence neighbours are proposed.
 COOC_RECENT_ITEMS = 20
 
@@ -51,6 +59,7 @@ class Candidates:
     ann_rank: np.ndarray  # float32 [n], 0-based, nan when not proposed by ANN
     cooc_score: np.ndarray  # float32 [n], summed decayed co-occurrence, nan when not proposed
     repeat_score: np.ndarray  # float32 [n], recency-weighted own count, nan when not proposed
+    cf_rank: np.ndarray  # float32 [n], 0-based rank in the cf (ALS) list, nan when not proposed
 
     def __len__(self) -> int:
         return len(self.items)
@@ -76,12 +85,13 @@ class Candidates:
             self.ann_rank[keep],
             self.cooc_score[keep],
             self.repeat_score[keep],
+            self.cf_rank[keep],
         )
 
     @staticmethod
     def empty() -> Candidates:
         f = np.zeros(0, np.float32)
-        return Candidates(np.zeros(0, np.int32), np.zeros(0, np.uint8), f, f, f, f)
+        return Candidates(np.zeros(0, np.int32), np.zeros(0, np.uint8), f, f, f, f, f)
 
 
 def focus_on_query(cands: Candidates, min_keep: int) -> Candidates:
@@ -108,7 +118,8 @@ def merge(lists: Sequence[SourceList], max_candidates: int) -> Candidates:
     unique, first, inverse = np.unique(all_items, return_index=True, return_inverse=True)
     sources = np.zeros(len(unique), np.uint8)
     evidence = {
-        name: np.full(len(unique), np.nan, np.float32) for name in ("ann", "ann_rank", "cooc", "repeat")
+        name: np.full(len(unique), np.nan, np.float32)
+        for name in ("ann", "ann_rank", "cooc", "repeat", "cf_rank")
     }
     offset = 0
     for s in ordered:
@@ -123,6 +134,8 @@ def merge(lists: Sequence[SourceList], max_candidates: int) -> Candidates:
             evidence["cooc"][rows] = s.scores
         elif s.source == "repeat":
             evidence["repeat"][rows] = s.scores
+        elif s.source == "cf":
+            evidence["cf_rank"][rows] = np.arange(len(rows), dtype=np.float32)
     order = np.argsort(first, kind="stable")[:max_candidates]
     return Candidates(
         unique[order].astype(np.int32),
@@ -131,6 +144,7 @@ def merge(lists: Sequence[SourceList], max_candidates: int) -> Candidates:
         evidence["ann_rank"][order],
         evidence["cooc"][order],
         evidence["repeat"][order],
+        evidence["cf_rank"][order],
     )
 
 
@@ -200,11 +214,14 @@ def generate(
     cfg: CandidateConfig,
     now: int,
     extra: Sequence[SourceList] = (),
+    cf_items: np.ndarray | None = None,
+    cf_scores: np.ndarray | None = None,
 ) -> Candidates:
     """All sources for one user, each capped by `cfg`, merged and capped at `cfg.max_candidates`.
 
     `ann_items`/`ann_scores` is this user's row of a FAISS search (ids < 0 are padding and
-    dropped); `extra` carries request-specific sources (session, query) built by the caller.
+    dropped); `extra` carries request-specific sources (session, query) built by the caller;
+    `cf_items`/`cf_scores` is this user's collaborative-filtering search (CFModel.search_many).
     """
     lists: list[SourceList] = list(extra)
     if ann_items is not None and ann_scores is not None:
@@ -214,6 +231,14 @@ def generate(
                 "ann",
                 np.asarray(ann_items)[valid][: cfg.ann].astype(np.int32),
                 np.asarray(ann_scores)[valid][: cfg.ann].astype(np.float32),
+            )
+        )
+    if cf_items is not None and cf_scores is not None and cfg.cf > 0:
+        lists.append(
+            SourceList(
+                "cf",
+                np.asarray(cf_items)[: cfg.cf].astype(np.int32),
+                np.asarray(cf_scores)[: cfg.cf].astype(np.float32),
             )
         )
     lists.append(repeat_source(history, now, cfg.repeat, cfg.cooc_half_life_days))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from recsvc.candidates import SOURCE_BITS, SOURCE_NAMES, Candidates
 from recsvc.catalog import Catalog
 from recsvc.config import DAY, CandidateConfig
 from recsvc.history import UserHistory
+
+if TYPE_CHECKING:
+    from recsvc.collaborative import CFModel
 
 # Most recent history items compared by cosine with each candidate.
 HISTORY_COS_ITEMS = 10
@@ -33,6 +37,10 @@ FEATURE_NAMES: tuple[str, ...] = (
     "ann_rank",
     "cooc_score",
     "repeat_score",
+    # collaborative filtering (ALS fold-in): nan without a user factor or for items nobody had
+    "cf_score",
+    "cf_rank",
+    "cf_score_rel",
     # sources
     *(f"src_{name}" for name in SOURCE_NAMES),
     "n_sources",
@@ -113,13 +121,27 @@ def build_features(
     stats: ItemStats,
     now: int,
     cfg: CandidateConfig,
+    *,
+    cf: CFModel | None = None,
+    cf_user_factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """Feature matrix float32 [len(cands), N_FEATURES] for one user at time `now`.
 
     `history` must contain only what was known before `now` (training passes histories cut at the
     cutoff; serving passes bundle history + events since), `item_emb` rows are L2-normalised.
     """
-    return build_features_many([history], [cands], [user_vec], item_emb, catalog, stats, [now], cfg)
+    return build_features_many(
+        [history],
+        [cands],
+        [user_vec],
+        item_emb,
+        catalog,
+        stats,
+        [now],
+        cfg,
+        cf=cf,
+        cf_user_factors=[cf_user_factor],
+    )
 
 
 def build_features_many(
@@ -131,6 +153,9 @@ def build_features_many(
     stats: ItemStats,
     nows: Sequence[int],
     cfg: CandidateConfig,
+    *,
+    cf: CFModel | None = None,
+    cf_user_factors: Sequence[np.ndarray | None] | None = None,
 ) -> np.ndarray:
     """`build_features` for many users at once: their matrices stacked in input order.
 
@@ -151,6 +176,7 @@ def build_features_many(
     items = np.concatenate([c.items for c in cands]).astype(np.int64)
     row_now = np.repeat(np.asarray(nows, dtype=np.int64), sizes)
     _text_features(out, histories, cands, user_vecs, item_emb, bounds)
+    _cf_features(out, cands, cf, cf_user_factors, bounds)
     _source_features(out, np.concatenate([c.sources for c in cands]))
     _item_features(out, items, stats, row_now)
     attributes = list(catalog.attributes.values())
@@ -216,6 +242,29 @@ def _text_features(
     out[:, _COL["ann_rank"]] = np.concatenate([c.ann_rank for c in cands])
     out[:, _COL["cooc_score"]] = np.concatenate([c.cooc_score for c in cands])
     out[:, _COL["repeat_score"]] = np.concatenate([c.repeat_score for c in cands])
+
+
+def _cf_features(
+    out: np.ndarray,
+    cands: Sequence[Candidates],
+    cf: CFModel | None,
+    user_factors: Sequence[np.ndarray | None] | None,
+    bounds: np.ndarray,
+) -> None:
+    """cf_score = user factor · item factor for every candidate (not only cf-proposed ones),
+    cf_score_rel = that over the user's best candidate score (when positive), cf_rank from the source."""
+    out[:, _COL["cf_rank"]] = np.concatenate([c.cf_rank for c in cands])
+    if cf is None or user_factors is None:
+        return
+    for r, (c, factor) in enumerate(zip(cands, user_factors)):
+        if factor is None or len(c) == 0:
+            continue
+        rows = slice(int(bounds[r]), int(bounds[r + 1]))
+        score = cf.scores(factor, c.items)
+        out[rows, _COL["cf_score"]] = score
+        best = np.nanmax(score) if np.isfinite(score).any() else np.nan
+        if best > 0:
+            out[rows, _COL["cf_score_rel"]] = score / best
 
 
 def pairwise_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:

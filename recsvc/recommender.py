@@ -33,6 +33,7 @@ from recsvc.candidates import (
     generate,
     merge,
 )
+from recsvc.cold_slots import with_cold_slots
 from recsvc.config import CandidateConfig, RecommenderConfig
 from recsvc.features import build_features_many, feature_index, pairwise_dot, tower_inputs
 from recsvc.history import Event, UserHistory
@@ -117,6 +118,7 @@ class _Prepared:
     user_vec: np.ndarray | None
     query_vec: np.ndarray | None
     allowed: np.ndarray | None  # item mask from attribute filters, None = all
+    cf_vec: np.ndarray | None = None  # ALS user factor folded in from `history`
 
 
 def _anonymous(p: _Prepared) -> bool:
@@ -169,7 +171,11 @@ class Recommender:
         """Run every stage once (compiles/verifies the ranker fast path, touches index pages) and
         load the query encoder, so the first real request does not pay for any of it."""
         users = self.bundle.history.users()
-        reqs = [RecommendRequest(user_id=users[0] if users else "__warm__", k=5)]
+        user = users[0] if users else "__warm__"
+        reqs = [
+            RecommendRequest(user_id=user, k=5),
+            RecommendRequest(user_id=user, k=5, repeat_policy="exclude"),
+        ]
         self.recommend_many(reqs)
         self.recommend_many(reqs, RankingPolicy(use_ranker=False))
         try:
@@ -200,6 +206,7 @@ class Recommender:
         depth = min(self.cand_cfg.ann, len(self.catalog))
         ann = self._search_many([p.user_vec for p in prepared], depth)
         queries = self._search_many([p.query_vec for p in prepared], self.config.query_candidates)
+        cf = self._cf_search_many(prepared)
         timings["retrieval"] = _ms(t)
 
         results: list[RecommendResult] = []
@@ -208,6 +215,7 @@ class Recommender:
                 [prepared[i] for i in block],
                 [ann[i] for i in block],
                 [queries[i] for i in block],
+                [cf[i] for i in block],
                 policy,
                 timings,
             )
@@ -221,11 +229,12 @@ class Recommender:
         prepared: Sequence[_Prepared],
         ann: Sequence[tuple[np.ndarray, np.ndarray]],
         queries: Sequence[tuple[np.ndarray, np.ndarray]],
+        cf: Sequence[tuple[np.ndarray, np.ndarray]],
         policy: RankingPolicy,
         timings: dict[str, float],
     ) -> list[RecommendResult]:
         """Candidates, one feature matrix and one ranker call for a block of requests."""
-        cands = [self._candidates(p, a, q, timings) for p, a, q in zip(prepared, ann, queries)]
+        cands = [self._candidates(p, a, q, c, timings) for p, a, q, c in zip(prepared, ann, queries, cf)]
 
         t = time.perf_counter()
         features = build_features_many(
@@ -237,6 +246,8 @@ class Recommender:
             self.bundle.item_stats,
             [p.now for p in prepared],
             self.cand_cfg,
+            cf=self.bundle.cf,
+            cf_user_factors=[p.cf_vec for p in prepared],
         )
         bounds = np.cumsum([0] + [len(c) for c in cands])
         rows = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
@@ -244,7 +255,7 @@ class Recommender:
 
         t = time.perf_counter()
         if policy.use_ranker and len(features):
-            scores = np.asarray(self.bundle.ranker.predict(features), dtype=np.float64)
+            scores = self._predict(prepared, features, np.diff(bounds))
             per_request = [scores[r] for r in rows]
             for i, (p, c) in enumerate(zip(prepared, cands)):
                 if _anonymous(p):
@@ -256,9 +267,27 @@ class Recommender:
         timings["ranking"] += _ms(t)
 
         t = time.perf_counter()
-        results = [self._finish(p, c, s, policy) for p, c, s in zip(prepared, cands, per_request)]
+        cos_user = features[:, feature_index("cos_user")]
+        never_seen = np.isnan(self.bundle.item_stats.first_ts)
+        results = [
+            self._finish(p, c, s, policy, np.where(never_seen[c.items], cos_user[r], np.nan))
+            for p, c, s, r in zip(prepared, cands, per_request, rows)
+        ]
         timings["filters"] += _ms(t)
         return results
+
+    def _predict(self, prepared: Sequence[_Prepared], features: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """Ranker scores; rows of repeat_policy=exclude requests go to the bundle's novel ranker
+        when it has one (trained for lists without owned items), the rest to the main ranker."""
+        novel = self.bundle.novel_ranker
+        excluding = np.repeat([p.req.repeat_policy == "exclude" for p in prepared], sizes)
+        if novel is None or not excluding.any():
+            return np.asarray(self.bundle.ranker.predict(features), dtype=np.float64)
+        scores = np.empty(len(features), dtype=np.float64)
+        scores[excluding] = novel.predict(features[excluding])
+        if not excluding.all():
+            scores[~excluding] = self.bundle.ranker.predict(features[~excluding])
+        return scores
 
     def similar_items(
         self,
@@ -359,7 +388,8 @@ class Recommender:
             user_vec = user_vector(self.bundle.tower, emb, ages, weights)
         query_vec = self._encode_query(req.query) if req.query and req.query.strip() else None
         allowed = self.catalog.filter_mask(req.include_attributes, req.exclude_attributes)
-        return _Prepared(req, now, history, session_idx, unknown, user_vec, query_vec, allowed)
+        cf_vec = self.bundle.cf.user_factor(history, now) if self.bundle.cf is not None else None
+        return _Prepared(req, now, history, session_idx, unknown, user_vec, query_vec, allowed, cf_vec)
 
     def _search_many(
         self, vectors: Sequence[np.ndarray | None], depth: int
@@ -379,11 +409,18 @@ class Recommender:
             out[row] = (found[order], exact[order].astype(np.float32))
         return out
 
+    def _cf_search_many(self, prepared: Sequence[_Prepared]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One collaborative-filtering index search for every request with a user factor."""
+        if self.bundle.cf is None or self.cand_cfg.cf <= 0:
+            return [(np.zeros(0, np.int32), np.zeros(0, np.float32))] * len(prepared)
+        return self.bundle.cf.search_many([p.cf_vec for p in prepared], self.cand_cfg.cf)
+
     def _candidates(
         self,
         p: _Prepared,
         ann: tuple[np.ndarray, np.ndarray],
         query: tuple[np.ndarray, np.ndarray],
+        cf: tuple[np.ndarray, np.ndarray],
         timings: dict[str, float],
     ) -> Candidates:
         """Sources -> hard filters (features are built for the whole batch afterwards).
@@ -396,7 +433,7 @@ class Recommender:
         if p.req.repeat_policy == "exclude":
             blocked = np.union1d(blocked, p.history.items).astype(np.int32)
         cfg = self.cand_cfg
-        cands = self._filtered(self._generate(p, ann, query, cfg, timings), p.allowed, blocked, timings)
+        cands = self._filtered(self._generate(p, ann, query, cf, cfg, timings), p.allowed, blocked, timings)
         if p.query_vec is not None:
             cands = focus_on_query(cands, p.req.k)
         if len(cands) < p.req.k and (p.allowed is not None or len(blocked)):
@@ -410,7 +447,7 @@ class Recommender:
                 query = self._search_filtered(p.query_vec, depth, p.allowed, blocked)
             timings["retrieval"] += _ms(t)
             cands = self._filtered(
-                self._generate(p, ann, query, _widened(cfg, depth), timings), p.allowed, blocked, timings
+                self._generate(p, ann, query, cf, _widened(cfg, depth), timings), p.allowed, blocked, timings
             )
         if len(cands) < p.req.k:
             cands = self._fill(p.req.k, cands, p.allowed, blocked)
@@ -421,6 +458,7 @@ class Recommender:
         p: _Prepared,
         ann: tuple[np.ndarray, np.ndarray],
         query: tuple[np.ndarray, np.ndarray],
+        cf: tuple[np.ndarray, np.ndarray],
         cfg: CandidateConfig,
         timings: dict[str, float],
     ) -> Candidates:
@@ -448,6 +486,8 @@ class Recommender:
             cfg=cfg,
             now=p.now,
             extra=extra,
+            cf_items=cf[0] if p.cf_vec is not None else None,
+            cf_scores=cf[1] if p.cf_vec is not None else None,
         )
         timings["candidates"] += _ms(t)
         return cands
@@ -488,12 +528,23 @@ class Recommender:
             np.concatenate([cands.ann_rank, nan]),
             np.concatenate([cands.cooc_score, nan]),
             np.concatenate([cands.repeat_score, nan]),
+            np.concatenate([cands.cf_rank, nan]),
         )
 
     def _finish(
-        self, p: _Prepared, cands: Candidates, scores: np.ndarray, policy: RankingPolicy
+        self,
+        p: _Prepared,
+        cands: Candidates,
+        scores: np.ndarray,
+        policy: RankingPolicy,
+        cold_score: np.ndarray,
     ) -> RecommendResult:
+        """Order by score, give the reserved cold-start slots to never-seen candidates
+        (`cold_score`: their text interest, nan for the rest), apply the diversity cap, take k."""
         order = _order(np.asarray(scores, dtype=np.float64), cands.items)
+        order = with_cold_slots(
+            order, cold_score, p.req.k, self.config.cold_item_share, self.config.cold_first_position
+        )
         order = self._diversify(order, cands.items, policy, p.req.k)
         items = cands.items[order]
         explanations = self._explain(p.history, items) if p.req.explain else [None] * len(items)

@@ -47,8 +47,8 @@ STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "finetune": (("split",), ("text", "encoder")),
     "embed": (("finetune",), ("text", "encoder")),
     "index": (("embed",), ("index",)),
-    "state": (("split",), ("text", "candidates")),
-    "ranker": (("index", "state"), ("candidates", "ranker")),
+    "state": (("split",), ("text", "candidates", "collaborative")),
+    "ranker": (("index", "state"), ("candidates", "collaborative", "ranker")),
     "evaluate": (("ranker",), ("text", "candidates", "eval_k", "baselines", "eval")),
     "publish": (("ranker", "evaluate"), ()),
 }
@@ -824,11 +824,15 @@ def stage_state(ctx: RunContext, out: Path) -> None:
     interactions, _ = _dataset(ctx)
     windows = _windows(ctx, "state")
     catalog = Catalog.from_items(_served_items(ctx, "state"), ctx.cfg.text.attribute_columns)
-    state = state_at(_before(interactions, windows.T), catalog, windows.T, ctx.cfg.candidates)
+    state = state_at(
+        _before(interactions, windows.T), catalog, windows.T, ctx.cfg.candidates, ctx.cfg.collaborative
+    )
     catalog.save(out / "catalog.parquet")
     state.history.save(out / "history.parquet")
     state.stats.save(out / "item_stats.npz")
     state.cooc.save(out / "cooccurrence.npz")
+    if state.cf is not None:
+        state.cf.save(out / CF_FILE)
     ctx.memo["catalog"] = catalog
 
 
@@ -851,6 +855,8 @@ def stage_ranker(ctx: RunContext, out: Path) -> None:
         progress=ctx.progress,
     )
     result.ranker.save(out / "ranker")
+    if result.novel_ranker is not None:
+        result.novel_ranker.save(out / bundle.NOVEL_RANKER_DIR)
     write_json(out / "ranker_metrics.json", result.metrics)
     write_json(out / "importance.json", _feature_importance(result.ranker))
 
@@ -872,6 +878,8 @@ BUNDLE_PARTS = (
     ("state", "cooccurrence.npz"),
     ("ranker", "ranker"),
 )
+# Optional part: present when CollaborativeConfig.enabled (bundles without it serve without cf).
+CF_FILE = bundle.CF_FILE
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -894,6 +902,14 @@ def assemble_bundle(ctx: RunContext, target: Path) -> None:
         if not src.exists():
             raise PipelineError(f"stage '{stage}' did not produce {rel} in {src.parent}")
         _link_or_copy(src, target / rel)
+    novel = ctx.work.require("ranker", "publish") / bundle.NOVEL_RANKER_DIR
+    if novel.exists():
+        _link_or_copy(novel, target / bundle.NOVEL_RANKER_DIR)
+    cf = ctx.work.require("state", "publish") / CF_FILE
+    if ctx.cfg.collaborative.enabled:
+        if not cf.exists():
+            raise PipelineError(f"stage 'state' did not produce {CF_FILE} in {cf.parent}")
+        _link_or_copy(cf, target / CF_FILE)
 
 
 def base_manifest(ctx: RunContext) -> dict[str, Any]:

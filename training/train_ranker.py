@@ -22,7 +22,8 @@ from tqdm import tqdm
 from recsvc.behaviour import CoOccurrence, ItemStats
 from recsvc.candidates import SOURCE_NAMES, Candidates, generate
 from recsvc.catalog import Catalog
-from recsvc.config import CandidateConfig, RankerConfig, TrainConfig
+from recsvc.collaborative import CFModel
+from recsvc.config import CandidateConfig, CollaborativeConfig, RankerConfig, TrainConfig
 from recsvc.features import FEATURE_NAMES, build_features, tower_inputs
 from recsvc.history import HistoryStore, item_indices
 from recsvc.user_tower import TowerParams, user_vector
@@ -40,6 +41,7 @@ class ServingState:
     history: HistoryStore
     stats: ItemStats
     cooc: CoOccurrence
+    cf: CFModel | None = None  # ALS item factors fitted on the same rows; None when disabled
 
 
 @dataclass
@@ -61,8 +63,15 @@ class RankingDataset:
         return len(self.labels)
 
 
-def state_at(interactions: pl.DataFrame, catalog: Catalog, cutoff: int, cfg: CandidateConfig) -> ServingState:
-    """Histories, item stats and co-occurrence from interactions strictly before `cutoff`."""
+def state_at(
+    interactions: pl.DataFrame,
+    catalog: Catalog,
+    cutoff: int,
+    cfg: CandidateConfig,
+    cf_cfg: CollaborativeConfig | None = None,
+) -> ServingState:
+    """Histories, item stats, co-occurrence (and ALS item factors when `cf_cfg` enables them) from
+    interactions strictly before `cutoff`."""
     before = interactions.filter(pl.col("timestamp") < cutoff)
     item_idx = item_indices(before["item_id"], catalog)
     known = item_idx >= 0
@@ -80,7 +89,12 @@ def state_at(interactions: pl.DataFrame, catalog: Catalog, cutoff: int, cfg: Can
     cooc = CoOccurrence.from_interactions(
         item_idx, user_idx, ts, weights, len(catalog), cutoff, cfg.cooc_neighbours, cfg.cooc_half_life_days
     )
-    return ServingState(cutoff, history, stats, cooc)
+    cf = None
+    if cf_cfg is not None and cf_cfg.enabled:
+        from training.als_fit import fit_cf
+
+        cf = fit_cf(item_idx, user_idx, ts, weights, len(catalog), cutoff, cf_cfg)
+    return ServingState(cutoff, history, stats, cooc, cf)
 
 
 def label_table(
@@ -118,15 +132,22 @@ def build_ranking_dataset(
     seed: int = 42,
     drop_groups_without_positive: bool = True,
     progress: bool = False,
+    cf_cfg: CollaborativeConfig | None = None,
+    exclude_owned: bool = False,
 ) -> RankingDataset:
     """Candidates + features + labels for users active in [cutoff, label_end).
+
+    `exclude_owned=True` builds the set that repeat_policy=exclude requests see: items the user
+    had before `cutoff` are neither candidates nor labels (users without a new item are skipped).
 
     `interactions` may contain rows at/after `cutoff`: they are ignored for state (the test
     `test_features_ignore_interactions_at_or_after_cutoff` proves it). `index` is an
     `recsvc.retrieval.ItemIndex` (anything with `search(queries, k) -> (scores, ids)`).
     """
-    state = state_at(interactions, catalog, cutoff, cand_cfg)
+    state = state_at(interactions, catalog, cutoff, cand_cfg, cf_cfg)
     table = label_table(labels, catalog, cutoff, label_end)
+    if exclude_owned:
+        table = _without_owned(table, state.history)
     users = sorted(table)
     if len(users) > max_users:
         rng = np.random.default_rng(seed)
@@ -140,6 +161,10 @@ def build_ranking_dataset(
         emb, ages, w = tower_inputs(h, item_emb, cutoff, tower.history_len)
         vectors.append(user_vector(tower, emb, ages, w))
     ann = ann_search(index, item_emb, vectors, min(cand_cfg.ann, len(catalog)))
+    cf_factors: list[np.ndarray | None] = [
+        state.cf.user_factor(h, cutoff) if state.cf is not None else None for h in histories
+    ]
+    cf_lists = state.cf.search_many(cf_factors, cand_cfg.cf) if state.cf is not None else None
 
     feats: list[np.ndarray] = []
     label_rows: list[np.ndarray] = []
@@ -160,14 +185,31 @@ def build_ranking_dataset(
             cooc=state.cooc,
             cfg=cand_cfg,
             now=cutoff,
+            cf_items=cf_lists[i][0] if cf_lists is not None and cf_factors[i] is not None else None,
+            cf_scores=cf_lists[i][1] if cf_lists is not None and cf_factors[i] is not None else None,
         )
+        if exclude_owned:
+            cands = cands.take(~np.isin(cands.items, history.items))
         positives = table[user]
         y = np.asarray([positives.get(int(it), 0.0) for it in cands.items], dtype=np.float32)
         total_positive += len(positives)
         _count_recall(found, cands, y > 0)
         if len(cands) == 0 or (drop_groups_without_positive and not (y > 0).any()):
             continue
-        feats.append(build_features(history, cands, vec, item_emb, catalog, state.stats, cutoff, cand_cfg))
+        feats.append(
+            build_features(
+                history,
+                cands,
+                vec,
+                item_emb,
+                catalog,
+                state.stats,
+                cutoff,
+                cand_cfg,
+                cf=state.cf,
+                cf_user_factor=cf_factors[i],
+            )
+        )
         label_rows.append(y)
         item_rows.append(cands.items)
         source_rows.append(cands.sources)
@@ -212,6 +254,38 @@ def ann_search(
     return out
 
 
+def _without_owned(table: dict[str, dict[int, float]], history: HistoryStore) -> dict[str, dict[int, float]]:
+    """Label table minus the items each user already had (users left with none are dropped)."""
+    out: dict[str, dict[int, float]] = {}
+    for user, positives in table.items():
+        owned = set(history.get(user).items.tolist())
+        novel = {item: w for item, w in positives.items() if item not in owned}
+        if novel:
+            out[user] = novel
+    return out
+
+
+def grouped_ndcg(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int) -> float:
+    """Mean NDCG@k over groups with graded gains 2^grade - 1 (LightGBM's lambdarank metric)."""
+    grades = relevance_grades(labels).astype(np.float64)
+    gains = np.exp2(grades) - 1.0
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    total, n = 0.0, 0
+    start = 0
+    for size in groups.tolist():
+        g = gains[start : start + size]
+        s = np.asarray(scores[start : start + size], dtype=np.float64)
+        start += size
+        ideal = np.sort(g)[::-1][:k]
+        best = float((ideal * discount[: len(ideal)]).sum())
+        if best <= 0:
+            continue
+        top = g[np.lexsort((np.arange(size), -s))][:k]
+        total += float((top * discount[: len(top)]).sum()) / best
+        n += 1
+    return total / n if n else float("nan")
+
+
 def _count_recall(found: dict[str, int], cands: Candidates, positive: np.ndarray) -> None:
     found["all"] += int(positive.sum())
     for name in SOURCE_NAMES:
@@ -233,6 +307,7 @@ class RankerTrainResult:
     train: RankingDataset
     valid: RankingDataset
     metrics: dict[str, Any]
+    novel_ranker: Any | None = None  # for repeat_policy=exclude; None when it did not beat `ranker`
 
 
 def train_ranker(
@@ -263,6 +338,7 @@ def train_ranker(
         cand_cfg=config.candidates,
         seed=config.ranker.seed,
         progress=progress,
+        cf_cfg=config.collaborative,
     )
     train = build_ranking_dataset(
         data, data, cutoff=t2, label_end=t1, max_users=config.ranker.max_train_users, **common
@@ -285,7 +361,13 @@ def train_ranker(
         config.ranker,
         feature_names=list(FEATURE_NAMES),
     )
+    novel_ranker, novel_metrics = (
+        _train_novel_ranker(data, t2, t1, t_end, ranker, config, common)
+        if config.ranker.novel_ranker
+        else (None, {})
+    )
     metrics = {
+        **novel_metrics,
         "train_users": len(train.user_ids),
         "train_rows": train.n_rows,
         "valid_users": len(valid.user_ids),
@@ -293,7 +375,58 @@ def train_ranker(
         "train_candidate_recall": train.recall,
         "valid_candidate_recall": valid.recall,
     }
-    return RankerTrainResult(ranker, train, valid, metrics)
+    return RankerTrainResult(ranker, train, valid, metrics, novel_ranker)
+
+
+def _train_novel_ranker(
+    data: pl.DataFrame, t2: int, t1: int, t_end: int, main: Any, config: TrainConfig, common: dict[str, Any]
+) -> tuple[Any | None, dict[str, Any]]:
+    """A ranker for requests that exclude owned items, kept only if it beats the main ranker on
+    the validation window's owned-items-excluded set (the main ranker never saw that task)."""
+    from recsvc.ranker import Ranker
+
+    sets = [
+        build_ranking_dataset(data, data, cutoff=c, label_end=e, max_users=m, exclude_owned=True, **common)
+        for c, e, m in ((t2, t1, config.ranker.max_train_users), (t1, t_end, _valid_users(config.ranker)))
+    ]
+    train, valid = sets
+    if train.n_rows == 0 or valid.n_rows == 0:
+        log.info(
+            "novel ranker skipped: no rows without owned items (train %d, valid %d)",
+            train.n_rows,
+            valid.n_rows,
+        )
+        return None, {}
+    novel = Ranker.train(
+        train.features,
+        relevance_grades(train.labels),
+        train.groups,
+        valid.features,
+        relevance_grades(valid.labels),
+        valid.groups,
+        config.ranker,
+        feature_names=list(FEATURE_NAMES),
+    )
+    k = config.ranker.eval_at
+    scores = {
+        name: grouped_ndcg(model.predict_stock(valid.features), valid.labels, valid.groups, k)
+        for name, model in (("main", main), ("novel", novel))
+    }
+    chosen = scores["novel"] > scores["main"]
+    log.info(
+        "novel-mode validation ndcg@%d: main ranker %.4f, novel ranker %.4f -> %s",
+        k,
+        scores["main"],
+        scores["novel"],
+        "novel ranker ships" if chosen else "main ranker serves novel requests",
+    )
+    metrics = {
+        "novel_valid_ndcg": scores,
+        "novel_ranker_used": chosen,
+        "novel_train_rows": train.n_rows,
+        "novel_valid_candidate_recall": valid.recall,
+    }
+    return (novel if chosen else None), metrics
 
 
 def _valid_users(cfg: RankerConfig) -> int:

@@ -117,9 +117,10 @@ def build_loaded_bundle(
         tower=tower,
         cand_cfg=cfg.candidates,
         max_users=cfg.ranker.max_train_users,
+        cf_cfg=cfg.collaborative,
     )
     ranker = train_small_ranker(train.features, relevance_grades(train.labels), train.groups, fast_path)
-    state = state_at(interactions, catalog, end, cfg.candidates)
+    state = state_at(interactions, catalog, end, cfg.candidates, cfg.collaborative)
     encoder_dir = make_tiny_bert(Path(workdir) / "encoder", hidden=EMBED_DIM)
     return LoadedBundle(
         path=Path(workdir),
@@ -136,6 +137,7 @@ def build_loaded_bundle(
         cooccurrence=state.cooc,
         encoder_dir=encoder_dir,
         data_end_ts=end,
+        cf=state.cf,
     )
 
 
@@ -165,6 +167,8 @@ def write_bundle(
     loaded.history.save(staging / "history.parquet")
     loaded.item_stats.save(staging / "item_stats.npz")
     loaded.cooccurrence.save(staging / "cooccurrence.npz")
+    if loaded.cf is not None:
+        loaded.cf.save(staging / bundle_mod.CF_FILE)
     (staging / "_work" / "encoder").rename(staging / "encoder")
     (staging / "_work").rmdir()
     bundle_mod.publish(

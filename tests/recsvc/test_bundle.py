@@ -216,3 +216,64 @@ def test_load_refuses_embeddings_that_do_not_match_the_catalogue(synth_loaded, t
     np.save(path / "item_embeddings.npy", np.zeros((3, 4), np.float32))
     with pytest.raises(BundleError, match=r"item_embeddings\.npy has 3 rows"):
         bundle.load(root, verify=False)
+
+
+def test_collaborative_factors_are_checksummed_and_loaded(synth_loaded, tmp_path: Path) -> None:
+    from tests.helpers.bundle_builder import write_bundle
+
+    root = write_bundle(synth_loaded.interactions, synth_loaded.items, tmp_path / "bundles")
+    loaded = bundle.load(root)
+    assert bundle.CF_FILE in loaded.manifest["files"]
+    assert loaded.cf is not None and loaded.cf.item_factors.shape[0] == len(loaded.catalog)
+    assert len(loaded.cf.active) > 0
+    with open(loaded.path / bundle.CF_FILE, "r+b") as fh:
+        fh.seek(-3, 2)
+        fh.write(b"\x00\x01\x02")
+    with pytest.raises(BundleError, match=r"checksum mismatch in collaborative\.npz"):
+        bundle.load(root)
+
+
+def test_a_bundle_without_factors_loads_and_serves_without_cf(synth_loaded, tmp_path: Path) -> None:
+    from recsvc.config import CollaborativeConfig, TrainConfig
+    from recsvc.recommender import Recommender, RecommendRequest
+    from tests.helpers.bundle_builder import write_bundle
+
+    cfg = TrainConfig(collaborative=CollaborativeConfig(enabled=False))
+    root = write_bundle(synth_loaded.interactions, synth_loaded.items, tmp_path / "bundles", cfg)
+    loaded = bundle.load(root)
+    assert loaded.cf is None and loaded.novel_ranker is None
+    user = loaded.history.users()[0]
+    result = Recommender(loaded).recommend(RecommendRequest(user_id=user, k=30))
+    assert len(result.items) == 30 and not any("cf" in i.sources for i in result.items)
+
+
+def test_a_ranker_trained_on_an_older_feature_set_is_refused_by_name(synth_loaded, tmp_path: Path) -> None:
+    import numpy as np
+
+    from recsvc.features import FEATURE_NAMES
+    from recsvc.ranker import Ranker
+    from tests.helpers.bundle_builder import write_bundle
+
+    root = write_bundle(synth_loaded.interactions, synth_loaded.items, tmp_path / "bundles")
+    old_names = [n for n in FEATURE_NAMES if not n.startswith("cf_") and n != "src_cf"]
+    rng = np.random.default_rng(0)
+    old = Ranker.train(
+        rng.random((40, len(old_names))), rng.integers(0, 2, 40), np.array([20, 20]), None, None, None,
+        feature_names=old_names,
+    )  # fmt: skip
+    old.save(bundle.resolve(root) / "ranker")
+    with pytest.raises(BundleError, match=r"missing: cf_score, cf_rank, cf_score_rel, src_cf"):
+        bundle.load(root, verify=False)
+
+
+def test_a_novel_ranker_in_the_bundle_is_loaded(synth_loaded, tmp_path: Path) -> None:
+    import shutil
+
+    from tests.helpers.bundle_builder import write_bundle
+
+    root = write_bundle(synth_loaded.interactions, synth_loaded.items, tmp_path / "bundles")
+    path = bundle.resolve(root)
+    shutil.copytree(path / "ranker", path / bundle.NOVEL_RANKER_DIR)
+    loaded = bundle.load(root, verify=False)
+    assert loaded.novel_ranker is not None
+    assert loaded.novel_ranker.feature_names == loaded.ranker.feature_names

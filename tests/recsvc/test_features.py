@@ -400,3 +400,33 @@ def _ref_price_features(out: np.ndarray, history: UserHistory, items: np.ndarray
             mean = float(hist_price[known].mean())
             if mean > 0:
                 out[:, _C["price_ratio_user_mean"]] = price / mean
+
+
+def test_cf_features_many_equal_one_user_at_a_time_and_match_the_factors() -> None:
+    from recsvc.collaborative import CFModel
+
+    catalog, emb, stats, _, histories, cands, vecs, nows = _random_case(4, 30)
+    rng = np.random.default_rng(9)
+    factors = rng.normal(size=(len(catalog), 5)).astype(np.float32)
+    factors[::7] = 0.0  # items nobody had: no factor
+    cf = CFModel(factors, 0.1, 1.0, 0.0)
+    user_factors = [cf.user_factor(h, t) for h, t in zip(histories, nows)]
+    cfg = CandidateConfig()
+    many = build_features_many(
+        histories, cands, vecs, emb, catalog, stats, nows, cfg, cf=cf, cf_user_factors=user_factors
+    )
+    singles = [
+        build_features(h, c, v, emb, catalog, stats, t, cfg, cf=cf, cf_user_factor=u)
+        for h, c, v, t, u in zip(histories, cands, vecs, nows, user_factors)
+    ]
+    np.testing.assert_array_equal(many, np.vstack(singles))
+    for c, x, u in zip(cands, singles, user_factors):
+        score = x[:, feature_index("cf_score")]
+        if u is None or len(c) == 0:
+            assert np.isnan(score).all()
+            continue
+        expected = np.where(factors[c.items].any(axis=1), factors[c.items] @ u, np.nan)
+        np.testing.assert_allclose(score, expected, rtol=1e-5)
+        best = np.nanmax(score)
+        if best > 0:
+            np.testing.assert_allclose(x[:, feature_index("cf_score_rel")], score / best, rtol=1e-6)

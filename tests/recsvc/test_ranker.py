@@ -88,7 +88,8 @@ def test_training_records_search_and_early_stopping_in_meta(trained: Ranker) -> 
 
 
 def test_search_trials_start_with_configured_values_and_are_distinct() -> None:
-    trials = search_trials(RankerConfig(search_trials=4))
+    cfg = RankerConfig(num_leaves=63, min_data_in_leaf=50, learning_rate=0.05, search_trials=4)
+    trials = search_trials(cfg)
     assert trials[0] == {"num_leaves": 63, "min_data_in_leaf": 50, "learning_rate": 0.05}
     assert len(trials) == 4
     assert len({tuple(sorted(t.items())) for t in trials}) == 4

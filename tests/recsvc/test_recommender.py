@@ -299,8 +299,10 @@ def test_concurrent_recommends_and_events_do_not_fail(fresh_rec: Recommender) ->
 
 
 def test_when_filters_bite_ann_is_searched_inside_the_allowed_set(bundle: Any) -> None:
-    # shallow ANN (10 of 200 items) so the category filter empties the first candidate list
-    cfg = replace(bundle.config, candidates=CandidateConfig(ann=10, repeat=5, popular=5, cooccurrence=5))
+    # shallow ANN (10 of 200 items), no cf, so the category filter empties the first candidate list
+    cfg = replace(
+        bundle.config, candidates=CandidateConfig(ann=10, repeat=5, popular=5, cooccurrence=5, cf=0)
+    )
     rec = Recommender(replace(bundle, config=cfg))
     cat = rec.catalog
     user = _busy_user(rec)
@@ -332,3 +334,92 @@ def test_a_bundle_published_and_loaded_from_disk_serves_the_same_items(
     for user in rec.bundle.history.users()[:5]:
         req = RecommendRequest(user_id=user, k=8)
         assert _ids(loaded.recommend(req)) == _ids(rec.recommend(req))
+
+
+def test_users_with_history_get_collaborative_filtering_candidates(rec: Recommender) -> None:
+    assert rec.bundle.cf is not None
+    result = rec.recommend(RecommendRequest(user_id=_busy_user(rec), k=60))
+    assert any("cf" in item.sources for item in result.items)
+
+
+def test_a_bundle_without_factors_serves_without_the_cf_source(bundle: Any) -> None:
+    plain = Recommender(replace(bundle, cf=None))
+    user = _busy_user(plain)
+    result = plain.recommend(RecommendRequest(user_id=user, k=60))
+    assert len(result.items) == 60
+    assert not any("cf" in item.sources for item in result.items)
+
+
+@pytest.fixture(scope="module")
+def cold_bundle(synth_loaded: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A bundle trained without any event on one item in five: those items are never seen."""
+    import polars as pl
+
+    items = synth_loaded.items["item_id"].to_list()
+    cold = set(items[::5])
+    interactions = synth_loaded.interactions.filter(~pl.col("item_id").is_in(list(cold)))
+    return build_loaded_bundle(interactions, synth_loaded.items, tmp_path_factory.mktemp("cold"))
+
+
+def _cold_ids(rec: Recommender) -> set[str]:
+    never = np.isnan(rec.bundle.item_stats.first_ts)
+    return {str(i) for i in rec.catalog.item_ids[never]}
+
+
+def test_never_seen_items_fill_the_reserved_slots_from_the_first_cold_position(cold_bundle: Any) -> None:
+    from recsvc.config import RecommenderConfig
+
+    plain = Recommender(cold_bundle, RecommenderConfig(cold_item_share=0.0))
+    slotted = Recommender(cold_bundle, RecommenderConfig(cold_item_share=0.2, cold_first_position=3))
+    cold = _cold_ids(plain)
+    user = _busy_user(plain)
+    before = _ids(plain.recommend(RecommendRequest(user_id=user, k=15)))
+    after = _ids(slotted.recommend(RecommendRequest(user_id=user, k=15)))
+    assert sum(i in cold for i in after) >= 3 > sum(i in cold for i in before[3:])
+    assert after[:3] == before[:3]  # the head of the list is untouched
+    warm_after = [i for i in after if i not in cold]
+    assert warm_after == [i for i in before if i not in cold][: len(warm_after)]
+
+
+def test_cold_slots_respect_filters_and_the_repeat_policy(cold_bundle: Any) -> None:
+    from recsvc.config import RecommenderConfig
+
+    rec = Recommender(cold_bundle, RecommenderConfig(cold_item_share=0.3, cold_first_position=0))
+    cold = _cold_ids(rec)
+    user = _busy_user(rec)
+    cat = rec.catalog
+    unfiltered = [i for i in _ids(rec.recommend(RecommendRequest(user_id=user, k=20))) if i in cold]
+    brand = cat.attribute_values["brand"][cat.attributes["brand"][cat.index[unfiltered[0]]]]
+    req = RecommendRequest(
+        user_id=user,
+        k=20,
+        exclude_items=frozenset(unfiltered[1:3]),
+        exclude_attributes={"brand": frozenset({brand})},
+        repeat_policy="exclude",
+    )
+    result = _ids(rec.recommend(req))
+    had = {str(cat.item_ids[i]) for i in rec.bundle.history.get(user).items}
+    assert any(i in cold for i in result)
+    assert not set(result) & (set(unfiltered[1:3]) | had)
+    assert all(cat.attribute_values["brand"][cat.attributes["brand"][cat.index[i]]] != brand for i in result)
+    assert [_comparable(r) for r in rec.recommend_many([req, req])] == [_comparable(rec.recommend(req))] * 2
+
+
+def test_requests_excluding_owned_items_are_scored_by_the_novel_ranker(
+    bundle: Any, synth_loaded: Any
+) -> None:
+    from tests.helpers.bundle_builder import train_small_ranker
+
+    rng = np.random.default_rng(5)
+    n = 400
+    features = rng.normal(size=(n, bundle.ranker.n_features)).astype(np.float32)
+    novel = train_small_ranker(features, rng.integers(0, 3, n), np.full(8, n // 8))
+    plain, with_novel = Recommender(bundle), Recommender(replace(bundle, novel_ranker=novel))
+    user = _busy_user(plain)
+    allow = RecommendRequest(user_id=user, k=20)
+    exclude = RecommendRequest(user_id=user, k=20, repeat_policy="exclude")
+    assert _comparable(with_novel.recommend(allow)) == _comparable(plain.recommend(allow))
+    assert _comparable(with_novel.recommend(exclude)) != _comparable(plain.recommend(exclude))
+    mixed = with_novel.recommend_many([allow, exclude, allow])
+    singles = [with_novel.recommend(r) for r in (allow, exclude, allow)]
+    assert [_comparable(r) for r in mixed] == [_comparable(r) for r in singles]

@@ -106,7 +106,7 @@ def test_changing_a_ranker_setting_invalidates_only_the_ranker_and_later_stages(
     cfg = TrainConfig()
     before = pipeline.stage_fingerprints(cfg, "data", True, {})
     after = pipeline.stage_fingerprints(
-        replace(cfg, ranker=replace(cfg.ranker, num_leaves=7)), "data", True, {}
+        replace(cfg, ranker=replace(cfg.ranker, num_leaves=31)), "data", True, {}
     )
     changed = {s for s in pipeline.STAGES if before[s] != after[s]}
     assert changed == {"ranker", "evaluate", "publish"}

@@ -9,12 +9,13 @@ import pytest
 
 from recsvc.candidates import SOURCE_BITS
 from recsvc.catalog import Catalog
-from recsvc.config import DAY, CandidateConfig
-from recsvc.features import FEATURE_NAMES
+from recsvc.config import DAY, CandidateConfig, CollaborativeConfig
+from recsvc.features import FEATURE_NAMES, feature_index
 from tests.helpers.bundle_builder import EMBED_DIM, build_index, category_embeddings, untrained_tower
 from training.train_ranker import (
     RankingDataset,
     build_ranking_dataset,
+    grouped_ndcg,
     label_table,
     relevance_grades,
     state_at,
@@ -34,6 +35,7 @@ def parts(synth_loaded: Any) -> dict[str, Any]:
         "index": build_index(emb, TrainConfig()),
         "tower": untrained_tower(EMBED_DIM, 20),
         "cand_cfg": CandidateConfig(),
+        "cf_cfg": CollaborativeConfig(),  # so the no-leakage tests cover the ALS fit and fold-in
     }
 
 
@@ -161,6 +163,11 @@ def test_train_ranker_trains_on_t2_window_and_validates_on_t1_window(
     again = train_ranker(pl.concat([inter, future]), t2=t2, t1=t1, t_end=t_end, config=cfg, **kwargs)
     np.testing.assert_array_equal(again.valid.features, result.valid.features)
     np.testing.assert_array_equal(again.valid.labels, result.valid.labels)
+    # the novel (owned items excluded) ranker ships only when it wins on its validation set
+    novel = result.metrics["novel_valid_ndcg"]
+    assert set(novel) == {"main", "novel"}
+    assert result.metrics["novel_ranker_used"] == (novel["novel"] > novel["main"])
+    assert (result.novel_ranker is not None) == result.metrics["novel_ranker_used"]
 
 
 def test_train_ranker_without_training_labels_says_what_to_change(
@@ -180,3 +187,97 @@ def test_train_ranker_without_training_labels_says_what_to_change(
             config=TrainConfig(),
             **kwargs,
         )
+
+
+def test_cf_candidates_and_features_are_built_from_the_past_only(
+    synth_loaded: Any, parts: dict[str, Any]
+) -> None:
+    inter = synth_loaded.interactions
+    end = _end(synth_loaded)
+    ds = _dataset(inter, inter, end - 2 * DAY, end, parts)
+    assert ds.recall["cf"] > 0
+    assert (ds.sources & SOURCE_BITS["cf"]).any()
+    cf_score = ds.features[:, feature_index("cf_score")]
+    assert np.isfinite(cf_score).mean() > 0.5
+    proposed = (ds.sources & SOURCE_BITS["cf"]) != 0
+    assert np.isfinite(ds.features[proposed, feature_index("cf_rank")]).all()
+    assert np.isnan(ds.features[~proposed, feature_index("cf_rank")]).all()
+
+
+def test_without_cf_config_there_is_no_cf_source_and_cf_features_are_nan(
+    synth_loaded: Any, parts: dict[str, Any]
+) -> None:
+    inter = synth_loaded.interactions
+    end = _end(synth_loaded)
+    ds = _dataset(inter, inter, end - 2 * DAY, end, {**parts, "cf_cfg": None})
+    assert ds.recall["cf"] == 0
+    assert np.isnan(ds.features[:, feature_index("cf_score")]).all()
+
+
+def test_exclude_owned_removes_the_users_items_from_candidates_and_labels(
+    synth_loaded: Any, parts: dict[str, Any]
+) -> None:
+    inter = synth_loaded.interactions
+    end = _end(synth_loaded)
+    cutoff = end - 2 * DAY
+    ds = _dataset(inter, inter, cutoff, end, parts, exclude_owned=True)
+    state = state_at(inter, parts["catalog"], cutoff, CandidateConfig())
+    bounds = np.concatenate([[0], np.cumsum(ds.groups)])
+    assert ds.n_rows > 0
+    for user, a, b in zip(ds.user_ids, bounds[:-1], bounds[1:]):
+        owned = set(state.history.get(user).items.tolist())
+        assert not owned & set(ds.items[a:b].tolist())
+        assert (ds.labels[a:b] > 0).any()
+    assert ds.recall["repeat"] == 0
+
+
+def test_grouped_ndcg_is_one_for_the_ideal_order_and_lower_otherwise() -> None:
+    labels = np.array([8.0, 0.0, 1.0, 0.0, 0.0, 4.0])
+    groups = np.array([3, 3])
+    assert grouped_ndcg(np.array([3.0, 1.0, 2.0, 0.0, 1.0, 2.0]), labels, groups, 12) == pytest.approx(1.0)
+    worst = grouped_ndcg(np.array([0.0, 2.0, 1.0, 2.0, 1.0, 0.0]), labels, groups, 12)
+    # group 1: gains [15, 0, 1] ordered [0, 1, 15]; group 2: gain 7 at rank 3
+    g1 = (1 / np.log2(3) + 15 / np.log2(4)) / (15 + 1 / np.log2(3))
+    assert worst == pytest.approx((g1 + 1 / np.log2(4)) / 2)
+
+
+def test_training_features_equal_what_the_serving_path_scores(synth_loaded: Any, tmp_path: Any) -> None:
+    """OFFLINE == ONLINE: a ranking row at cutoff c gets the ranker score the Recommender gives the
+    same item for the same user when its bundle state is at c (cf candidates and features included)."""
+    from recsvc.config import RecommenderConfig, TrainConfig
+    from recsvc.recommender import Recommender, RecommendRequest
+    from tests.helpers.bundle_builder import build_loaded_bundle
+
+    inter = synth_loaded.interactions
+    end = _end(synth_loaded)
+    loaded = build_loaded_bundle(inter, synth_loaded.items, tmp_path)
+    labels = inter.with_columns(pl.col("timestamp") + 3 * DAY)  # events "after" the bundle's end
+    cfg = TrainConfig()
+    ds = build_ranking_dataset(
+        inter,
+        labels,
+        cutoff=end,
+        label_end=None,
+        catalog=loaded.catalog,
+        item_emb=loaded.item_embeddings,
+        index=loaded.index,
+        tower=loaded.tower,
+        cand_cfg=cfg.candidates,
+        cf_cfg=cfg.collaborative,
+        max_users=15,
+        drop_groups_without_positive=False,
+    )
+    rec = Recommender(loaded, RecommenderConfig(cold_item_share=0.0))
+    scores = loaded.ranker.predict(ds.features)
+    bounds = np.concatenate([[0], np.cumsum(ds.groups)])
+    checked = 0
+    for user, a, b in zip(ds.user_ids, bounds[:-1], bounds[1:]):
+        if b - a == 0 or len(loaded.history.get(user)) == 0:
+            continue
+        result = rec.recommend(RecommendRequest(user_id=user, k=int(b - a)))
+        served = {i.item_id: i.score for i in result.items}
+        ids = loaded.catalog.item_ids[ds.items[a:b]]
+        assert served == pytest.approx(dict(zip(ids.tolist(), scores[a:b].tolist())), rel=1e-6)
+        assert any("cf" in i.sources for i in result.items)
+        checked += 1
+    assert checked >= 10
