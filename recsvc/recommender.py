@@ -33,7 +33,7 @@ from recsvc.candidates import (
     generate,
     merge,
 )
-from recsvc.cold_slots import with_cold_slots
+from recsvc.cold_slots import cold_slot_count, with_cold_slots
 from recsvc.config import CandidateConfig, RecommenderConfig
 from recsvc.features import build_features_many, feature_index, pairwise_dot, tower_inputs
 from recsvc.history import Event, UserHistory
@@ -207,6 +207,7 @@ class Recommender:
         ann = self._search_many([p.user_vec for p in prepared], depth)
         queries = self._search_many([p.query_vec for p in prepared], self.config.query_candidates)
         cf = self._cf_search_many(prepared)
+        cold = self._cold_search_many(prepared)
         timings["retrieval"] = _ms(t)
 
         results: list[RecommendResult] = []
@@ -216,6 +217,7 @@ class Recommender:
                 [ann[i] for i in block],
                 [queries[i] for i in block],
                 [cf[i] for i in block],
+                [cold[i] for i in block],
                 policy,
                 timings,
             )
@@ -230,11 +232,15 @@ class Recommender:
         ann: Sequence[tuple[np.ndarray, np.ndarray]],
         queries: Sequence[tuple[np.ndarray, np.ndarray]],
         cf: Sequence[tuple[np.ndarray, np.ndarray]],
+        cold: Sequence[tuple[np.ndarray, np.ndarray]],
         policy: RankingPolicy,
         timings: dict[str, float],
     ) -> list[RecommendResult]:
         """Candidates, one feature matrix and one ranker call for a block of requests."""
-        cands = [self._candidates(p, a, q, c, timings) for p, a, q, c in zip(prepared, ann, queries, cf)]
+        cands = [
+            self._candidates(p, a, q, c, pool, timings)
+            for p, a, q, c, pool in zip(prepared, ann, queries, cf, cold)
+        ]
 
         t = time.perf_counter()
         features = build_features_many(
@@ -392,16 +398,21 @@ class Recommender:
         return _Prepared(req, now, history, session_idx, unknown, user_vec, query_vec, allowed, cf_vec)
 
     def _search_many(
-        self, vectors: Sequence[np.ndarray | None], depth: int
+        self, vectors: Sequence[np.ndarray | None], depth: int, allowed: np.ndarray | None = None
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """One FAISS search for all present vectors; scores recomputed exactly, ties by item index."""
+        """One FAISS search for all present vectors (only `allowed` items when given); scores
+        recomputed exactly, ties by item index."""
         empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
         rows = [i for i, v in enumerate(vectors) if v is not None]
         out: list[tuple[np.ndarray, np.ndarray]] = [empty] * len(vectors)
         if not rows or depth <= 0:
             return out
         queries = np.vstack([np.asarray(vectors[i], dtype=np.float32) for i in rows])
-        _, ids = self.bundle.index.search(queries, min(depth, len(self.catalog)))
+        depth = min(depth, len(self.catalog))
+        if allowed is None:
+            _, ids = self.bundle.index.search(queries, depth)
+        else:
+            _, ids = self.bundle.index.search_with_filter(queries, depth, allowed=allowed)
         for row, found in zip(rows, np.asarray(ids)):
             found = found[found >= 0].astype(np.int32)
             exact = self.item_emb[found] @ np.asarray(vectors[row], dtype=np.float32)
@@ -415,15 +426,72 @@ class Recommender:
             return [(np.zeros(0, np.int32), np.zeros(0, np.float32))] * len(prepared)
         return self.bundle.cf.search_many([p.cf_vec for p in prepared], self.cand_cfg.cf)
 
+    def _cold_slots(self, p: _Prepared) -> int:
+        return cold_slot_count(p.req.k, self.config.cold_item_share, self.config.cold_first_position)
+
+    def _cold_search_many(self, prepared: Sequence[_Prepared]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The cold pool: never-seen items nearest each request's ranking vector, one search for all.
+
+        Searched in the bundle's (fine-tuned) embedding space with the vector the slots are ranked
+        by (`cos_user`: the user vector, else the query vector), so the pool's order is the order
+        `with_cold_slots` uses; it is the only space the bundle has, and the encoder embeds cold
+        items from their text alone, like every other item. The search runs on the bundle's index
+        with a never-seen filter instead of a separate cold index: the mask is read per call, so
+        items that get events while serving leave the pool at once, with nothing to rebuild.
+        H&M (88k of 105k items never seen; the 146 test users with a held-out cold item) shows the
+        pool's limit: their ANN top-200 held 141 never-seen items on average and never fewer than
+        10, so the pool never fired; held-out cold items ranked ~25,000th (median) among cold items
+        by this cosine, 1 of 173 in the top 10: cold recall there is bounded by the scoring.
+        """
+        never_seen = np.isnan(self.bundle.item_stats.first_ts)
+        vectors = [
+            (p.user_vec if p.user_vec is not None else p.query_vec) if self._cold_slots(p) else None
+            for p in prepared
+        ]
+        depth = min(self.config.cold_pool_depth, int(never_seen.sum()))
+        return self._search_many(vectors, depth, allowed=never_seen)
+
+    def _with_cold_pool(
+        self,
+        p: _Prepared,
+        cands: Candidates,
+        pool: tuple[np.ndarray, np.ndarray],
+        blocked: np.ndarray,
+        timings: dict[str, float],
+    ) -> Candidates:
+        """Cands plus the best allowed pool items when they hold fewer never-seen items than the
+        reserved slots; a request whose filters leave the pool short searches the cold items alone.
+
+        The added rows carry the `ann` source with their cosine (found by an ANN search restricted
+        to cold items) and no ANN rank (they are not in the ANN list); they are ranked like any
+        candidate, and `with_cold_slots` places them by text interest.
+        """
+        never_seen = np.isnan(self.bundle.item_stats.first_ts)
+        need = self._cold_slots(p) - int(never_seen[cands.items].sum())
+        if need <= 0 or len(pool[0]) == 0:
+            return cands
+        items, scores = pool
+        keep = self._keep_mask(items, p.allowed, blocked) & never_seen[items] & ~np.isin(items, cands.items)
+        items, scores = items[keep][:need], scores[keep][:need]
+        vector = p.user_vec if p.user_vec is not None else p.query_vec
+        if len(items) < need and len(pool[0]) >= self.config.cold_pool_depth and vector is not None:
+            t = time.perf_counter()  # the pool was cut at its depth: more cold items exist
+            allowed = never_seen if p.allowed is None else never_seen & p.allowed
+            excluded = np.union1d(blocked, cands.items).astype(np.int32)
+            items, scores = self._search_filtered(vector, min(need, MAX_FILTERED_DEPTH), allowed, excluded)
+            timings["retrieval"] += _ms(t)
+        return _appended(cands, items, SOURCE_BITS["ann"], scores)
+
     def _candidates(
         self,
         p: _Prepared,
         ann: tuple[np.ndarray, np.ndarray],
         query: tuple[np.ndarray, np.ndarray],
         cf: tuple[np.ndarray, np.ndarray],
+        pool: tuple[np.ndarray, np.ndarray],
         timings: dict[str, float],
     ) -> Candidates:
-        """Sources -> hard filters (features are built for the whole batch afterwards).
+        """Sources -> hard filters -> cold pool (features are built for the whole batch afterwards).
 
         When the filters leave fewer than k items, ANN is searched again INSIDE the allowed set
         (FAISS filtered search), and if the catalogue still has allowed items left, the most popular
@@ -451,7 +519,7 @@ class Recommender:
             )
         if len(cands) < p.req.k:
             cands = self._fill(p.req.k, cands, p.allowed, blocked)
-        return cands
+        return self._with_cold_pool(p, cands, pool, blocked, timings)
 
     def _generate(
         self,
@@ -520,16 +588,7 @@ class Recommender:
         pool = np.flatnonzero(keep).astype(np.int32)
         popularity = self.bundle.item_stats.popularity
         chosen = pool[np.lexsort((pool, -popularity[pool]))[: k - len(cands)]]
-        nan = np.full(len(chosen), np.nan, np.float32)
-        return Candidates(
-            np.concatenate([cands.items, chosen]).astype(np.int32),
-            np.concatenate([cands.sources, np.full(len(chosen), SOURCE_BITS["popular"], np.uint8)]),
-            np.concatenate([cands.ann_score, nan]),
-            np.concatenate([cands.ann_rank, nan]),
-            np.concatenate([cands.cooc_score, nan]),
-            np.concatenate([cands.repeat_score, nan]),
-            np.concatenate([cands.cf_rank, nan]),
-        )
+        return _appended(cands, chosen, SOURCE_BITS["popular"], np.full(len(chosen), np.nan, np.float32))
 
     def _finish(
         self,
@@ -634,6 +693,20 @@ def _text_interest(features: np.ndarray) -> np.ndarray:
     hist = features[:, feature_index("cos_hist_max")]
     fallback = -np.arange(len(features), dtype=np.float64) / max(len(features), 1) - 2.0
     return np.where(np.isfinite(cos), cos, np.where(np.isfinite(hist), hist, fallback)).astype(np.float64)
+
+
+def _appended(cands: Candidates, items: np.ndarray, source_bit: int, ann_score: np.ndarray) -> Candidates:
+    """`cands` plus rows for `items` proposed by one source, with no evidence but `ann_score`."""
+    nan = np.full(len(items), np.nan, np.float32)
+    return Candidates(
+        np.concatenate([cands.items, items]).astype(np.int32),
+        np.concatenate([cands.sources, np.full(len(items), source_bit, np.uint8)]),
+        np.concatenate([cands.ann_score, np.asarray(ann_score, dtype=np.float32)]),
+        np.concatenate([cands.ann_rank, nan]),
+        np.concatenate([cands.cooc_score, nan]),
+        np.concatenate([cands.repeat_score, nan]),
+        np.concatenate([cands.cf_rank, nan]),
+    )
 
 
 def _blocks(n_requests: int, rows_per_request: int) -> list[range]:

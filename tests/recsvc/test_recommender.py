@@ -423,3 +423,94 @@ def test_requests_excluding_owned_items_are_scored_by_the_novel_ranker(
     mixed = with_novel.recommend_many([allow, exclude, allow])
     singles = [with_novel.recommend(r) for r in (allow, exclude, allow)]
     assert [_comparable(r) for r in mixed] == [_comparable(r) for r in singles]
+
+
+def _no_ann_recommender(cold_bundle: Any, **config: Any) -> Recommender:
+    """No ANN or cf source: the candidates (repeat, popular, co-occurrence) hold no never-seen item."""
+    from recsvc.config import RecommenderConfig
+
+    cands = CandidateConfig(ann=0, repeat=20, popular=20, cooccurrence=20, cf=0)
+    settings = {"cold_item_share": 0.2, "cold_first_position": 3, **config}
+    return Recommender(
+        replace(cold_bundle, config=replace(cold_bundle.config, candidates=cands)),
+        RecommenderConfig(**settings),
+    )
+
+
+def _best_cold(rec: Recommender, user: str, n: int, excluded: set[str] = frozenset()) -> list[str]:
+    """The n never-seen items (not `excluded`) nearest the user's vector: what the slots should show."""
+    from recsvc.features import tower_inputs
+    from recsvc.user_tower import user_vector
+
+    history = rec.bundle.history.get(user)
+    vec = user_vector(rec.bundle.tower, *tower_inputs(history, rec.item_emb, rec.clock(), rec.history_len))
+    cold = [
+        i
+        for i in np.flatnonzero(np.isnan(rec.bundle.item_stats.first_ts))
+        if rec.catalog.item_ids[i] not in excluded
+    ]
+    best = sorted(cold, key=lambda i: (-float(rec.item_emb[i] @ vec), i))[:n]
+    return [str(rec.catalog.item_ids[i]) for i in best]
+
+
+def test_cold_slots_are_filled_from_the_cold_pool_when_candidates_hold_no_cold_item(cold_bundle: Any) -> None:
+    without_pool = _no_ann_recommender(cold_bundle, cold_pool_depth=0)
+    with_pool = _no_ann_recommender(cold_bundle)
+    cold = _cold_ids(with_pool)
+    user = _busy_user(with_pool)
+    req = RecommendRequest(user_id=user, k=15)  # 3 slots, at positions 3, 7 and 11
+    assert not cold & set(_ids(without_pool.recommend(req)))
+    result = with_pool.recommend(req)
+    placed = [(pos, item.item_id) for pos, item in enumerate(result.items) if item.item_id in cold]
+    assert [pos for pos, _ in placed] == [3, 7, 11]
+    assert {i for _, i in placed} == set(_best_cold(with_pool, user, 3))
+    assert all(result.items[pos].sources == ("ann",) for pos, _ in placed)
+
+
+def test_cold_pool_honours_exclusions_attribute_filters_and_searches_again_when_filters_empty_it(
+    cold_bundle: Any,
+) -> None:
+    rec = _no_ann_recommender(cold_bundle, cold_pool_depth=2)  # 2 < 3 slots: filters empty the pool
+    cat = rec.catalog
+    user = _busy_user(rec)
+    top = _best_cold(rec, user, 3)
+    brand_of = {i: cat.attribute_values["brand"][cat.attributes["brand"][cat.index[i]]] for i in cat.item_ids}
+    banned_brand = brand_of[top[1]]
+    req = RecommendRequest(
+        user_id=user,
+        k=15,
+        exclude_items=frozenset({top[0]}),
+        exclude_attributes={"brand": frozenset({banned_brand})},
+    )
+    result = _ids(rec.recommend(req))
+    banned = {top[0]} | {i for i in cat.item_ids if brand_of[i] == banned_brand}
+    placed = [i for i in result if i in _cold_ids(rec)]
+    assert placed and set(placed) == set(_best_cold(rec, user, 3, banned))
+    assert not set(result) & banned
+    # a never-seen item the shopper has in the session is theirs: excluded with the owned items
+    owned = rec.recommend(replace(req, session_items=(top[2],), repeat_policy="exclude"))
+    assert top[2] not in _ids(owned)
+    assert sum(i in _cold_ids(rec) for i in _ids(owned)) == 3
+
+
+def test_cold_pool_answers_are_the_same_in_recommend_and_recommend_many(cold_bundle: Any) -> None:
+    from recsvc.cold_slots import cold_slot_count
+
+    rec = _no_ann_recommender(cold_bundle, cold_pool_depth=4)
+    cat = rec.catalog
+    users = rec.bundle.history.users()[:22]  # > 20 queries: FAISS takes its batch path
+    reqs = [RecommendRequest(user_id=u, k=15) for u in users]
+    reqs += [
+        RecommendRequest(user_id="cold-3", k=15, query="red running shoes"),
+        RecommendRequest(user_id=users[0], k=15, exclude_items=frozenset(_best_cold(rec, users[0], 4))),
+        RecommendRequest(
+            user_id=users[1],
+            k=15,
+            include_attributes={"category": frozenset(cat.attribute_values["category"][:2])},
+        ),
+    ]
+    batched = rec.recommend_many(reqs)
+    assert [_comparable(b) for b in batched] == [_comparable(rec.recommend(r)) for r in reqs]
+    cold = _cold_ids(rec)
+    slots = cold_slot_count(15, 0.2, 3)
+    assert all(sum(i in cold for i in _ids(b)) == slots for b in batched[:22])
