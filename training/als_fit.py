@@ -43,6 +43,37 @@ def confidence_matrix(
     return matrix.astype(np.float32)
 
 
+def als_factors(
+    confidence: sp.csr_matrix,
+    *,
+    factors: int,
+    regularization: float,
+    iterations: int,
+    alpha: float,
+    threads: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(user factors, item factors) of implicit's CPU ALS on a users x items confidence matrix;
+    the one place ALS is fitted, for the served cf source and the ALS baseline alike."""
+    from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):  # implicit parallelises itself
+        model = AlternatingLeastSquares(
+            factors=factors,
+            regularization=regularization,
+            iterations=iterations,
+            alpha=alpha,
+            num_threads=threads,
+            random_state=seed,
+        )
+        model.fit(sp.csr_matrix(confidence, dtype=np.float32), show_progress=False)
+    return (
+        np.asarray(model.user_factors, dtype=np.float32),
+        np.asarray(model.item_factors, dtype=np.float32),
+    )
+
+
 def fit_cf(
     item_idx: np.ndarray,
     user_idx: np.ndarray,
@@ -53,25 +84,21 @@ def fit_cf(
     cfg: CollaborativeConfig,
 ) -> CFModel:
     """ALS on events < cutoff; items without events keep a zero factor (not searchable, nan score)."""
-    from implicit.cpu.als import AlternatingLeastSquares
-    from threadpoolctl import threadpool_limits
-
     start = time.perf_counter()
     matrix = confidence_matrix(item_idx, user_idx, ts, weights, n_items, cutoff, cfg.half_life_days)
     active = np.flatnonzero(np.diff(matrix.tocsc().indptr) > 0)
     factors = np.zeros((n_items, cfg.factors), np.float32)
     if len(active) and matrix.shape[0]:
-        with threadpool_limits(limits=1, user_api="blas"):  # implicit parallelises itself
-            model = AlternatingLeastSquares(
-                factors=cfg.factors,
-                regularization=cfg.regularization,
-                iterations=cfg.iterations,
-                alpha=cfg.alpha,
-                num_threads=cfg.threads,
-                random_state=cfg.seed,
-            )
-            model.fit(sp.csr_matrix(matrix[:, active]), show_progress=False)
-        factors[active] = np.asarray(model.item_factors, dtype=np.float32)
+        _, item_factors = als_factors(
+            sp.csr_matrix(matrix[:, active]),
+            factors=cfg.factors,
+            regularization=cfg.regularization,
+            iterations=cfg.iterations,
+            alpha=cfg.alpha,
+            threads=cfg.threads,
+            seed=cfg.seed,
+        )
+        factors[active] = item_factors
     log.info(
         "ALS item factors @%d: %d users, %d of %d items, %d factors in %.1fs",
         cutoff,

@@ -438,27 +438,22 @@ class ALSBaseline(PopularityFilled):
         self.seed = seed
 
     def _fit_model(self, data: InteractionData) -> None:
-        from implicit.cpu.als import AlternatingLeastSquares
-        from threadpoolctl import threadpool_limits
+        from training.als_fit import als_factors
 
         # Items never interacted with have no signal (their factors solve to 0); leaving them out
         # makes fitting and scoring ~6x cheaper on H&M, and popularity fills after the ALS list.
         self._active = np.unique(data.item_idx)
         confidence = data.user_item_matrix(data.weights)[: data.n_users][:, self._active]
-        with threadpool_limits(limits=1, user_api="blas"):  # implicit parallelises itself
-            model = AlternatingLeastSquares(
-                factors=self.factors,
-                regularization=self.regularization,
-                iterations=self.iterations,
-                alpha=self.alpha,
-                num_threads=self.threads,
-                random_state=self.seed,
-            )
-            model.fit(sp.csr_matrix(confidence, dtype=np.float32), show_progress=False)
-        self._user_factors = np.vstack(
-            [np.asarray(model.user_factors, dtype=np.float32), np.zeros((1, self.factors), np.float32)]
+        user_factors, self._item_factors = als_factors(
+            sp.csr_matrix(confidence),
+            factors=self.factors,
+            regularization=self.regularization,
+            iterations=self.iterations,
+            alpha=self.alpha,
+            threads=self.threads,
+            seed=self.seed,
         )
-        self._item_factors = np.asarray(model.item_factors, dtype=np.float32)
+        self._user_factors = np.vstack([user_factors, np.zeros((1, self.factors), np.float32)])
         self._seen_active = self._seen[:, self._active]
 
     def _personal(self, rows: np.ndarray, k: int, exclude_seen: bool) -> tuple[np.ndarray, np.ndarray]:
