@@ -170,11 +170,9 @@ class RecommenderConfig:
     # (a share of 0.10 found no more cold hits than 0.05).
     cold_item_share: float = 0.05
     cold_first_position: int = 12
-    # Candidates rarely hold the right never-seen items (ANN top-200 over the whole catalogue), so
-    # the slots are filled from a pool: this many never-seen items nearest the request's vector,
-    # one restricted FAISS search per batch; a request whose filters leave the pool short searches
-    # again alone. Constant, so a request's pool never depends on its batch; 0 disables the pool.
-    cold_pool_depth: int = 64
+    # When a request's candidates hold fewer never-seen items than its reserved slots, the
+    # shortfall is filled by a FAISS search restricted to allowed never-seen items (False: off).
+    cold_pool: bool = True
 
 
 @dataclass(frozen=True)

@@ -207,7 +207,6 @@ class Recommender:
         ann = self._search_many([p.user_vec for p in prepared], depth)
         queries = self._search_many([p.query_vec for p in prepared], self.config.query_candidates)
         cf = self._cf_search_many(prepared)
-        cold = self._cold_search_many(prepared)
         timings["retrieval"] = _ms(t)
 
         results: list[RecommendResult] = []
@@ -217,7 +216,6 @@ class Recommender:
                 [ann[i] for i in block],
                 [queries[i] for i in block],
                 [cf[i] for i in block],
-                [cold[i] for i in block],
                 policy,
                 timings,
             )
@@ -232,15 +230,11 @@ class Recommender:
         ann: Sequence[tuple[np.ndarray, np.ndarray]],
         queries: Sequence[tuple[np.ndarray, np.ndarray]],
         cf: Sequence[tuple[np.ndarray, np.ndarray]],
-        cold: Sequence[tuple[np.ndarray, np.ndarray]],
         policy: RankingPolicy,
         timings: dict[str, float],
     ) -> list[RecommendResult]:
         """Candidates, one feature matrix and one ranker call for a block of requests."""
-        cands = [
-            self._candidates(p, a, q, c, pool, timings)
-            for p, a, q, c, pool in zip(prepared, ann, queries, cf, cold)
-        ]
+        cands = [self._candidates(p, a, q, c, timings) for p, a, q, c in zip(prepared, ann, queries, cf)]
 
         t = time.perf_counter()
         features = build_features_many(
@@ -429,57 +423,34 @@ class Recommender:
     def _cold_slots(self, p: _Prepared) -> int:
         return cold_slot_count(p.req.k, self.config.cold_item_share, self.config.cold_first_position)
 
-    def _cold_search_many(self, prepared: Sequence[_Prepared]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The cold pool: never-seen items nearest each request's ranking vector, one search for all.
-
-        Searched in the bundle's (fine-tuned) embedding space with the vector the slots are ranked
-        by (`cos_user`: the user vector, else the query vector), so the pool's order is the order
-        `with_cold_slots` uses; it is the only space the bundle has, and the encoder embeds cold
-        items from their text alone, like every other item. The search runs on the bundle's index
-        with a never-seen filter instead of a separate cold index: the mask is read per call, so
-        items that get events while serving leave the pool at once, with nothing to rebuild.
-        H&M (88k of 105k items never seen; the 146 test users with a held-out cold item) shows the
-        pool's limit: their ANN top-200 held 141 never-seen items on average and never fewer than
-        10, so the pool never fired; held-out cold items ranked ~25,000th (median) among cold items
-        by this cosine, 1 of 173 in the top 10: cold recall there is bounded by the scoring.
-        """
-        never_seen = np.isnan(self.bundle.item_stats.first_ts)
-        vectors = [
-            (p.user_vec if p.user_vec is not None else p.query_vec) if self._cold_slots(p) else None
-            for p in prepared
-        ]
-        depth = min(self.config.cold_pool_depth, int(never_seen.sum()))
-        return self._search_many(vectors, depth, allowed=never_seen)
-
     def _with_cold_pool(
-        self,
-        p: _Prepared,
-        cands: Candidates,
-        pool: tuple[np.ndarray, np.ndarray],
-        blocked: np.ndarray,
-        timings: dict[str, float],
+        self, p: _Prepared, cands: Candidates, blocked: np.ndarray, timings: dict[str, float]
     ) -> Candidates:
-        """Cands plus the best allowed pool items when they hold fewer never-seen items than the
-        reserved slots; a request whose filters leave the pool short searches the cold items alone.
+        """Cands plus the never-seen items nearest the request's ranking vector when they hold fewer
+        never-seen items than the reserved slots (one FAISS search restricted to allowed cold items).
 
-        The added rows carry the `ann` source with their cosine (found by an ANN search restricted
-        to cold items) and no ANN rank (they are not in the ANN list); they are ranked like any
-        candidate, and `with_cold_slots` places them by text interest.
+        Searched only on a shortfall, per request: on H&M the ANN top-200 always held enough
+        never-seen items (~141 of 200), so an eager search per batch would be pure request-path cost.
+        The space is the bundle's (fine-tuned) one and the vector the slots are ranked by
+        (`cos_user`: the user vector, else the query vector), so the pool's order is the order
+        `with_cold_slots` uses; the never-seen mask is read per call, so items that get events
+        while serving leave the pool at once. The added rows carry the `ann` source with their
+        cosine and no ANN rank; `with_cold_slots` places them by text interest. On H&M held-out
+        cold items ranked ~25,000th (median) among cold items by this cosine, 1 of 173 in the top
+        10: cold recall there is bounded by the scoring, not by this pool.
         """
+        vector = p.user_vec if p.user_vec is not None else p.query_vec
+        if not self.config.cold_pool or vector is None:
+            return cands
         never_seen = np.isnan(self.bundle.item_stats.first_ts)
         need = self._cold_slots(p) - int(never_seen[cands.items].sum())
-        if need <= 0 or len(pool[0]) == 0:
+        allowed = never_seen if p.allowed is None else never_seen & p.allowed
+        if need <= 0 or not allowed.any():
             return cands
-        items, scores = pool
-        keep = self._keep_mask(items, p.allowed, blocked) & never_seen[items] & ~np.isin(items, cands.items)
-        items, scores = items[keep][:need], scores[keep][:need]
-        vector = p.user_vec if p.user_vec is not None else p.query_vec
-        if len(items) < need and len(pool[0]) >= self.config.cold_pool_depth and vector is not None:
-            t = time.perf_counter()  # the pool was cut at its depth: more cold items exist
-            allowed = never_seen if p.allowed is None else never_seen & p.allowed
-            excluded = np.union1d(blocked, cands.items).astype(np.int32)
-            items, scores = self._search_filtered(vector, min(need, MAX_FILTERED_DEPTH), allowed, excluded)
-            timings["retrieval"] += _ms(t)
+        t = time.perf_counter()
+        excluded = np.union1d(blocked, cands.items).astype(np.int32)
+        items, scores = self._search_filtered(vector, min(need, MAX_FILTERED_DEPTH), allowed, excluded)
+        timings["retrieval"] += _ms(t)
         return _appended(cands, items, SOURCE_BITS["ann"], scores)
 
     def _candidates(
@@ -488,7 +459,6 @@ class Recommender:
         ann: tuple[np.ndarray, np.ndarray],
         query: tuple[np.ndarray, np.ndarray],
         cf: tuple[np.ndarray, np.ndarray],
-        pool: tuple[np.ndarray, np.ndarray],
         timings: dict[str, float],
     ) -> Candidates:
         """Sources -> hard filters -> cold pool (features are built for the whole batch afterwards).
@@ -519,7 +489,7 @@ class Recommender:
             )
         if len(cands) < p.req.k:
             cands = self._fill(p.req.k, cands, p.allowed, blocked)
-        return self._with_cold_pool(p, cands, pool, blocked, timings)
+        return self._with_cold_pool(p, cands, blocked, timings)
 
     def _generate(
         self,

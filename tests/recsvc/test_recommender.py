@@ -454,7 +454,7 @@ def _best_cold(rec: Recommender, user: str, n: int, excluded: set[str] = frozens
 
 
 def test_cold_slots_are_filled_from_the_cold_pool_when_candidates_hold_no_cold_item(cold_bundle: Any) -> None:
-    without_pool = _no_ann_recommender(cold_bundle, cold_pool_depth=0)
+    without_pool = _no_ann_recommender(cold_bundle, cold_pool=False)
     with_pool = _no_ann_recommender(cold_bundle)
     cold = _cold_ids(with_pool)
     user = _busy_user(with_pool)
@@ -467,10 +467,10 @@ def test_cold_slots_are_filled_from_the_cold_pool_when_candidates_hold_no_cold_i
     assert all(result.items[pos].sources == ("ann",) for pos, _ in placed)
 
 
-def test_cold_pool_honours_exclusions_attribute_filters_and_searches_again_when_filters_empty_it(
+def test_cold_pool_honours_exclusions_attribute_filters_and_the_repeat_policy(
     cold_bundle: Any,
 ) -> None:
-    rec = _no_ann_recommender(cold_bundle, cold_pool_depth=2)  # 2 < 3 slots: filters empty the pool
+    rec = _no_ann_recommender(cold_bundle)
     cat = rec.catalog
     user = _busy_user(rec)
     top = _best_cold(rec, user, 3)
@@ -496,7 +496,7 @@ def test_cold_pool_honours_exclusions_attribute_filters_and_searches_again_when_
 def test_cold_pool_answers_are_the_same_in_recommend_and_recommend_many(cold_bundle: Any) -> None:
     from recsvc.cold_slots import cold_slot_count
 
-    rec = _no_ann_recommender(cold_bundle, cold_pool_depth=4)
+    rec = _no_ann_recommender(cold_bundle)
     cat = rec.catalog
     users = rec.bundle.history.users()[:22]  # > 20 queries: FAISS takes its batch path
     reqs = [RecommendRequest(user_id=u, k=15) for u in users]
