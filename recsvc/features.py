@@ -27,6 +27,17 @@ HISTORY_COS_ITEMS = 10
 # Attribute affinity slots: the catalogue's first attributes (configured order, e.g. category, brand).
 AFFINITY_SLOTS = 4
 
+# Item behaviour columns that do not depend on the request time, kept as one table per ItemStats.
+ITEM_STAT_COLUMNS: tuple[str, ...] = (
+    "item_cnt_1d",
+    "item_cnt_7d",
+    "item_cnt_30d",
+    "item_cnt_all",
+    "item_users",
+    "item_trend",
+    "item_repurchase_rate",
+)
+
 FEATURE_NAMES: tuple[str, ...] = (
     # text interest
     "cos_user",
@@ -45,13 +56,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     *(f"src_{name}" for name in SOURCE_NAMES),
     "n_sources",
     # item behaviour
-    "item_cnt_1d",
-    "item_cnt_7d",
-    "item_cnt_30d",
-    "item_cnt_all",
-    "item_users",
-    "item_trend",
-    "item_repurchase_rate",
+    *ITEM_STAT_COLUMNS,
     "item_days_since_last",
     "item_days_since_first",
     # user behaviour
@@ -70,18 +75,6 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 N_FEATURES = len(FEATURE_NAMES)
 _COL = {name: j for j, name in enumerate(FEATURE_NAMES)}
-
-
-# Item behaviour columns that do not depend on the request time, kept as one table per ItemStats.
-ITEM_STAT_COLUMNS: tuple[str, ...] = (
-    "item_cnt_1d",
-    "item_cnt_7d",
-    "item_cnt_30d",
-    "item_cnt_all",
-    "item_users",
-    "item_trend",
-    "item_repurchase_rate",
-)
 
 
 def item_stat_rows(stats: ItemStats, rows: np.ndarray) -> np.ndarray:
