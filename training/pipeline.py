@@ -1038,7 +1038,7 @@ def stage_evaluate(ctx: RunContext, out: Path) -> None:
     served_ids = served["item_id"].to_numpy().astype(object)
     embed_dir = ctx.work.require("embed", "evaluate")
     encoders = [
-        _encoder_system("raw_encoder", served_ids, np.load(embed_dir / "raw_item_embeddings.npy"), cfg),
+        _encoder_system("raw_encoder", served_ids, np.load(embed_dir / RAW_EMBEDDINGS), cfg),
         _encoder_system("finetuned_encoder", served_ids, _item_embeddings(ctx, "evaluate"), cfg),
     ]
     pipeline_system = RecommenderSystem(recommender, progress=ctx.progress)
