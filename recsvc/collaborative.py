@@ -83,10 +83,6 @@ class CFModel:
         self.active = np.flatnonzero(self.has_factor).astype(np.int64)
         self._index = _factor_index(self.item_factors[self.active], self.exact_max_items, self.ivf_nprobe)
 
-    @property
-    def n_factors(self) -> int:
-        return int(self.item_factors.shape[1])
-
     def user_factor(self, history: UserHistory, now: int) -> np.ndarray | None:
         """The user's factor at `now` from their history; None without any history on factored items."""
         if len(history) == 0:
