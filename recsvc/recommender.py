@@ -35,7 +35,7 @@ from recsvc.candidates import (
 )
 from recsvc.cold_slots import cold_slot_count, with_cold_slots
 from recsvc.config import CandidateConfig, RecommenderConfig
-from recsvc.features import build_features_many, feature_index, pairwise_dot, tower_inputs
+from recsvc.features import HISTORY_COS_ITEMS, build_features_many, feature_index, pairwise_dot, tower_inputs
 from recsvc.history import Event, UserHistory
 from recsvc.user_tower import user_vector
 
@@ -267,10 +267,10 @@ class Recommender:
         timings["ranking"] += _ms(t)
 
         t = time.perf_counter()
-        cos_user = features[:, feature_index("cos_user")]
-        never_seen = np.isnan(self.bundle.item_stats.first_ts)
+        cold_interest = _cold_interest(features)
+        first_ts = self.bundle.item_stats.first_ts
         results = [
-            self._finish(p, c, s, policy, np.where(never_seen[c.items], cos_user[r], np.nan))
+            self._finish(p, c, s, policy, np.where(np.isnan(first_ts[c.items]), cold_interest[r], np.nan))
             for p, c, s, r in zip(prepared, cands, per_request, rows)
         ]
         timings["filters"] += _ms(t)
@@ -426,32 +426,49 @@ class Recommender:
     def _with_cold_pool(
         self, p: _Prepared, cands: Candidates, blocked: np.ndarray, timings: dict[str, float]
     ) -> Candidates:
-        """Cands plus the never-seen items nearest the request's ranking vector when they hold fewer
-        never-seen items than the reserved slots (one FAISS search restricted to allowed cold items).
+        """Cands plus, for each query vector, the allowed never-seen items nearest to it, so the
+        reserved cold slots can hold the best cold items by `_cold_interest` from the whole catalogue.
 
-        Searched only on a shortfall, per request: on H&M the ANN top-200 always held enough
-        never-seen items (~141 of 200), so an eager search per batch would be pure request-path cost.
-        The space is the bundle's (fine-tuned) one and the vector the slots are ranked by
-        (`cos_user`: the user vector, else the query vector), so the pool's order is the order
-        `with_cold_slots` uses; the never-seen mask is read per call, so items that get events
-        while serving leave the pool at once. The added rows carry the `ann` source with their
-        cosine and no ANN rank; `with_cold_slots` places them by text interest. On H&M held-out
-        cold items ranked ~25,000th (median) among cold items by this cosine, 1 of 173 in the top
-        10: cold recall there is bounded by the scoring, not by this pool.
+        The query vectors are the request's recent history items (the same last
+        `HISTORY_COS_ITEMS` that `cos_hist_max` compares with), else its ranking vector (user or
+        query). The union of each query's top-n equals the top-n by max cosine over all cold items,
+        so the slots see exactly the catalogue's best. Why history items rather than the user
+        vector alone: a pooled vector blurs the single item a new arrival resembles (the pool used
+        to search by the user vector only, and on H&M's held-out never-seen purchases the pipeline's
+        cold recall stayed 0). One FAISS search (all queries at once) per request whose list
+        has cold slots; the never-seen mask is read per call, so items that get events while
+        serving leave the pool at once. Added rows carry the `ann` source with their cosine to the
+        ranking vector and no ANN rank.
         """
+        slots = self._cold_slots(p)
+        if not self.config.cold_pool or slots == 0:
+            return cands
         vector = p.user_vec if p.user_vec is not None else p.query_vec
-        if not self.config.cold_pool or vector is None:
+        if len(p.history):
+            queries = self.item_emb[np.unique(p.history.items[-HISTORY_COS_ITEMS:])]
+        elif vector is not None:
+            queries = np.asarray(vector, dtype=np.float32)[None, :]
+        else:
             return cands
         never_seen = np.isnan(self.bundle.item_stats.first_ts)
-        need = self._cold_slots(p) - int(never_seen[cands.items].sum())
         allowed = never_seen if p.allowed is None else never_seen & p.allowed
-        if need <= 0 or not allowed.any():
+        if not allowed.any():
             return cands
         t = time.perf_counter()
         excluded = np.union1d(blocked, cands.items).astype(np.int32)
-        items, scores = self._search_filtered(vector, min(need, MAX_FILTERED_DEPTH), allowed, excluded)
+        depth = min(slots, MAX_FILTERED_DEPTH)
+        _, ids = self.bundle.index.search_with_filter(
+            queries, depth, allowed=allowed, excluded=excluded.tolist()
+        )
+        found = np.unique(np.asarray(ids).ravel())
+        found = found[found >= 0].astype(np.int32)
+        if vector is not None:
+            scores = self.item_emb[found] @ np.asarray(vector, dtype=np.float32)
+        else:
+            scores = np.full(len(found), np.nan, np.float32)
+        order = _order(scores, found) if vector is not None else np.arange(len(found))
         timings["retrieval"] += _ms(t)
-        return _appended(cands, items, SOURCE_BITS["ann"], scores)
+        return _appended(cands, found[order], SOURCE_BITS["ann"], scores[order].astype(np.float32))
 
     def _candidates(
         self,
@@ -663,6 +680,13 @@ def _text_interest(features: np.ndarray) -> np.ndarray:
     hist = features[:, feature_index("cos_hist_max")]
     fallback = -np.arange(len(features), dtype=np.float64) / max(len(features), 1) - 2.0
     return np.where(np.isfinite(cos), cos, np.where(np.isfinite(hist), hist, fallback)).astype(np.float64)
+
+
+def _cold_interest(features: np.ndarray) -> np.ndarray:
+    """How a cold candidate ranks for the reserved slots: max cosine to the recent history items
+    (`cos_hist_max`), else cosine to the ranking vector (users with only a session or a query)."""
+    hist = features[:, feature_index("cos_hist_max")]
+    return np.where(np.isfinite(hist), hist, features[:, feature_index("cos_user")])
 
 
 def _appended(cands: Candidates, items: np.ndarray, source_bit: int, ann_score: np.ndarray) -> Candidates:

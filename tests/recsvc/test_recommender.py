@@ -438,18 +438,17 @@ def _no_ann_recommender(cold_bundle: Any, **config: Any) -> Recommender:
 
 
 def _best_cold(rec: Recommender, user: str, n: int, excluded: set[str] = frozenset()) -> list[str]:
-    """The n never-seen items (not `excluded`) nearest the user's vector: what the slots should show."""
-    from recsvc.features import tower_inputs
-    from recsvc.user_tower import user_vector
+    """The n never-seen items (not `excluded`) with the highest max cosine to the user's recent
+    history items (the `cos_hist_max` window): what the slots should show."""
+    from recsvc.features import HISTORY_COS_ITEMS
 
-    history = rec.bundle.history.get(user)
-    vec = user_vector(rec.bundle.tower, *tower_inputs(history, rec.item_emb, rec.clock(), rec.history_len))
+    recent = rec.item_emb[rec.bundle.history.get(user).items[-HISTORY_COS_ITEMS:]]
     cold = [
         i
         for i in np.flatnonzero(np.isnan(rec.bundle.item_stats.first_ts))
         if rec.catalog.item_ids[i] not in excluded
     ]
-    best = sorted(cold, key=lambda i: (-float(rec.item_emb[i] @ vec), i))[:n]
+    best = sorted(cold, key=lambda i: (-float((recent @ rec.item_emb[i]).max()), i))[:n]
     return [str(rec.catalog.item_ids[i]) for i in best]
 
 
