@@ -3,21 +3,25 @@
 Training: early stopping on validation NDCG@`eval_at` and a small deterministic search over
 num_leaves / min_data_in_leaf / learning_rate (the first trial is always the configured values).
 
-Serving: stock `Booster.predict` pays per-call overhead and walks trees through generic code;
-`lleaves` compiles the trees to native code with LLVM (in-process, no C compiler needed), which is
-several times faster on the few hundred candidate rows a request ranks. The compiled object is cached
-on disk keyed by model text, lleaves version, compile options and host CPU, so a reload is instant.
-The fast path is only used after it reproduced `Booster.predict` on a probe that hits split
-thresholds exactly, NaNs and zeros; any failure falls back to stock predict with a warning.
+Serving: stock `Booster.predict` walks each tree row by row through generic code, paying a
+mispredicted branch at most splits. The fast path compiles the model with LLVM (llvmlite, in-process,
+no C compiler needed) into branchless SIMD code: each split is one vector compare over LANES rows and
+each tree a nested select, so a request's few hundred candidate rows cost a fraction of stock predict
+(and of lleaves' branchy per-row code, which this replaced: see benchmarks/bench_ranker.py). Scores
+are bit-identical to LightGBM: same comparisons, tree outputs summed in model order. The compiled
+object is cached on disk keyed by the generated IR and the host CPU, so a reload is instant. The fast
+path is only used after it reproduced `Booster.predict` on a probe that hits split thresholds
+exactly, NaNs and zeros; an unsupported model or any failure falls back to stock predict.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -39,10 +43,18 @@ FORMAT_VERSION = 1
 FAST_PATH_RTOL = 1e-6
 PROBE_ROWS = 512
 # LightGBM's predictor drops |value| <= kZeroThreshold as an implicit zero before walking trees;
-# lleaves compares the raw value, so such values are zeroed first to keep scores identical.
+# the kernel compares raw values, so `kernel_threshold` moves the thresholds that would notice.
 K_ZERO_THRESHOLD = float(np.float32(1e-35))  # LightGBM: `const double kZeroThreshold = 1e-35f`
-# lleaves cache-blocks trees in groups of this size (its default; see benchmarks/bench_ranker.py).
-FBLOCKSIZE = 34
+# Rows scored per SIMD vector (8 doubles: one AVX-512 or two AVX2 registers; LLVM splits as needed).
+LANES = 8
+# Splits per pass over the rows: ~50 trees of 7 leaves or ~5 of 63 keep the pass's code in the
+# instruction cache (bench_ranker: 25/50/100 trees of 7 leaves and 5/10/20 of 63 leaves were timed).
+NODES_PER_BLOCK = 320
+# LLVM codegen level: 1-3 give the same code speed here, 0 is ~15% slower; no IR passes are run
+# (the IR is already straight-line; O2 passes tripled compile time for no speed).
+CODEGEN_OPT = 2
+# Objectives whose prediction is the raw score (no sigmoid/exp), the only ones the kernel emits.
+IDENTITY_OBJECTIVES = frozenset({"lambdarank", "rank_xendcg", "regression"})
 # Above this many rows a prediction is split over threads.
 PARALLEL_MIN_ROWS = 20_000
 SEARCH_GRID: dict[str, tuple[Any, ...]] = {
@@ -56,14 +68,18 @@ class RankerInputError(ValueError):
     """Training or prediction arrays with the wrong shape, type or content."""
 
 
+class UnsupportedModelError(ValueError):
+    """A LightGBM model using features the compiled kernel does not implement (served by stock predict)."""
+
+
 class RankerLoadError(RuntimeError):
     """A saved ranker that cannot be used: missing/corrupt file or feature names that do not match."""
 
 
 def default_cache_dir() -> Path:
-    """Where compiled models are cached: $RECSVC_CACHE_DIR/lleaves, else ~/.cache/recsvc/lleaves."""
+    """Where compiled models are cached: $RECSVC_CACHE_DIR/ranker, else ~/.cache/recsvc/ranker."""
     root = os.environ.get("RECSVC_CACHE_DIR") or Path.home() / ".cache" / "recsvc"
-    return Path(root) / "lleaves"
+    return Path(root) / "ranker"
 
 
 # ------------------------------------------------------------------ training maths
@@ -204,57 +220,317 @@ def threshold_probe(booster: lgb.Booster, n_rows: int = PROBE_ROWS, seed: int = 
     return probe
 
 
-def compiled_predict(model: Any, x: np.ndarray, n_jobs: int = 1) -> np.ndarray:
-    """lleaves predict with LightGBM's input semantics: |value| <= kZeroThreshold is an exact zero
-    (LightGBM drops such values before walking trees; lleaves would compare them raw)."""
-    rows = np.array(x, dtype=np.float64, order="C")
-    rows[np.abs(rows) <= K_ZERO_THRESHOLD] = 0.0
-    return model.predict(rows, n_jobs=n_jobs)
+@dataclass(frozen=True)
+class Tree:
+    """One tree as LightGBM's text model stores it; a child < 0 is leaf `~child`."""
+
+    split_feature: tuple[int, ...]
+    threshold: tuple[float, ...]
+    decision_type: tuple[int, ...]
+    left_child: tuple[int, ...]
+    right_child: tuple[int, ...]
+    leaf_value: tuple[float, ...]
 
 
-def _cache_key(model_text: str, options: dict[str, Any]) -> str:
-    import lleaves
+def parse_forest(model_text: str) -> tuple[int, list[Tree]]:
+    """(number of features, trees) of a model the SIMD kernel reproduces exactly.
+
+    UnsupportedModelError for what the kernel does not implement (categorical splits, linear
+    trees, several trees per iteration, averaged or transformed outputs), so serving stays on
+    stock predict instead of answering differently.
+    """
+    header: dict[str, str] = {}
+    raw_trees: list[dict[str, str]] = []
+    for line in model_text.splitlines():
+        if line.startswith("Tree="):
+            raw_trees.append({})
+            continue
+        if line.startswith("end of trees"):
+            break
+        key, sep, value = line.partition("=")
+        if sep:
+            (raw_trees[-1] if raw_trees else header)[key] = value
+    objective = header.get("objective", "").strip()
+    if objective not in IDENTITY_OBJECTIVES:
+        raise UnsupportedModelError(f"objective {objective!r} transforms raw scores")
+    if header.get("num_tree_per_iteration", "1") != "1" or "average_output" in header:
+        raise UnsupportedModelError("multi-class or averaged (random forest) model")
+    if "max_feature_idx" not in header:
+        raise UnsupportedModelError("model text has no max_feature_idx")
+    trees = []
+    for i, t in enumerate(raw_trees):
+        if t.get("num_cat", "0") != "0" or t.get("is_linear", "0") != "0":
+            raise UnsupportedModelError(f"tree {i} has categorical splits or linear leaves")
+
+        def ints(key: str, t: dict[str, str] = t) -> tuple[int, ...]:
+            return tuple(int(v) for v in t.get(key, "").split())
+
+        def floats(key: str, t: dict[str, str] = t) -> tuple[float, ...]:
+            return tuple(float(v) for v in t.get(key, "").split())
+
+        trees.append(
+            Tree(
+                ints("split_feature"),
+                floats("threshold"),
+                ints("decision_type"),
+                ints("left_child"),
+                ints("right_child"),
+                floats("leaf_value"),
+            )
+        )
+        if len(trees[-1].leaf_value) != len(trees[-1].split_feature) + 1:
+            raise UnsupportedModelError(f"tree {i} has inconsistent node and leaf counts")
+    return int(header["max_feature_idx"]) + 1, trees
+
+
+def kernel_threshold(threshold: float) -> float:
+    """The threshold that gives LightGBM's decision on the raw input value.
+
+    LightGBM reads |x| <= kZeroThreshold as 0 before walking trees. That only changes a decision
+    `x <= t` when t lies in [-kZ, kZ) (LightGBM puts its splits around zero exactly there); moving
+    such t to just below -kZ or to kZ makes the raw comparison give the zeroed answer, so the kernel
+    needs no zeroing pass over the input.
+    """
+    if -K_ZERO_THRESHOLD <= threshold < 0.0:
+        return float(np.nextafter(-K_ZERO_THRESHOLD, -np.inf))
+    if 0.0 <= threshold < K_ZERO_THRESHOLD:
+        return K_ZERO_THRESHOLD
+    return threshold
+
+
+def _goes_left(b: Any, x: Any, split: Split, splat: Any) -> Any:
+    """LightGBM's NumericalDecision for SIMD lanes of raw values `x`, as one or two compares.
+
+    Unordered compares (`ule`) are true for NaN, ordered ones (`ole`) false, which encodes where a
+    NaN goes: missing type NaN sends it to the default side; None reads it as 0 (so it goes left
+    iff 0 <= t); Zero sends NaN and |x| <= kZ to the default side.
+    """
+    t = kernel_threshold(split.threshold)
+    default_left = bool(split.decision_type & 2)
+    bound = splat(t)
+    if split.missing_type == 0:
+        nan_left = t >= 0.0
+    elif split.missing_type == 2:
+        nan_left = default_left
+    else:
+        tiny = b.and_(
+            b.fcmp_ordered(">=", x, splat(-K_ZERO_THRESHOLD)),
+            b.fcmp_ordered("<=", x, splat(K_ZERO_THRESHOLD)),
+        )
+        if default_left:
+            le = b.fcmp_unordered("<=", x, bound)
+            return le if t >= K_ZERO_THRESHOLD else b.or_(le, tiny)
+        le = b.fcmp_ordered("<=", x, bound)
+        return le if t < -K_ZERO_THRESHOLD else b.and_(le, b.not_(tiny))
+    return b.fcmp_unordered("<=", x, bound) if nan_left else b.fcmp_ordered("<=", x, bound)
+
+
+class _VectorBlock:
+    """IR for one row vector inside one tree block: feature columns loaded once, trees as selects."""
+
+    def __init__(self, ir: Any, builder: Any, x: Any, rows: list[Any], n_features: int) -> None:
+        self.ir, self.b, self.x, self.n_features = ir, builder, x, n_features
+        self.f64 = ir.DoubleType()
+        self.vec = ir.VectorType(self.f64, LANES)
+        self.offsets = [builder.mul(row, ir.Constant(ir.IntType(64), n_features)) for row in rows]
+        self.columns: dict[int, Any] = {}
+
+    def splat(self, value: float) -> Any:
+        return self.ir.Constant(self.vec, [self.ir.Constant(self.f64, value)] * LANES)
+
+    def column(self, feature: int) -> Any:
+        """Feature `feature` of the LANES rows as doubles (float32 widens exactly)."""
+        if feature not in self.columns:
+            ir, b = self.ir, self.b
+            lanes = ir.Constant(self.vec, ir.Undefined)
+            for lane, offset in enumerate(self.offsets):
+                value = b.load(b.gep(self.x, [b.add(offset, ir.Constant(ir.IntType(64), feature))]))
+                if value.type != self.f64:
+                    value = b.fpext(value, self.f64)
+                lanes = b.insert_element(lanes, value, ir.Constant(ir.IntType(32), lane))
+            self.columns[feature] = lanes
+        return self.columns[feature]
+
+    def tree(self, tree: Tree, node: int = 0) -> Any:
+        """The leaf value each lane reaches from `node` (a negative node is leaf ~node)."""
+        if node < 0 or not tree.split_feature:
+            return self.splat(tree.leaf_value[~node if node < 0 else 0])
+        split = Split(tree.split_feature[node], tree.threshold[node], tree.decision_type[node])
+        left = _goes_left(self.b, self.column(split.feature), split, self.splat)
+        return self.b.select(
+            left, self.tree(tree, tree.left_child[node]), self.tree(tree, tree.right_child[node])
+        )
+
+
+def forest_ir(trees: Sequence[Tree], n_features: int) -> str:
+    """LLVM IR of `forest_f32(x, out, n)` and `forest_f64(x, out, n)`: raw scores of n row-major rows.
+
+    Branchless: every split of a tree is compared for LANES rows at once and the leaf is picked by a
+    nested select, so no branch is mispredicted and each instruction scores LANES rows. Tree outputs
+    are added in model order starting from 0.0, as LightGBM does, so scores are bit-identical.
+    Trees are evaluated in blocks of about NODES_PER_BLOCK splits over all rows (the block's code
+    stays in the instruction cache); `out` needs room for n rounded up to LANES.
+    """
+    import llvmlite.binding as llvm
+    import llvmlite.ir as ir
+
+    f64, i64 = ir.DoubleType(), ir.IntType(64)
+    vec = ir.VectorType(f64, LANES)
+    module = ir.Module(name="recsvc_forest")
+    module.triple = llvm.get_process_triple()
+    mean_splits = max(1.0, sum(len(t.split_feature) for t in trees) / max(1, len(trees)))
+    per_block = max(1, round(NODES_PER_BLOCK / mean_splits))
+    blocks = [trees[i : i + per_block] for i in range(0, len(trees), per_block)] or [[]]
+    for name, elem in (("forest_f32", ir.FloatType()), ("forest_f64", f64)):
+        signature = ir.FunctionType(ir.VoidType(), (elem.as_pointer(), f64.as_pointer(), i64))
+        fn = ir.Function(module, signature, name)
+        x, out, n = fn.args
+        entry = fn.append_basic_block("entry")
+        b = ir.IRBuilder(entry)
+        n_vectors = b.udiv(b.add(n, ir.Constant(i64, LANES - 1)), ir.Constant(i64, LANES))
+        last_row = b.sub(n, ir.Constant(i64, 1))
+        heads = [fn.append_basic_block(f"block{k}.head") for k in range(len(blocks))]
+        done = fn.append_basic_block("done")
+        ir.IRBuilder(done).ret_void()
+        b.branch(heads[0])
+        for k, block in enumerate(blocks):
+            head = ir.IRBuilder(heads[k])
+            body_block = fn.append_basic_block(f"block{k}.body")
+            v = head.phi(i64, name="v")
+            v.add_incoming(ir.Constant(i64, 0), entry if k == 0 else heads[k - 1])
+            after = heads[k + 1] if k + 1 < len(blocks) else done
+            head.cbranch(head.icmp_unsigned("<", v, n_vectors), body_block, after)
+            body = ir.IRBuilder(body_block)
+            first = body.mul(v, ir.Constant(i64, LANES))
+            rows = []
+            for lane in range(LANES):  # lanes past the last row re-read it; their scores are padding
+                row = body.add(first, ir.Constant(i64, lane))
+                rows.append(body.select(body.icmp_unsigned("<", row, n), row, last_row))
+            code = _VectorBlock(ir, body, x, rows, n_features)
+            target = body.bitcast(body.gep(out, [first]), vec.as_pointer())
+            total = code.splat(0.0) if k == 0 else body.load(target, align=8)
+            for tree in block:
+                total = body.fadd(total, code.tree(tree))
+            body.store(total, target, align=8)
+            v.add_incoming(body.add(v, ir.Constant(i64, 1)), body_block)
+            body.branch(heads[k])
+    return str(module)
+
+
+_LLVM_LOCK = threading.Lock()
+_llvm_initialised = False
+
+
+def _target_machine() -> tuple[Any, str]:
+    """The host's LLVM target machine and a description of it for the cache key (call under the lock)."""
+    global _llvm_initialised
     import llvmlite.binding as llvm
 
+    if not _llvm_initialised:
+        llvm.initialize()
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        _llvm_initialised = True
     try:
         features = llvm.get_host_cpu_features().flatten()
-    except RuntimeError:
+    except RuntimeError:  # LLVM cannot detect features on some hosts
         features = ""
-    blob = json.dumps(
-        [model_text, getattr(lleaves, "__version__", "?"), llvm.get_host_cpu_name(), features, options]
+    cpu = llvm.get_host_cpu_name()
+    machine = llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
+        cpu=cpu, features=features, opt=CODEGEN_OPT, reloc="pic", codemodel="small"
     )
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return machine, f"{llvm.get_process_triple()} {cpu} {features} opt{CODEGEN_OPT}"
 
 
-def compile_lleaves(model_text: str, cache_dir: Path | None, fblocksize: int = FBLOCKSIZE) -> Any:
-    """A compiled lleaves model, reusing a checksummed object from `cache_dir` when present."""
-    import lleaves
+class CompiledForest:
+    """Native scorer of one LightGBM model: rows [n, F] -> float64 [n], equal to `Booster.predict`.
 
-    options = {"fblocksize": fblocksize, "use_fp64": True}
-    with tempfile.TemporaryDirectory(prefix="recsvc-lleaves-") as tmp:
-        model_path = Path(tmp) / MODEL_FILE
-        model_path.write_text(model_text)
-        model = lleaves.Model(model_file=str(model_path))
-        if cache_dir is None:
-            model.compile(**options)
-            return model
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        key = _cache_key(model_text, options)
-        obj, digest_file = cache_dir / f"{key}.o", cache_dir / f"{key}.sha256"
-        if obj.is_file() and digest_file.is_file():
-            if hashlib.sha256(obj.read_bytes()).hexdigest() == digest_file.read_text().strip():
-                model.compile(cache=str(obj), **options)
-                log.info("loaded compiled ranker from cache %s", obj)
-                return model
-            log.warning("compiled ranker cache %s fails its checksum; recompiling", obj)
-        fresh = Path(tmp) / "model.o"
-        model.compile(cache=str(fresh), **options)
-        data = fresh.read_bytes()
-        staged = cache_dir / f"{key}.o.{os.getpid()}.tmp"
-        staged.write_bytes(data)
+    Stateless apart from the code, so any number of threads may call `predict` at once (the ctypes
+    call releases the GIL; each call allocates its own output).
+    """
+
+    _SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+    def __init__(self, engine: Any, n_features: int) -> None:
+        self._engine = engine  # owns the machine code; must live as long as the function pointers
+        self.n_features = n_features
+        self._f32 = self._SIGNATURE(engine.get_function_address("forest_f32"))
+        self._f64 = self._SIGNATURE(engine.get_function_address("forest_f64"))
+
+    def predict(self, x: np.ndarray, n_threads: int = 1) -> np.ndarray:
+        """Scores of rows `x` (any numeric dtype, read as LightGBM reads it), split over `n_threads`."""
+        # LightGBM keeps float32/float64 input and reads every other dtype as float32.
+        dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.float32
+        rows = np.ascontiguousarray(x, dtype=dtype)
+        if rows.ndim != 2 or rows.shape[1] != self.n_features:
+            raise RankerInputError(f"compiled ranker expects [rows, {self.n_features}], got {rows.shape}")
+        n = len(rows)
+        out = np.empty(-(-max(n, 1) // LANES) * LANES, dtype=np.float64)
+        kernel = self._f32 if dtype == np.float32 else self._f64
+        if n_threads <= 1 or n < 2 * LANES * n_threads:
+            if n:
+                kernel(rows.ctypes.data, out.ctypes.data, n)
+            return out[:n]
+        # Chunks start on multiples of LANES so one chunk's padding never overlaps the next chunk.
+        step = -(-n // (n_threads * LANES)) * LANES
+        with concurrent.futures.ThreadPoolExecutor(max_workers=n_threads) as pool:
+            jobs = [
+                pool.submit(
+                    kernel,
+                    rows[start:].ctypes.data,
+                    out[start:].ctypes.data,
+                    min(step, n - start),
+                )
+                for start in range(0, n, step)
+            ]
+            for job in jobs:
+                job.result()
+        return out[:n]
+
+
+def compile_forest(model_text: str, cache_dir: Path | None) -> CompiledForest:
+    """Compile `forest_ir` for this CPU, reusing a checksummed object from `cache_dir` when present.
+
+    The cache key is the IR itself plus the target, so any change to the model or to the code
+    generator compiles afresh.
+    """
+    import llvmlite
+    import llvmlite.binding as llvm
+
+    n_features, trees = parse_forest(model_text)
+    ir_text = forest_ir(trees, n_features)
+    with _LLVM_LOCK:  # llvmlite's global context is not safe for concurrent compiles
+        machine, target = _target_machine()
+        key = hashlib.sha256(f"{llvmlite.__version__}\n{target}\n{ir_text}".encode()).hexdigest()
+        cached: bytes | None = None
+        obj = digest_file = None
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            obj, digest_file = cache_dir / f"{key}.o", cache_dir / f"{key}.sha256"
+            if obj.is_file() and digest_file.is_file():
+                data = obj.read_bytes()
+                if hashlib.sha256(data).hexdigest() == digest_file.read_text().strip():
+                    cached = data
+                else:
+                    log.warning("compiled ranker cache %s fails its checksum; recompiling", obj)
+        if cached is not None:
+            engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), machine)
+            engine.set_object_cache(getbuffer_func=lambda _module: cached)
+            engine.finalize_object()
+            log.info("loaded compiled ranker from cache %s", obj)
+            return CompiledForest(engine, n_features)
+        module = llvm.parse_assembly(ir_text)
+        module.verify()
+        emitted: list[bytes] = []
+        engine = llvm.create_mcjit_compiler(module, machine)
+        engine.set_object_cache(notify_func=lambda _module, buffer: emitted.append(bytes(buffer)))
+        engine.finalize_object()
+    if obj is not None and digest_file is not None and emitted:
+        staged = obj.with_name(f"{obj.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        staged.write_bytes(emitted[0])
         os.replace(staged, obj)
-        digest_file.write_text(hashlib.sha256(data).hexdigest())
-        return model
+        digest_file.write_text(hashlib.sha256(emitted[0]).hexdigest())
+    return CompiledForest(engine, n_features)
 
 
 @dataclass
@@ -273,17 +549,24 @@ class FastPath:
 
 
 def build_fast_path(booster: lgb.Booster, cache_dir: Path | None) -> FastPath:
-    """Compile with lleaves and accept it only if it reproduces `Booster.predict` on a threshold probe."""
+    """Compile the SIMD kernel and accept it only if it reproduces `Booster.predict` on a threshold probe.
+
+    The acceptance bar is FAST_PATH_RTOL; `info["bit_identical"]` records whether the probe scores
+    were exactly equal (they are by construction; a False would mean a kernel bug worth reporting).
+    """
     start = time.perf_counter()
     try:
-        model = compile_lleaves(booster.model_to_string(), cache_dir)
+        model = compile_forest(booster.model_to_string(), cache_dir)
+    except UnsupportedModelError as exc:
+        log.info("ranker fast path not used (%s); using stock LightGBM predict", exc)
+        return FastPath(reason=f"unsupported model: {exc}")
     except Exception as exc:  # any compiler/llvm failure must leave serving on stock predict
         log.warning("ranker fast path unavailable, using stock LightGBM predict: %s", exc)
         return FastPath(reason=f"compile failed: {exc}")
     seconds = time.perf_counter() - start
     probe = threshold_probe(booster)
     stock = booster.predict(probe, num_threads=1)
-    fast = compiled_predict(model, probe)
+    fast = model.predict(probe)
     diff = float(np.max(np.abs(stock - fast)))
     scale = max(1.0, float(np.max(np.abs(stock))))
     if not diff <= FAST_PATH_RTOL * scale:
@@ -295,7 +578,13 @@ def build_fast_path(booster: lgb.Booster, cache_dir: Path | None) -> FastPath:
         )
         return FastPath(max_abs_diff=diff, compile_seconds=seconds, reason="probe mismatch")
     log.info("ranker fast path ready in %.1fs (max |diff| %.2g on %d probe rows)", seconds, diff, len(probe))
-    return FastPath(model=model, max_abs_diff=diff, compile_seconds=seconds, reason="verified")
+    return FastPath(
+        model=model,
+        max_abs_diff=diff,
+        compile_seconds=seconds,
+        reason="verified",
+        info={"bit_identical": bool(np.array_equal(stock, fast))},
+    )
 
 
 # ------------------------------------------------------------------ the ranker
@@ -459,8 +748,8 @@ class Ranker:
                 return self.predict_stock(x)
             fast = self.enable_fast_path()
         if fast.enabled:
-            n_jobs = 1 if len(x) < PARALLEL_MIN_ROWS else min(8, os.cpu_count() or 1)
-            return compiled_predict(fast.model, x, n_jobs)
+            n_threads = 1 if len(x) < PARALLEL_MIN_ROWS else min(8, os.cpu_count() or 1)
+            return fast.model.predict(x, n_threads)
         return self.predict_stock(x)
 
     def predict_stock(self, X: Any) -> np.ndarray:
