@@ -5,7 +5,9 @@ CoOccurrence, user vectors) comes from interactions < c only, candidates come fr
 sources serving uses, features from `recsvc.features.build_features` (the serving definition),
 and the label of a candidate is the strongest event weight the user gave it in the window.
 
-Training uses c = T2 with labels [T2, T1); validation (early stopping) c = T1 with labels [T1, T).
+Training uses c = T2 with labels [T2, T1) (plus, with `RankerConfig.train_label_windows` > 1, the
+windows before it: c = T2 - w, labels [T2 - w, T2), ...); validation (early stopping) c = T1 with
+labels [T1, T).
 """
 
 from __future__ import annotations
@@ -235,6 +237,40 @@ def build_ranking_dataset(
     )
 
 
+def training_windows(t2: int, t1: int, data_start: int, n: int) -> list[tuple[int, int]]:
+    """(cutoff, label end) of up to `n` consecutive training windows ending at T1, latest first.
+
+    Every window is as long as [T2, T1) and keeps at least that much history before its cutoff.
+    """
+    width = t1 - t2
+    if width <= 0:
+        raise ValueError(f"T2 ({t2}) must be before T1 ({t1})")
+    out = []
+    for i in range(max(n, 1)):
+        cutoff = t2 - i * width
+        if i > 0 and cutoff - width < data_start:
+            break
+        out.append((cutoff, cutoff + width))
+    return out
+
+
+def concat_datasets(sets: Sequence[RankingDataset]) -> RankingDataset:
+    """One grouped set from several windows (groups stay per user and window); the cutoff is the
+    latest window's, `recall` that window's too (the one closest to what serving sees)."""
+    if len(sets) == 1:
+        return sets[0]
+    return RankingDataset(
+        features=np.vstack([s.features for s in sets]),
+        labels=np.concatenate([s.labels for s in sets]),
+        groups=np.concatenate([s.groups for s in sets]),
+        user_ids=[u for s in sets for u in s.user_ids],
+        items=np.concatenate([s.items for s in sets]),
+        sources=np.concatenate([s.sources for s in sets]),
+        cutoff=max(s.cutoff for s in sets),
+        recall=max(sets, key=lambda s: s.cutoff).recall,
+    )
+
+
 def ann_search(
     index: Any, item_emb: np.ndarray, vectors: Sequence[np.ndarray | None], depth: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -323,7 +359,8 @@ def train_ranker(
     config: TrainConfig,
     progress: bool = False,
 ) -> RankerTrainResult:
-    """Train on labels [T2, T1) with features from < T2; validate on labels [T1, T) from < T1.
+    """Train on labels [T2, T1) with features from < T2 (and the `train_label_windows` - 1 windows
+    before it); validate on labels [T1, T) from < T1.
 
     `interactions` must be the training data (< T); rows >= T are ignored.
     """
@@ -340,8 +377,15 @@ def train_ranker(
         progress=progress,
         cf_cfg=config.collaborative,
     )
-    train = build_ranking_dataset(
-        data, data, cutoff=t2, label_end=t1, max_users=config.ranker.max_train_users, **common
+    start = data["timestamp"].min()
+    windows = training_windows(t2, t1, t2 if start is None else int(start), config.ranker.train_label_windows)
+    train = concat_datasets(
+        [
+            build_ranking_dataset(
+                data, data, cutoff=c, label_end=e, max_users=config.ranker.max_train_users, **common
+            )
+            for c, e in windows
+        ]
     )
     valid = build_ranking_dataset(
         data, data, cutoff=t1, label_end=t_end, max_users=_valid_users(config.ranker), **common
@@ -362,12 +406,20 @@ def train_ranker(
         feature_names=list(FEATURE_NAMES),
     )
     novel_ranker, novel_metrics = (
-        _train_novel_ranker(data, t2, t1, t_end, ranker, config, common)
+        _train_novel_ranker(data, windows, t1, t_end, ranker, config, common)
         if config.ranker.novel_ranker
         else (None, {})
     )
     metrics = {
         **novel_metrics,
+        "train_windows": [list(w) for w in windows],
+        "valid_ndcg": (
+            grouped_ndcg(
+                ranker.predict_stock(valid.features), valid.labels, valid.groups, config.ranker.eval_at
+            )
+            if valid.n_rows
+            else float("nan")
+        ),
         "train_users": len(train.user_ids),
         "train_rows": train.n_rows,
         "valid_users": len(valid.user_ids),
@@ -379,17 +431,25 @@ def train_ranker(
 
 
 def _train_novel_ranker(
-    data: pl.DataFrame, t2: int, t1: int, t_end: int, main: Any, config: TrainConfig, common: dict[str, Any]
+    data: pl.DataFrame,
+    windows: Sequence[tuple[int, int]],
+    t1: int,
+    t_end: int,
+    main: Any,
+    config: TrainConfig,
+    common: dict[str, Any],
 ) -> tuple[Any | None, dict[str, Any]]:
     """A ranker for requests that exclude owned items, kept only if it beats the main ranker on
     the validation window's owned-items-excluded set (the main ranker never saw that task)."""
     from recsvc.ranker import Ranker
 
-    sets = [
-        build_ranking_dataset(data, data, cutoff=c, label_end=e, max_users=m, exclude_owned=True, **common)
-        for c, e, m in ((t2, t1, config.ranker.max_train_users), (t1, t_end, _valid_users(config.ranker)))
-    ]
-    train, valid = sets
+    def owned_excluded(cutoff: int, end: int, max_users: int) -> RankingDataset:
+        return build_ranking_dataset(
+            data, data, cutoff=cutoff, label_end=end, max_users=max_users, exclude_owned=True, **common
+        )
+
+    train = concat_datasets([owned_excluded(c, e, config.ranker.max_train_users) for c, e in windows])
+    valid = owned_excluded(t1, t_end, _valid_users(config.ranker))
     if train.n_rows == 0 or valid.n_rows == 0:
         log.info(
             "novel ranker skipped: no rows without owned items (train %d, valid %d)",

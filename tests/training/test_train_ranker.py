@@ -281,3 +281,36 @@ def test_training_features_equal_what_the_serving_path_scores(synth_loaded: Any,
         assert any("cf" in i.sources for i in result.items)
         checked += 1
     assert checked >= 10
+
+
+def test_training_windows_step_back_one_width_and_keep_a_width_of_history() -> None:
+    from training.train_ranker import training_windows
+
+    assert training_windows(t2=100, t1=110, data_start=60, n=1) == [(100, 110)]
+    assert training_windows(t2=100, t1=110, data_start=60, n=3) == [(100, 110), (90, 100), (80, 90)]
+    # (70, 80) would leave 70 - 60 = 10 of history: allowed; (60, 70) would leave none
+    assert training_windows(t2=100, t1=110, data_start=60, n=9)[-1] == (70, 80)
+    with pytest.raises(ValueError, match="T2"):
+        training_windows(t2=110, t1=110, data_start=0, n=2)
+
+
+def test_train_ranker_with_two_label_windows_trains_on_both(synth_loaded: Any, parts: dict[str, Any]) -> None:
+    from recsvc.config import RankerConfig, TrainConfig
+    from training.train_ranker import train_ranker
+
+    inter = synth_loaded.interactions
+    t_end = _end(synth_loaded)
+    t1, t2 = t_end - DAY, t_end - 2 * DAY
+    kwargs = {k: parts[k] for k in ("catalog", "item_emb", "index", "tower")}
+    ranker_cfg = RankerConfig(
+        num_leaves=7, min_data_in_leaf=5, num_boost_round=5, search_trials=1, novel_ranker=False
+    )
+    one = train_ranker(inter, t2=t2, t1=t1, t_end=t_end, config=TrainConfig(ranker=ranker_cfg), **kwargs)
+    two_cfg = TrainConfig(ranker=RankerConfig(**{**ranker_cfg.__dict__, "train_label_windows": 2}))
+    two = train_ranker(inter, t2=t2, t1=t1, t_end=t_end, config=two_cfg, **kwargs)
+    earlier = _dataset(inter, inter, t2 - DAY, t2, parts)
+    assert two.metrics["train_windows"] == [[t2, t1], [t2 - DAY, t2]]
+    assert two.train.n_rows == one.train.n_rows + earlier.n_rows
+    np.testing.assert_array_equal(two.train.features[: one.train.n_rows], one.train.features)
+    np.testing.assert_array_equal(two.train.labels[one.train.n_rows :], earlier.labels)
+    assert two.train.cutoff == t2
