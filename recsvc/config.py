@@ -170,8 +170,9 @@ class RecommenderConfig:
     # (a share of 0.10 found no more cold hits than 0.05).
     cold_item_share: float = 0.05
     cold_first_position: int = 12
-    # When a request's candidates hold fewer never-seen items than its reserved slots, the
-    # shortfall is filled by a FAISS search restricted to allowed never-seen items (False: off).
+    # Lists with slots also get the never-seen items nearest each recent history item (one FAISS
+    # search restricted to allowed never-seen items), so the slots see the whole catalogue's best
+    # cold items rather than only those the ANN happened to return (False: off).
     cold_pool: bool = True
 
 
