@@ -491,17 +491,20 @@ class CompiledForest:
 def compile_forest(model_text: str, cache_dir: Path | None) -> CompiledForest:
     """Compile `forest_ir` for this CPU, reusing a checksummed object from `cache_dir` when present.
 
-    The cache key is the IR itself plus the target, so any change to the model or to the code
-    generator compiles afresh.
+    The cache key is the model text, this module's source (the code generator) and the target, so
+    a changed model or generator compiles afresh while a cache hit skips generating the IR (seconds
+    for 300 trees of 63 leaves).
     """
     import llvmlite
     import llvmlite.binding as llvm
 
     n_features, trees = parse_forest(model_text)
-    ir_text = forest_ir(trees, n_features)
+    generator = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
     with _LLVM_LOCK:  # llvmlite's global context is not safe for concurrent compiles
         machine, target = _target_machine()
-        key = hashlib.sha256(f"{llvmlite.__version__}\n{target}\n{ir_text}".encode()).hexdigest()
+        key = hashlib.sha256(
+            f"{generator}\n{llvmlite.__version__}\n{target}\n{model_text}".encode()
+        ).hexdigest()
         cached: bytes | None = None
         obj = digest_file = None
         if cache_dir is not None:
@@ -519,7 +522,7 @@ def compile_forest(model_text: str, cache_dir: Path | None) -> CompiledForest:
             engine.finalize_object()
             log.info("loaded compiled ranker from cache %s", obj)
             return CompiledForest(engine, n_features)
-        module = llvm.parse_assembly(ir_text)
+        module = llvm.parse_assembly(forest_ir(trees, n_features))
         module.verify()
         emitted: list[bytes] = []
         engine = llvm.create_mcjit_compiler(module, machine)
