@@ -4,16 +4,23 @@ import json
 import threading
 from pathlib import Path
 
+import lightgbm as lgb
 import numpy as np
 import pytest
 
 from recsvc.config import RankerConfig
 from recsvc.ranker import (
+    K_ZERO_THRESHOLD,
+    LANES,
     META_FILE,
     MODEL_FILE,
     Ranker,
     RankerInputError,
     RankerLoadError,
+    UnsupportedModelError,
+    compile_forest,
+    kernel_threshold,
+    parse_forest,
     search_trials,
     threshold_probe,
 )
@@ -250,3 +257,146 @@ def test_background_compile_serves_stock_scores_then_switches_to_fast_path(
     assert ranker.fast_path.enabled
     np.testing.assert_allclose(during, trained.predict_stock(x), rtol=0, atol=1e-9)
     np.testing.assert_allclose(ranker.predict(x), trained.predict_stock(x), rtol=0, atol=1e-9)
+
+
+def booster_with_every_missing_type(zero_as_missing: bool) -> lgb.Booster:
+    """A regression booster whose splits use missing types None (no NaN in training) and NaN, or
+    with `zero_as_missing` only Zero; column 2 splits around 0 at +-1e-35."""
+    rng = np.random.default_rng(20)
+    x = rng.normal(size=(3000, 4))
+    x[rng.random(len(x)) < 0.2, 1] = np.nan
+    x[:, 2] = rng.choice([0.0, 1e-36, -1e-36, 2.0, -2.0], size=len(x))
+    x[rng.random(len(x)) < 0.3, 3] = 0.0
+    y = x[:, 0] + np.nan_to_num(x[:, 1], nan=3.0) + np.sign(x[:, 2]) + (x[:, 3] == 0)
+    params = {
+        "objective": "regression",
+        "num_leaves": 15,
+        "min_data_in_leaf": 5,
+        "zero_as_missing": zero_as_missing,
+        "num_threads": 1,
+        "verbose": -1,
+    }
+    return lgb.train(params, lgb.Dataset(x, y), num_boost_round=30)
+
+
+def awkward_rows(booster: lgb.Booster, n: int = 1000) -> np.ndarray:
+    """Threshold probe rows (exact thresholds, NaN, 0, +-kZeroThreshold) plus tiny and huge values."""
+    rows = threshold_probe(booster, n_rows=n).astype(np.float64)
+    rng = np.random.default_rng(21)
+    picks = rng.random(rows.shape)
+    rows[picks < 0.03] = 1e-36
+    rows[(picks >= 0.03) & (picks < 0.06)] = -1e-36
+    rows[(picks >= 0.06) & (picks < 0.08)] = np.inf
+    rows[(picks >= 0.08) & (picks < 0.1)] = -np.inf
+    return rows
+
+
+@pytest.mark.parametrize("zero_as_missing", [False, True])
+def test_compiled_forest_is_bit_identical_to_booster_predict_for_every_missing_type(
+    zero_as_missing: bool, tmp_path: Path
+) -> None:
+    booster = booster_with_every_missing_type(zero_as_missing)
+    _, trees = parse_forest(booster.model_to_string())
+    missing_types = {(d >> 2) & 3 for tree in trees for d in tree.decision_type}
+    assert missing_types == ({1} if zero_as_missing else {0, 2})  # 0 None, 1 Zero, 2 NaN
+    forest = compile_forest(booster.model_to_string(), tmp_path)
+    rows = awkward_rows(booster)
+    for x in (rows, rows.astype(np.float32)):
+        np.testing.assert_array_equal(forest.predict(x), booster.predict(x))
+
+
+def test_compiled_forest_reads_integer_input_as_float32_like_lightgbm(tmp_path: Path) -> None:
+    booster = booster_with_every_missing_type(False)
+    forest = compile_forest(booster.model_to_string(), tmp_path)
+    ints = np.random.default_rng(22).integers(-(2**26), 2**26, size=(64, 4))
+    np.testing.assert_array_equal(forest.predict(ints), booster.predict(ints))
+
+
+@pytest.mark.parametrize("n_rows", [1, LANES - 1, LANES + 1, 3 * LANES])
+def test_compiled_forest_scores_row_counts_that_are_not_a_multiple_of_the_vector_width(
+    n_rows: int, trained: Ranker, cache_dir: Path
+) -> None:
+    forest = compile_forest(trained.booster.model_to_string(), cache_dir)
+    x, _, _ = ranking_set(2, 20, seed=23)
+    got = forest.predict(x[:n_rows])
+    assert got.shape == (n_rows,)
+    np.testing.assert_array_equal(got, trained.booster.predict(x[:n_rows]))
+
+
+def test_threaded_prediction_of_many_rows_equals_single_threaded(trained: Ranker, cache_dir: Path) -> None:
+    forest = compile_forest(trained.booster.model_to_string(), cache_dir)
+    x, _, _ = ranking_set(61, 17, seed=24)  # 1037 rows: chunks of whole vectors plus a ragged tail
+    np.testing.assert_array_equal(forest.predict(x, n_threads=3), forest.predict(x, n_threads=1))
+    np.testing.assert_array_equal(forest.predict(x, n_threads=3), trained.booster.predict(x))
+
+
+def test_concurrent_calls_with_different_inputs_each_get_their_own_scores(
+    trained: Ranker, cache_dir: Path
+) -> None:
+    trained.enable_fast_path(cache_dir)
+    inputs = [ranking_set(3, 10 + 7 * i, seed=30 + i)[0] for i in range(6)]
+    wanted = [trained.predict_stock(x) for x in inputs]
+    failures: list[int] = []
+
+    def work(i: int) -> None:
+        for _ in range(50):
+            if not np.array_equal(trained.predict(inputs[i]), wanted[i]):
+                failures.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert trained.fast_path.enabled
+    assert failures == []
+
+
+def test_fast_path_probe_is_bit_identical(trained: Ranker, cache_dir: Path) -> None:
+    fast = trained.enable_fast_path(cache_dir)
+    assert fast.max_abs_diff == 0.0
+    assert fast.info["bit_identical"] is True
+
+
+@pytest.mark.parametrize("threshold", [-1.0, -K_ZERO_THRESHOLD, -1e-36, 0.0, 1e-36, K_ZERO_THRESHOLD, 0.5])
+def test_kernel_threshold_gives_lightgbms_decision_on_raw_values(threshold: float) -> None:
+    tiny = K_ZERO_THRESHOLD
+    values = np.array(
+        [
+            -1.0,
+            -2 * tiny,
+            np.nextafter(-tiny, -1),
+            -tiny,
+            -1e-36,
+            0.0,
+            1e-36,
+            tiny,
+            np.nextafter(tiny, 1),
+            1.0,
+        ]
+    )
+    zeroed = np.where(np.abs(values) <= tiny, 0.0, values)
+    np.testing.assert_array_equal(values <= kernel_threshold(threshold), zeroed <= threshold)
+
+
+def test_categorical_model_is_served_by_stock_predict(tmp_path: Path) -> None:
+    rng = np.random.default_rng(25)
+    x = np.column_stack([rng.integers(0, 6, 600), rng.normal(size=600)]).astype(np.float64)
+    y = (x[:, 0] % 2) + x[:, 1]
+    params = {"objective": "regression", "min_data_in_leaf": 5, "num_threads": 1, "verbose": -1}
+    booster = lgb.train(params, lgb.Dataset(x, y, categorical_feature=[0]), num_boost_round=5)
+    with pytest.raises(UnsupportedModelError, match="categorical"):
+        parse_forest(booster.model_to_string())
+    ranker = Ranker(booster, booster.feature_name())
+    assert not ranker.enable_fast_path(tmp_path).enabled
+    assert ranker.fast_path.reason.startswith("unsupported model")
+    np.testing.assert_array_equal(ranker.predict(x[:50]), booster.predict(x[:50]))
+
+
+def test_model_with_transformed_output_is_not_compiled() -> None:
+    rng = np.random.default_rng(26)
+    x = rng.normal(size=(300, 3))
+    params = {"objective": "binary", "num_threads": 1, "verbose": -1}
+    booster = lgb.train(params, lgb.Dataset(x, (x[:, 0] > 0).astype(int)), num_boost_round=3)
+    with pytest.raises(UnsupportedModelError, match="objective 'binary"):
+        parse_forest(booster.model_to_string())
