@@ -174,6 +174,11 @@ class RecommenderConfig:
     # search restricted to allowed never-seen items), so the slots see the whole catalogue's best
     # cold items rather than only those the ANN happened to return (False: off).
     cold_pool: bool = True
+    # Share of the index's search breadth (IVF nprobe, HNSW efSearch) the cold pool uses: its
+    # queries are item vectors, which sit where the index was trained. On H&M (IVF, nprobe 32) a
+    # quarter kept recall@5 of the never-seen neighbours at 0.90 (0.96 at full breadth) for 30% of
+    # the time per query; at full breadth the pool cost ~45% of a k=100 request's CPU.
+    cold_pool_effort: float = 0.25
 
 
 @dataclass(frozen=True)

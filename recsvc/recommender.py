@@ -235,6 +235,7 @@ class Recommender:
     ) -> list[RecommendResult]:
         """Candidates, one feature matrix and one ranker call for a block of requests."""
         cands = [self._candidates(p, a, q, c, timings) for p, a, q, c in zip(prepared, ann, queries, cf)]
+        cands = self._with_cold_pool(prepared, cands, timings)
 
         t = time.perf_counter()
         features = build_features_many(
@@ -424,51 +425,94 @@ class Recommender:
         return cold_slot_count(p.req.k, self.config.cold_item_share, self.config.cold_first_position)
 
     def _with_cold_pool(
-        self, p: _Prepared, cands: Candidates, blocked: np.ndarray, timings: dict[str, float]
-    ) -> Candidates:
-        """Cands plus, for each query vector, the allowed never-seen items nearest to it, so the
-        reserved cold slots can hold the best cold items by `_cold_interest` from the whole catalogue.
+        self, prepared: Sequence[_Prepared], cands: list[Candidates], timings: dict[str, float]
+    ) -> list[Candidates]:
+        """Each request's candidates plus, for each of its query vectors, the `slots` allowed
+        never-seen items nearest to it, so the reserved cold slots can hold the best cold items by
+        `_cold_interest` from the whole catalogue.
 
         The query vectors are the request's recent history items (the same last
         `HISTORY_COS_ITEMS` that `cos_hist_max` compares with), else its ranking vector (user or
-        query). The union of each query's top-n equals the top-n by max cosine over all cold items,
-        so the slots see exactly the catalogue's best. Why history items rather than the user
-        vector alone: a pooled vector blurs the single item a new arrival resembles (the pool used
-        to search by the user vector only, and on H&M's held-out never-seen purchases the pipeline's
-        cold recall stayed 0). One FAISS search (all queries at once) per request whose list
-        has cold slots; the never-seen mask is read per call, so items that get events while
-        serving leave the pool at once. Added rows carry the `ann` source with their cosine to the
-        ranking vector and no ANN rank.
+        query). The union of each query's top-n is the top-n by max cosine over all cold items, so
+        the slots see exactly the catalogue's best. Why history items rather than the user vector
+        alone: a pooled vector blurs the single item a new arrival resembles (the pool used to
+        search by the user vector only, and on H&M's held-out never-seen purchases the pipeline's
+        cold recall stayed 0). Requests without attribute filters share one FAISS search over the
+        never-seen items (over-fetching by their blocked never-seen items, removed afterwards), the
+        others search their own allowed set; either way a request's pool depends on that request
+        only, so batched and single answers agree. The never-seen mask is read per block, so items
+        that get events while serving leave the pool at once. Added rows carry the `ann` source
+        with their cosine to the ranking vector and no ANN rank.
         """
-        slots = self._cold_slots(p)
-        if not self.config.cold_pool or slots == 0:
+        if not self.config.cold_pool:
             return cands
-        vector = p.user_vec if p.user_vec is not None else p.query_vec
-        if len(p.history):
-            queries = self.item_emb[np.unique(p.history.items[-HISTORY_COS_ITEMS:])]
-        elif vector is not None:
-            queries = np.asarray(vector, dtype=np.float32)[None, :]
-        else:
-            return cands
-        never_seen = np.isnan(self.bundle.item_stats.first_ts)
-        allowed = never_seen if p.allowed is None else never_seen & p.allowed
-        if not allowed.any():
+        todo = [
+            i for i, p in enumerate(prepared) if self._cold_slots(p) > 0 and self._cold_queries(p) is not None
+        ]
+        if not todo:
             return cands
         t = time.perf_counter()
-        excluded = np.union1d(blocked, cands.items).astype(np.int32)
-        depth = min(slots, MAX_FILTERED_DEPTH)
-        _, ids = self.bundle.index.search_with_filter(
-            queries, depth, allowed=allowed, excluded=excluded.tolist()
-        )
-        found = np.unique(np.asarray(ids).ravel())
-        found = found[found >= 0].astype(np.int32)
-        if vector is not None:
-            scores = self.item_emb[found] @ np.asarray(vector, dtype=np.float32)
-        else:
-            scores = np.full(len(found), np.nan, np.float32)
-        order = _order(scores, found) if vector is not None else np.arange(len(found))
+        never_seen = np.isnan(self.bundle.item_stats.first_ts)
+        out = list(cands)
+        blocked = {i: self._blocked_for(prepared[i]) for i in todo}
+        shared = [i for i in todo if prepared[i].allowed is None]
+        found: dict[int, np.ndarray] = {}
+        if shared and never_seen.any():
+            queries = [self._cold_queries(prepared[i]) for i in shared]
+            extra = max(int(never_seen[blocked[i]].sum()) for i in shared)
+            depth = min(max(self._cold_slots(prepared[i]) for i in shared) + extra, MAX_FILTERED_DEPTH)
+            _, ids = self.bundle.index.search_with_filter(
+                np.vstack(queries), depth, allowed=never_seen, effort=self.config.cold_pool_effort
+            )
+            bounds = np.cumsum([0] + [len(q) for q in queries])
+            for i, a, b in zip(shared, bounds[:-1], bounds[1:]):
+                rows = np.asarray(ids)[a:b]
+                keep = (rows >= 0) & ~np.isin(rows, blocked[i])
+                slots = self._cold_slots(prepared[i])
+                found[i] = np.concatenate([row[k][:slots] for row, k in zip(rows, keep)])
+        for i in todo:
+            p = prepared[i]
+            if i in shared:
+                continue
+            allowed = never_seen & p.allowed
+            if not allowed.any():
+                continue
+            depth = min(self._cold_slots(p), MAX_FILTERED_DEPTH)
+            _, ids = self.bundle.index.search_with_filter(
+                self._cold_queries(p),
+                depth,
+                allowed=allowed,
+                excluded=blocked[i].tolist(),
+                effort=self.config.cold_pool_effort,
+            )
+            found[i] = np.asarray(ids).ravel()
+        for i, items in found.items():
+            p, c = prepared[i], cands[i]
+            items = np.setdiff1d(items[items >= 0], c.items).astype(np.int32)
+            vector = p.user_vec if p.user_vec is not None else p.query_vec
+            if vector is None:
+                scores = np.full(len(items), np.nan, np.float32)
+            else:
+                scores = self.item_emb[items] @ np.asarray(vector, dtype=np.float32)
+                order = _order(scores, items)
+                items, scores = items[order], scores[order]
+            out[i] = _appended(c, items, SOURCE_BITS["ann"], scores.astype(np.float32))
         timings["retrieval"] += _ms(t)
-        return _appended(cands, found[order], SOURCE_BITS["ann"], scores[order].astype(np.float32))
+        return out
+
+    def _cold_queries(self, p: _Prepared) -> np.ndarray | None:
+        """The vectors the cold pool searches with: recent history items, else the ranking vector."""
+        if len(p.history):
+            return self.item_emb[np.unique(p.history.items[-HISTORY_COS_ITEMS:])]
+        vector = p.user_vec if p.user_vec is not None else p.query_vec
+        return None if vector is None else np.asarray(vector, dtype=np.float32)[None, :]
+
+    def _blocked_for(self, p: _Prepared) -> np.ndarray:
+        """Items the request may not get: its exclusions, plus everything it has under repeat_policy=exclude."""
+        blocked = self._blocked(p.req.exclude_items)
+        if p.req.repeat_policy == "exclude":
+            blocked = np.union1d(blocked, p.history.items).astype(np.int32)
+        return blocked
 
     def _candidates(
         self,
@@ -484,9 +528,7 @@ class Recommender:
         (FAISS filtered search), and if the catalogue still has allowed items left, the most popular
         of them fill up to k, so k results come back whenever the catalogue allows.
         """
-        blocked = self._blocked(p.req.exclude_items)
-        if p.req.repeat_policy == "exclude":
-            blocked = np.union1d(blocked, p.history.items).astype(np.int32)
+        blocked = self._blocked_for(p)
         cfg = self.cand_cfg
         cands = self._filtered(self._generate(p, ann, query, cf, cfg, timings), p.allowed, blocked, timings)
         if p.query_vec is not None:
@@ -506,7 +548,7 @@ class Recommender:
             )
         if len(cands) < p.req.k:
             cands = self._fill(p.req.k, cands, p.allowed, blocked)
-        return self._with_cold_pool(p, cands, blocked, timings)
+        return cands
 
     def _generate(
         self,

@@ -233,13 +233,13 @@ class ItemIndex:
         if self.on_gpu and k > GPU_MAX_K:
             raise IndexInputError(f"k={k} exceeds the FAISS GPU limit of {GPU_MAX_K} neighbours")
 
-    def _search_params(self, k: int, selector: Any = None) -> Any:
+    def _search_params(self, k: int, selector: Any = None, effort: float = 1.0) -> Any:
         if self.kind == "hnsw":
             sp = faiss.SearchParametersHNSW()
-            sp.efSearch = max(int(self.params.get("efSearch", 16)), int(k))
+            sp.efSearch = max(round(int(self.params.get("efSearch", 16)) * effort), int(k))
         elif self.kind == "ivf":
             sp = faiss.SearchParametersIVF()
-            sp.nprobe = int(self.params.get("nprobe", 1))
+            sp.nprobe = max(1, round(int(self.params.get("nprobe", 1)) * effort))
         else:
             if selector is None:
                 return None
@@ -285,12 +285,17 @@ class ItemIndex:
         *,
         allowed: np.ndarray | None = None,
         excluded: Iterable[int] | None = None,
+        effort: float = 1.0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """`search` restricted to rows with `allowed[row]` and not in `excluded` (one filter for all queries).
 
         HNSW filters while walking the graph, so recall drops when the filter keeps a tiny fraction of
-        the catalogue; an exact search over the allowed rows is then the better tool.
+        the catalogue; an exact search over the allowed rows is then the better tool. `effort` scales
+        the approximate index's search breadth (IVF nprobe, HNSW efSearch; at least 1 / k) for callers
+        that trade recall for speed; exact indexes ignore it.
         """
+        if not effort > 0:
+            raise IndexInputError(f"effort must be > 0, got {effort}")
         q = self._queries(queries)
         self._check_k(k)
         mask = self.allowed_mask(allowed, excluded)
@@ -298,7 +303,7 @@ class ItemIndex:
             return self._overfetch(q, int(k), mask)
         bits = np.packbits(mask, bitorder="little")
         selector = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(bits))
-        scores, ids = self.index.search(q, int(k), params=self._search_params(k, selector))
+        scores, ids = self.index.search(q, int(k), params=self._search_params(k, selector, effort))
         del bits  # the selector borrows this buffer until the search returns
         return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 

@@ -187,3 +187,24 @@ def test_ivf_kind_above_threshold_has_high_recall_and_survives_save_load(tmp_pat
 def test_unknown_ann_kind_is_rejected() -> None:
     with pytest.raises(IndexInputError, match="ann_kind must be 'hnsw' or 'ivf'"):
         ItemIndex.build(unit_rows(200, 8), IndexConfig(use_gpu="never", exact_max_items=10, ann_kind="lsh"))
+
+
+def test_filtered_ivf_search_effort_scales_the_probed_lists() -> None:
+    emb = unit_rows(3000, 16, seed=5)
+    queries = unit_rows(40, 16, seed=6)
+    index = ItemIndex.build(
+        emb, IndexConfig(use_gpu="never", exact_max_items=100, ann_kind="ivf", ivf_nprobe=2)
+    )
+    allowed = np.arange(3000) % 3 != 0
+    nlist = index.index.nlist
+    exact = np.argsort(-np.where(allowed[None, :], queries @ emb.T, -np.inf), axis=1, kind="stable")[:, :10]
+    _, every_list = index.search_with_filter(queries, 10, allowed=allowed, effort=nlist / 2)
+    _, default = index.search_with_filter(queries, 10, allowed=allowed)
+    _, narrow = index.search_with_filter(queries, 10, allowed=allowed, effort=0.01)  # one list
+    np.testing.assert_array_equal(every_list, exact)  # probing every list is exact search
+    np.testing.assert_array_equal(
+        index.search_with_filter(queries, 10, allowed=allowed, effort=1.0)[1], default
+    )
+    assert (narrow != default).any() and allowed[narrow[narrow >= 0]].all()
+    with pytest.raises(IndexInputError, match="effort"):
+        index.search_with_filter(queries, 10, effort=0.0)
