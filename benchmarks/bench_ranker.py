@@ -66,14 +66,20 @@ def synthetic_groups(n_groups: int, size: int, n_features: int, seed: int) -> tu
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, desc: str) -> dict[str, np.ndarray]:
-    """Per-call seconds for each function, calling them in turn so load spikes hit all of them."""
+    """Per-call seconds for each function, calling them in turn so load spikes hit all of them.
+
+    The order rotates every round: the call right after stock predict pays for LightGBM's OpenMP
+    threads still spin-waiting (~0.1 ms on a busy 2-core box), so a fixed order would charge that
+    to whichever method always came next.
+    """
     for fn in fns.values():
         fn()
+    names = list(fns)
     out: dict[str, list[int]] = {name: [] for name in fns}
-    for _ in tqdm(range(repeats), desc=desc, unit="round", mininterval=1.0):
-        for name, fn in fns.items():
+    for i in tqdm(range(repeats), desc=desc, unit="round", mininterval=1.0):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             start = time.perf_counter_ns()
-            fn()
+            fns[name]()
             out[name].append(time.perf_counter_ns() - start)
     return {name: np.asarray(v, dtype=np.float64) / 1e9 for name, v in out.items()}
 

@@ -17,6 +17,7 @@ exactly, NaNs and zeros; an unsupported model or any failure falls back to stock
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -427,7 +428,8 @@ def _target_machine() -> tuple[Any, str]:
     import llvmlite.binding as llvm
 
     if not _llvm_initialised:
-        llvm.initialize()
+        with contextlib.suppress(RuntimeError):  # llvmlite >= 0.45 initialises itself and raises here
+            llvm.initialize()
         llvm.initialize_native_target()
         llvm.initialize_native_asmprinter()
         _llvm_initialised = True
@@ -459,6 +461,7 @@ class CompiledForest:
 
     def predict(self, x: np.ndarray, n_threads: int = 1) -> np.ndarray:
         """Scores of rows `x` (any numeric dtype, read as LightGBM reads it), split over `n_threads`."""
+        x = np.asarray(x)
         # LightGBM keeps float32/float64 input and reads every other dtype as float32.
         dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.float32
         rows = np.ascontiguousarray(x, dtype=dtype)
