@@ -11,8 +11,13 @@ concatenated into `--out` (again via an atomic rename) and the parts folder is r
 `<out>.parts/_job.json` records the options; re-running with different ones is refused.
 
 Scaling out:
-- one machine: `--workers N` runs N chunks concurrently in threads (FAISS, LightGBM and NumPy
-  release the GIL); `--chunk-size` trades memory for batching efficiency.
+- one machine: `--workers N` (default: the CPUs this process may use) forks N worker processes
+  after the bundle is loaded, so they share its memory copy-on-write and each has its own GIL.
+  Workers take whole chunks from one queue and send their rows back; the parent writes the same
+  numbered parts a single process would, so the output is identical for any N and a job killed
+  with one N resumes with another. Workers run single-threaded BLAS and FAISS and never touch
+  polars (forked OpenMP and polars thread pools hang; parallelism comes from the processes). `--chunk-size` bounds each worker's memory: throughput is flat from 128 to
+  4096 users per chunk on the 100k-item benchmark bundle.
 - many machines or processes: run one job per shard with `--shard i/n` (i = 0..n-1) and its own
   `--out`; shards are a stable hash of user_id, so they partition the users exactly once and a
   failed shard can be re-run alone (it resumes from its parts). Concatenate the n outputs (or
@@ -29,12 +34,16 @@ import argparse
 import hashlib
 import json
 import logging
+import math
+import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,29 +131,58 @@ def read_users(path: str | Path) -> list[str]:
     return distinct
 
 
-def results_frame(user_ids: Sequence[str], results: Sequence[RecommendResult]) -> pl.DataFrame:
-    """Recommender results -> candidate frame (CANDIDATE_SCHEMA).
+@dataclass(frozen=True)
+class ChunkRows:
+    """One chunk's candidate rows as plain columns (numpy and Python lists, no polars).
 
-    Built column by column (user ids and ranks by np.repeat, source names joined once
-    per distinct source set), not row by row: ~100 rows per user made the Python loop a tenth of
-    the batch's time.
+    Why: it is what a worker process sends back. polars' thread pools hang in a forked child, so
+    workers only rank and the parent builds the frame and writes the part.
     """
-    counts = [len(r.items) for r in results]
+
+    user_ids: list[str]
+    counts: np.ndarray  # int64, rows per user, in user order
+    item_ids: list[str]
+    scores: np.ndarray  # float64
+    sources: list[str]  # comma-joined source names
+
+    def frame(self) -> pl.DataFrame:
+        """The candidate frame (CANDIDATE_SCHEMA), rank 1 = best within each user."""
+        starts = np.cumsum(self.counts) - self.counts
+        return pl.DataFrame(
+            {
+                "user_id": np.repeat(np.asarray(self.user_ids, dtype=object), self.counts).tolist(),
+                "item_id": self.item_ids,
+                "rank": np.arange(len(self.item_ids), dtype=np.int32) - np.repeat(starts, self.counts) + 1,
+                "score": self.scores,
+                "sources": self.sources,
+            },
+            schema=CANDIDATE_SCHEMA,
+        )
+
+
+def results_rows(user_ids: Sequence[str], results: Sequence[RecommendResult]) -> ChunkRows:
+    """Recommender results -> columns, one pass per column over the flattened items.
+
+    Column by column (user ids and ranks by np.repeat, source names joined once per distinct
+    source set), not row by row: ~100 rows per user made a row loop a tenth of the batch's time.
+    """
     items = [item for r in results for item in r.items]
     joined: dict[tuple[str, ...], str] = {}
-    return pl.DataFrame(
-        {
-            "user_id": np.repeat(np.asarray(list(user_ids), dtype=object), counts).tolist(),
-            "item_id": [item.item_id for item in items],
-            "rank": np.arange(len(items), dtype=np.int32) - np.repeat(np.cumsum(counts) - counts, counts) + 1,
-            "score": [item.score for item in items],
-            "sources": [
-                joined.get(item.sources) or joined.setdefault(item.sources, ",".join(item.sources))
-                for item in items
-            ],
-        },
-        schema=CANDIDATE_SCHEMA,
+    return ChunkRows(
+        user_ids=list(user_ids),
+        counts=np.fromiter((len(r.items) for r in results), dtype=np.int64, count=len(results)),
+        item_ids=[item.item_id for item in items],
+        scores=np.fromiter((item.score for item in items), dtype=np.float64, count=len(items)),
+        sources=[
+            joined.get(item.sources) or joined.setdefault(item.sources, ",".join(item.sources))
+            for item in items
+        ],
     )
+
+
+def results_frame(user_ids: Sequence[str], results: Sequence[RecommendResult]) -> pl.DataFrame:
+    """Recommender results -> candidate frame (CANDIDATE_SCHEMA)."""
+    return results_rows(user_ids, results).frame()
 
 
 @dataclass(frozen=True)
@@ -271,41 +309,42 @@ def run_batch(
     reused = len(chunks) - len(todo)
     if reused:
         log.info("resuming: %d of %d chunks already in %s", reused, len(chunks), parts)
+    processes = min(workers, len(todo))
+    if processes > 1 and not forking_available():
+        log.warning("--workers %d: this platform cannot fork; running in one process", workers)
+        processes = 1
     log.info(
-        "batch: %d users%s, k=%d, %d chunks of <= %d, %d worker(s), bundle %s",
+        "batch: %d users%s, k=%d, %d chunks of <= %d, %d worker process(es), bundle %s",
         len(users),
         f" (shard {shard})" if shard else "",
         k,
         len(chunks),
         chunk_size,
-        workers,
+        max(processes, 1),
         recommender.model_version,
     )
 
-    def compute(index: int, chunk: list[str]) -> int:
+    def rank_chunk(chunk: list[str]) -> ChunkRows:
         reqs = [RecommendRequest(user_id=u, k=k, repeat_policy=repeat_policy) for u in chunk]
-        _write_part(results_frame(chunk, recommender.recommend_many(reqs, policy)), _part_path(parts, index))
-        return len(chunk)
+        return results_rows(chunk, recommender.recommend_many(reqs, policy))
 
-    bar = tqdm(
-        total=len(users),
-        initial=sum(len(c) for i, c in chunks if _part_path(parts, i).exists()),
-        unit="user",
-        desc="batch candidates",
-        disable=not progress,
-        smoothing=0.1,
-    )
-    try:
-        with thread_budget(workers):
-            if workers == 1:
-                for index, chunk in todo:
-                    bar.update(compute(index, chunk))
-                    if on_chunk_done:
-                        on_chunk_done(index)
-            else:
-                _run_parallel(todo, compute, workers, bar, on_chunk_done)
-    finally:
-        bar.close()
+    with _chunk_runner(todo, rank_chunk, processes) as finished:
+        bar = tqdm(
+            total=len(users),
+            initial=len(users) - sum(len(c) for _, c in todo),
+            unit="user",
+            desc="batch candidates",
+            disable=not progress,
+            smoothing=0.1,
+        )
+        try:
+            for index, chunk_rows in finished:
+                _write_part(chunk_rows.frame(), _part_path(parts, index))
+                bar.update(len(chunk_rows.user_ids))
+                if on_chunk_done:
+                    on_chunk_done(index)
+        finally:
+            bar.close()
     rows = _concatenate(parts, len(chunks), out_path)
     shutil.rmtree(parts)
     elapsed = time.perf_counter() - started
@@ -323,59 +362,155 @@ def run_batch(
     return summary
 
 
-@contextmanager
-def thread_budget(workers: int) -> Iterator[None]:
-    """Single-threaded BLAS and cores / workers FAISS OpenMP threads while a batch runs.
+def usable_cores() -> int:
+    """CPUs this process may use: its affinity set, capped by a cgroup v2 CPU quota (containers).
 
-    Why: the request path's matrix-vector products are small, and with faiss's OpenMP runtime
-    loaded a multi-threaded OpenBLAS call hands work between busy threads (ms instead of µs); with
-    N workers, N FAISS searches each wanting every core oversubscribe the machine. Parallelism
-    comes from the workers. Previous limits are restored afterwards.
+    Why not os.cpu_count(): in a container or under taskset it counts the host's CPUs, and more
+    worker processes than usable CPUs only add memory and context switches.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def forking_available() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+RankChunk = Callable[[list[str]], ChunkRows]
+
+
+@contextmanager
+def _chunk_runner(
+    todo: list[tuple[int, list[str]]], rank_chunk: RankChunk, processes: int
+) -> Iterator[Iterator[tuple[int, ChunkRows]]]:
+    """(chunk index, rows) for each finished chunk, ranked here or by `processes` forked workers.
+
+    Leaving the block early (an error, Ctrl-C, a callback that raises) terminates the workers at
+    once; parts they already renamed into place stay and are reused on resume.
+    """
+    if processes <= 1:
+        with thread_budget():
+            yield ((index, rank_chunk(chunk)) for index, chunk in todo)
+        return
+    executor = ProcessPoolExecutor(
+        processes,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_start_worker,
+        initargs=(rank_chunk, os.getpid()),
+    )
+    try:
+        yield _completed(executor, todo, processes)
+    except BaseException:
+        # shutdown() alone would let each worker finish its chunk first (seconds each)
+        processes_left = list(getattr(executor, "_processes", {}).values())
+        for process in processes_left:
+            process.terminate()
+        executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes_left:  # gone before the caller retries or forks again
+            process.join(timeout=30)
+        raise
+    executor.shutdown(wait=True)
+
+
+def _completed(
+    executor: ProcessPoolExecutor, todo: list[tuple[int, list[str]]], processes: int
+) -> Iterator[tuple[int, ChunkRows]]:
+    """Results as chunks finish, with at most 2 x processes chunks handed out at a time, so a
+    job over millions of users does not pickle every chunk's user list into the queue up front."""
+    pending = iter(todo)
+    running: set[Future[tuple[int, ChunkRows]]] = set()
+
+    def submit_next() -> None:
+        item = next(pending, None)
+        if item is not None:
+            running.add(executor.submit(_run_chunk, item))
+
+    for _ in range(2 * processes):
+        submit_next()
+    while running:
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            running.remove(future)
+            try:
+                result = future.result()
+            except BrokenProcessPool as exc:
+                raise BatchError(
+                    "a worker process died (killed, or out of memory?); the chunks already written "
+                    "are kept: re-run the same command to resume"
+                ) from exc
+            submit_next()
+            yield result
+
+
+# Set in each forked worker by _start_worker: the chunk function (inherited, never pickled) and
+# the thread limits it keeps for its whole life.
+_worker_rank_chunk: RankChunk | None = None
+_worker_limits: object = None
+
+
+def _start_worker(rank_chunk: RankChunk, parent_pid: int) -> None:
+    """Runs first in each forked worker: single-threaded maths, die with the parent, no Ctrl-C.
+
+    - OpenMP and BLAS at one thread: a forked child that starts an OpenMP parallel region the
+      parent's (now missing) thread pool served hangs, and N workers x N threads oversubscribe.
+    - A killed parent must not leave workers computing for nobody (Linux: PR_SET_PDEATHSIG).
+    - Ctrl-C reaches the whole process group; the parent alone handles it and terminates us.
+    """
+    global _worker_rank_chunk, _worker_limits
+    _worker_rank_chunk = rank_chunk
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    faiss.omp_set_num_threads(1)
+    _worker_limits = threadpool_limits(limits=1)  # every BLAS and OpenMP runtime, for life
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _run_chunk(item: tuple[int, list[str]]) -> tuple[int, ChunkRows]:
+    assert _worker_rank_chunk is not None, "_run_chunk runs only in a worker set up by _start_worker"
+    index, chunk = item
+    return index, _worker_rank_chunk(chunk)
+
+
+@contextmanager
+def thread_budget() -> Iterator[None]:
+    """Single-threaded BLAS and FAISS OpenMP while a batch runs in this process; the previous
+    limits are restored afterwards. Parallelism comes from worker processes instead.
+
+    Why: the request path's matrix products are small, and with faiss's OpenMP runtime loaded a
+    multi-threaded OpenBLAS call hands work between busy threads (ms instead of µs). FAISS itself
+    with 2 OpenMP threads on 2 cores shared with other jobs ran recommend_many at half the
+    users per CPU-second of 1 thread (103 vs 190) and lower wall-clock throughput (73-96 vs
+    135-180 users/s, same run, load 4.7): idle OpenMP threads spin.
     """
     import faiss
     from threadpoolctl import threadpool_limits
 
     previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    faiss.omp_set_num_threads(1)
     try:
         with threadpool_limits(limits=1, user_api="blas"):
             yield
     finally:
         faiss.omp_set_num_threads(previous)
-
-
-def _run_parallel(
-    todo: list[tuple[int, list[str]]],
-    compute: Callable[[int, list[str]], int],
-    workers: int,
-    bar: tqdm,
-    on_chunk_done: Callable[[int], None] | None,
-) -> None:
-    """At most 2 x workers chunks in flight so memory stays bounded; first error stops the job."""
-    pending = iter(todo)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recsvc-batch") as pool:
-        running: dict[Future[int], int] = {}
-
-        def submit_next() -> None:
-            item = next(pending, None)
-            if item is not None:
-                running[pool.submit(compute, *item)] = item[0]
-
-        for _ in range(2 * workers):
-            submit_next()
-        while running:
-            done, _ = wait(running, return_when=FIRST_EXCEPTION)
-            for fut in done:
-                index = running.pop(fut)
-                try:
-                    bar.update(fut.result())
-                    if on_chunk_done:
-                        on_chunk_done(index)
-                except BaseException:
-                    for other in running:
-                        other.cancel()
-                    raise
-                submit_next()
 
 
 def _concatenate(parts: Path, n_chunks: int, out: Path) -> int:
@@ -436,7 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="users per recommend_many call and per output part (default: %(default)s)",
     )
     p.add_argument(
-        "--workers", type=int, default=1, help="chunks computed concurrently in threads (default: 1)"
+        "--workers",
+        type=int,
+        default=usable_cores(),
+        help="worker processes, forked after the bundle is loaded, each computing whole chunks "
+        "(default: the CPUs this process may use, here %(default)s); the output does not depend on it",
     )
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bar (logs still say what happened)"

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ from recsvc.batch import (
     CANDIDATE_SCHEMA,
     BatchError,
     Shard,
+    build_parser,
     in_shard,
     main,
     parse_shard,
@@ -18,6 +22,7 @@ from recsvc.batch import (
     read_users,
     results_frame,
     run_batch,
+    usable_cores,
 )
 from recsvc.recommender import RankingPolicy, Recommender, RecommendRequest, RecommendResult, ScoredItem
 from tests.helpers.bundle_builder import write_bundle
@@ -170,11 +175,84 @@ def test_resume_with_different_options_is_refused(recommender: Recommender, user
         run_batch(recommender, users, out, k=K + 1, chunk_size=7, progress=False)
 
 
-def test_parallel_workers_give_the_same_output(
+def test_two_worker_processes_give_exactly_the_one_process_output(
     recommender: Recommender, users, full_output: pl.DataFrame, tmp_path: Path
 ) -> None:
     out = tmp_path / "c.parquet"
-    run_batch(recommender, users, out, k=K, chunk_size=7, workers=3, progress=False)
+    summary = run_batch(recommender, users, out, k=K, chunk_size=7, workers=2, progress=False)
+    assert pl.read_parquet(out).equals(full_output)
+    assert (summary.chunks_computed, summary.chunks_reused) == (9, 0)
+
+
+def test_worker_processes_run_in_other_processes(recommender: Recommender, users, tmp_path: Path) -> None:
+    seen_children: list[int] = []
+    run_batch(
+        recommender,
+        users,
+        tmp_path / "c.parquet",
+        k=K,
+        chunk_size=7,
+        workers=2,
+        progress=False,
+        on_chunk_done=lambda _: seen_children.extend(p.pid for p in multiprocessing.active_children()),
+    )
+    assert len(set(seen_children)) == 2
+    assert os.getpid() not in seen_children
+
+
+def test_job_interrupted_with_worker_processes_resumes_to_the_same_output(
+    recommender: Recommender, users: list[str], full_output: pl.DataFrame, tmp_path: Path
+) -> None:
+    out = tmp_path / "c.parquet"
+    done: list[int] = []
+
+    def stop_after_two(index: int) -> None:
+        done.append(index)
+        if len(done) == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_batch(
+            recommender,
+            users,
+            out,
+            k=K,
+            chunk_size=7,
+            workers=2,
+            progress=False,
+            on_chunk_done=stop_after_two,
+        )
+    assert not out.exists()
+    on_disk = {int(p.stem.split("-")[1]) for p in parts_dir(out).glob("part-*.parquet")}
+    assert on_disk == set(done)  # the parent writes a part before reporting it, nothing more
+
+    resumed: list[int] = []
+    summary = run_batch(
+        recommender, users, out, k=K, chunk_size=7, workers=2, progress=False, on_chunk_done=resumed.append
+    )
+    assert sorted(resumed) == sorted(set(range(9)) - on_disk)
+    assert (summary.chunks_reused, summary.chunks_computed) == (2, 7)
+    assert pl.read_parquet(out).equals(full_output)
+
+
+def test_a_killed_worker_process_fails_the_job_and_a_rerun_finishes_it(
+    recommender: Recommender, users: list[str], full_output: pl.DataFrame, tmp_path: Path
+) -> None:
+    out = tmp_path / "c.parquet"
+
+    def kill_a_worker(index: int) -> None:
+        workers = multiprocessing.active_children()
+        if workers:
+            os.kill(workers[0].pid, signal.SIGKILL)
+
+    with pytest.raises(BatchError, match="worker process died"):
+        run_batch(
+            recommender, users, out, k=K, chunk_size=7, workers=2, progress=False, on_chunk_done=kill_a_worker
+        )
+    kept = len(list(parts_dir(out).glob("part-*.parquet")))
+    assert 1 <= kept < 9
+    summary = run_batch(recommender, users, out, k=K, chunk_size=7, workers=2, progress=False)
+    assert summary.chunks_reused == kept
     assert pl.read_parquet(out).equals(full_output)
 
 
@@ -186,6 +264,21 @@ def test_shards_partition_the_users_exactly_once() -> None:
     assert len(flat) == len(set(flat))
     assert all(900 < len(s) < 1600 for s in shards)
     assert in_shard(users, Shard(2, 4)) == shards[2]  # stable
+
+
+def test_shards_times_worker_processes_cover_each_user_exactly_once(
+    recommender: Recommender, users, full_output: pl.DataFrame, tmp_path: Path
+) -> None:
+    frames = []
+    for i in range(2):
+        out = tmp_path / f"c-{i}.parquet"
+        run_batch(recommender, users, out, k=K, chunk_size=4, shard=Shard(i, 2), workers=2, progress=False)
+        frames.append(pl.read_parquet(out))
+    per_shard_users = [set(f["user_id"].unique().to_list()) for f in frames]
+    assert not per_shard_users[0] & per_shard_users[1]
+    assert per_shard_users[0] | per_shard_users[1] == set(users)
+    combined = pl.concat(frames).sort(["user_id", "rank"])
+    assert combined.equals(full_output.sort(["user_id", "rank"]))
 
 
 def test_sharded_outputs_together_equal_the_full_output(
@@ -291,14 +384,24 @@ def test_results_frame_ranks_each_users_items_from_one_and_joins_sources() -> No
     assert results_frame(["u2"], [results[1]]).height == 0
 
 
-def test_thread_budget_caps_blas_and_faiss_threads_and_restores_them() -> None:
+def test_thread_budget_makes_blas_and_faiss_single_threaded_and_restores_them() -> None:
     import faiss
     from threadpoolctl import threadpool_info
 
     from recsvc.batch import thread_budget
 
+    faiss.omp_set_num_threads(2)
     before = faiss.omp_get_max_threads()
-    with thread_budget(workers=64):
+    with thread_budget():
         assert faiss.omp_get_max_threads() == 1
         assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
     assert faiss.omp_get_max_threads() == before
+
+
+def test_usable_cores_counts_at_least_one_and_at_most_the_cpus_this_process_may_use() -> None:
+    assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
+
+
+def test_cli_default_workers_is_the_usable_core_count() -> None:
+    args = build_parser().parse_args(["--bundle", "b", "--all-users", "--out", "o.parquet"])
+    assert args.workers == usable_cores()
