@@ -299,6 +299,20 @@ def kernel_threshold(threshold: float) -> float:
     return threshold
 
 
+def float32_at_most(value: float) -> float:
+    """The largest float32 <= `value` (-inf below float32's range).
+
+    For every float32 x (infinities included), `x <= value` exactly when `x <= float32_at_most(value)`,
+    so float32 rows are compared in float32 (twice the lanes per instruction) with LightGBM's
+    double-precision answers.
+    """
+    with np.errstate(over="ignore"):  # beyond float32's range rounds to +-inf, then down from +inf
+        rounded = np.float32(value)
+    if float(rounded) > value:
+        rounded = np.nextafter(rounded, np.float32(-np.inf))
+    return float(rounded)
+
+
 def _goes_left(b: Any, x: Any, split: Split, splat: Any) -> Any:
     """LightGBM's NumericalDecision for SIMD lanes of raw values `x`, as one or two compares.
 
@@ -327,27 +341,38 @@ def _goes_left(b: Any, x: Any, split: Split, splat: Any) -> Any:
 
 
 class _VectorBlock:
-    """IR for one row vector inside one tree block: feature columns loaded once, trees as selects."""
+    """IR for one row vector inside one tree block: feature columns loaded once, trees as selects.
+
+    Columns keep the input's type: float32 rows are compared in float32 against thresholds rounded
+    down by `float32_at_most` (same decisions, half the vector width); leaf values are doubles.
+    """
 
     def __init__(self, ir: Any, builder: Any, x: Any, rows: list[Any], n_features: int) -> None:
         self.ir, self.b, self.x, self.n_features = ir, builder, x, n_features
         self.f64 = ir.DoubleType()
         self.vec = ir.VectorType(self.f64, LANES)
+        self.single = x.type.pointee == ir.FloatType()
+        self.column_vec = ir.VectorType(x.type.pointee, LANES)
         self.offsets = [builder.mul(row, ir.Constant(ir.IntType(64), n_features)) for row in rows]
         self.columns: dict[int, Any] = {}
 
     def splat(self, value: float) -> Any:
+        """A vector of doubles (leaf values, running totals)."""
         return self.ir.Constant(self.vec, [self.ir.Constant(self.f64, value)] * LANES)
 
+    def bound(self, value: float) -> Any:
+        """A comparison constant in the columns' type, giving the double comparison's answers."""
+        if self.single:
+            value = float32_at_most(value)
+        return self.ir.Constant(self.column_vec, [self.ir.Constant(self.column_vec.element, value)] * LANES)
+
     def column(self, feature: int) -> Any:
-        """Feature `feature` of the LANES rows as doubles (float32 widens exactly)."""
+        """Feature `feature` of the LANES rows, in the input's type."""
         if feature not in self.columns:
             ir, b = self.ir, self.b
-            lanes = ir.Constant(self.vec, ir.Undefined)
+            lanes = ir.Constant(self.column_vec, ir.Undefined)
             for lane, offset in enumerate(self.offsets):
                 value = b.load(b.gep(self.x, [b.add(offset, ir.Constant(ir.IntType(64), feature))]))
-                if value.type != self.f64:
-                    value = b.fpext(value, self.f64)
                 lanes = b.insert_element(lanes, value, ir.Constant(ir.IntType(32), lane))
             self.columns[feature] = lanes
         return self.columns[feature]
@@ -357,7 +382,7 @@ class _VectorBlock:
         if node < 0 or not tree.split_feature:
             return self.splat(tree.leaf_value[~node if node < 0 else 0])
         split = Split(tree.split_feature[node], tree.threshold[node], tree.decision_type[node])
-        left = _goes_left(self.b, self.column(split.feature), split, self.splat)
+        left = _goes_left(self.b, self.column(split.feature), split, self.bound)
         return self.b.select(
             left, self.tree(tree, tree.left_child[node]), self.tree(tree, tree.right_child[node])
         )
@@ -366,8 +391,9 @@ class _VectorBlock:
 def forest_ir(trees: Sequence[Tree], n_features: int) -> str:
     """LLVM IR of `forest_f32(x, out, n)` and `forest_f64(x, out, n)`: raw scores of n row-major rows.
 
-    Branchless: every split of a tree is compared for LANES rows at once and the leaf is picked by a
-    nested select, so no branch is mispredicted and each instruction scores LANES rows. Tree outputs
+    Branchless: every split of a tree is compared for LANES rows at once (in float32 for float32
+    rows) and the leaf is picked by a nested select, so no branch is mispredicted and each
+    instruction scores LANES rows. Tree outputs
     are added in model order starting from 0.0, as LightGBM does, so scores are bit-identical.
     Trees are evaluated in blocks of about NODES_PER_BLOCK splits over all rows (the block's code
     stays in the instruction cache); `out` needs room for n rounded up to LANES.

@@ -19,6 +19,7 @@ from recsvc.ranker import (
     RankerLoadError,
     UnsupportedModelError,
     compile_forest,
+    float32_at_most,
     kernel_threshold,
     parse_forest,
     search_trials,
@@ -400,3 +401,20 @@ def test_model_with_transformed_output_is_not_compiled() -> None:
     booster = lgb.train(params, lgb.Dataset(x, (x[:, 0] > 0).astype(int)), num_boost_round=3)
     with pytest.raises(UnsupportedModelError, match="objective 'binary"):
         parse_forest(booster.model_to_string())
+
+
+def test_float32_comparison_against_rounded_down_threshold_matches_double_comparison() -> None:
+    rng = np.random.default_rng(27)
+    thresholds = np.concatenate(
+        [rng.normal(size=200), rng.normal(size=50) * 1e-36, [0.0, 1e300, -1e300, 3.4e38, -3.4e38, 0.1, -0.1]]
+    )
+    base = rng.normal(size=300).astype(np.float32)
+    for t in thresholds:
+        with np.errstate(over="ignore"):
+            near = np.float32(t)
+        x = np.concatenate(
+            [base, [near, np.nextafter(near, np.float32(np.inf)), np.nextafter(near, np.float32(-np.inf))]]
+        ).astype(np.float32)
+        x = np.concatenate([x, np.float32([np.inf, -np.inf, np.finfo(np.float32).max])])
+        bound = np.float32(float32_at_most(float(t)))
+        np.testing.assert_array_equal(x <= bound, x.astype(np.float64) <= t)
