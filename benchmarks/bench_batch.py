@@ -1,20 +1,26 @@
 """Batch candidate generation throughput vs per-user gRPC `Recommend`, same bundle, same run.
 
 Why: `recsvc-batch` exists because calling the online service once per user is too slow for
-nightly candidate sets. This measures both paths on the same trained bundle (H&M: 105k items):
+nightly candidate sets (issue 5: users/s at 100k items, target >= 5x per-user gRPC). Both paths
+run on the same trained bundle (H&M: 105k items), interleaved in `--rounds` rounds so a change
+in the machine's load hits both:
 
-1. `recsvc.batch.run_batch` (chunked `recommend_many`) over `--users` bundle users -> users/s;
-2. the real `recsvc-serve` in a child process on loopback, driven by the real client calling
-   `Recommend` once per user, sequentially and with `--concurrency` threads -> users/s;
-3. ratio batch / best gRPC (target >= 5x), and an equality check: the batch item lists must equal
-   the server's for every user called over gRPC.
+1. `recsvc.batch.run_batch` (chunked `recommend_many`) over `--users` bundle users, with one
+   process and with `--workers` forked worker processes (the CLI default: usable cores);
+2. the real `recsvc-serve` (server defaults; one child process on loopback, started once),
+   driven by the real client calling `Recommend` once per user, sequentially and with
+   `--concurrency` calls in flight (the server micro-batches those);
+3. ratio = batch (`--workers` processes) / best of the two gRPC figures, per round and pooled
+   (target >= 5x); also users per CPU-second of each path (batch: this process and its workers;
+   gRPC: the server process only), which the machine's other users disturb far less than wall
+   time; and an equality check: batch item lists must equal the server's for every gRPC user.
 
 The bundle comes from `benchmarks/bench_pipeline.py` (bench-out/pipeline/bundles) or `--bundle`.
 Without one, a synthetic bundle of `--synthetic-items` (default 100k) items is published to a
-temporary bundles root: REAL parts (FAISS HNSW index, production-sized LightGBM ranker, histories,
+temporary bundles root: REAL parts (FAISS index, production-sized LightGBM ranker, histories,
 stats, co-occurrence; built by bench_serve.synthetic_bundle) over random 384-d item embeddings,
-so the throughput figures hold at 100k items even before a model is trained. Numbers depend on
-the machine and its other users.
+so the throughput figures hold at 100k items even before a model is trained. Load averages are
+printed beside every figure; numbers depend on the machine and its other users.
 
     .venv/bin/python benchmarks/bench_batch.py [--bundle DIR] [--users 5000] [--grpc-users 500]
 """
@@ -26,12 +32,15 @@ import json
 import logging
 import os
 import random
+import resource
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,9 +51,9 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from recsvc import bundle as bundle_mod  # noqa: E402
-from recsvc.batch import run_batch  # noqa: E402
+from recsvc.batch import BatchSummary, run_batch, thread_budget, usable_cores  # noqa: E402
 from recsvc.client import RecsvcClient  # noqa: E402
-from recsvc.config import to_dict  # noqa: E402
+from recsvc.config import ServeConfig, to_dict  # noqa: E402
 from recsvc.recommender import Recommender, RecommendRequest  # noqa: E402
 
 DEFAULT_BUNDLE = REPO / "bench-out" / "pipeline" / "bundles"
@@ -61,7 +70,7 @@ def _free_port() -> int:
 class ServerProcess:
     """`python -m recsvc.server` on loopback in a child process (its own GIL and CPU share)."""
 
-    def __init__(self, bundles_root: Path, workdir: Path, workers: int) -> None:
+    def __init__(self, bundles_root: Path, workdir: Path, workers: int | None) -> None:
         self.port = _free_port()
         cmd = [
             sys.executable,
@@ -72,20 +81,21 @@ class ServerProcess:
             "--port",
             str(self.port),
         ]
-        cmd += [
-            "--metrics-port",
-            "0",
-            "--events-db",
-            str(workdir / "events.sqlite"),
-            "--workers",
-            str(workers),
-        ]
-        cmd += ["--log-level", "WARNING"]
+        cmd += ["--metrics-port", "0", "--events-db", str(workdir / "events.sqlite")]
+        cmd += ["--log-level", "WARNING"] + (["--workers", str(workers)] if workers else [])
         self.proc = subprocess.Popen(cmd, cwd=REPO)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU of the server process so far (all threads); None off Linux."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -96,25 +106,89 @@ class ServerProcess:
             self.proc.wait()
 
 
-def grpc_per_user(
-    target: str, users: list[str], k: int, concurrency: int
-) -> tuple[float, dict[str, list[str]]]:
-    """Seconds to call Recommend once per user with `concurrency` client threads, and the answers."""
+@dataclass(frozen=True)
+class Phase:
+    """One measured run: users/s wall, users per CPU-second, load average when it ended."""
+
+    name: str
+    users: int
+    seconds: float
+    cpu_seconds: float | None
+    load: float
+
+    @property
+    def users_per_s(self) -> float:
+        return self.users / self.seconds
+
+    @property
+    def users_per_cpu_s(self) -> float | None:
+        return self.users / self.cpu_seconds if self.cpu_seconds else None
+
+    def row(self) -> dict:
+        cpu = self.users_per_cpu_s
+        return {
+            "phase": self.name,
+            "users": self.users,
+            "seconds": round(self.seconds, 2),
+            "users_per_s": round(self.users_per_s, 1),
+            "users_per_cpu_s": round(cpu, 1) if cpu else None,
+            "load_1min": round(self.load, 2),
+        }
+
+
+def _own_and_children_cpu() -> float:
+    """CPU of this process plus its reaped children (run_batch joins its workers before returning)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def batch_phase(
+    recommender: Recommender, users: list[str], out: Path, args: argparse.Namespace, workers: int
+) -> tuple[Phase, BatchSummary]:
+    cpu = _own_and_children_cpu()
+    summary = run_batch(
+        recommender, users, out, k=args.k, chunk_size=args.chunk_size, workers=workers, progress=False
+    )
+    cpu = _own_and_children_cpu() - cpu
+    name = f"recsvc-batch x{workers} process{'es' if workers > 1 else ''}"
+    return Phase(name, summary.users, summary.seconds, cpu, os.getloadavg()[0]), summary
+
+
+def grpc_phase(
+    server: ServerProcess, users: list[str], k: int, concurrency: int
+) -> tuple[Phase, dict[str, list[str]]]:
+    """Recommend once per user with `concurrency` client threads; CPU counted is the server's only
+    (the client's is the caller's cost, so the baseline is, if anything, flattered)."""
     answers: dict[str, list[str]] = {}
-    clients = [RecsvcClient(target, timeout=30.0) for _ in range(concurrency)]
+    clients = [RecsvcClient(server.target, timeout=30.0) for _ in range(concurrency)]
 
     def work(i: int) -> None:
         client = clients[i]
         for user in users[i::concurrency]:
             answers[user] = [it.item_id for it in client.recommend(user, k).items]
 
+    cpu = server.cpu_seconds()
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(work, range(concurrency)))
     seconds = time.perf_counter() - start
+    cpu_after = server.cpu_seconds()
     for c in clients:
         c.close()
-    return seconds, answers
+    name = "gRPC sequential" if concurrency == 1 else f"gRPC {concurrency} in flight"
+    used = cpu_after - cpu if cpu is not None and cpu_after is not None else None
+    return Phase(name, len(users), seconds, used, os.getloadavg()[0]), answers
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,16 +196,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundles root or folder (default: %(default)s)"
     )
-    p.add_argument("--users", type=int, default=5_000, help="users in the batch run (default: %(default)s)")
+    p.add_argument("--users", type=int, default=5_000, help="users in each batch run (default: %(default)s)")
     p.add_argument(
-        "--grpc-users", type=int, default=500, help="users called over gRPC (default: %(default)s)"
+        "--grpc-users", type=int, default=500, help="users called over gRPC per run (default: %(default)s)"
     )
     p.add_argument("--k", type=int, default=100, help="candidates per user (default: %(default)s)")
-    p.add_argument("--chunk-size", type=int, default=1_024, help="batch chunk size (default: %(default)s)")
     p.add_argument(
-        "--workers", type=int, default=2, help="batch worker threads and server workers (default: 2)"
+        "--chunk-size",
+        type=int,
+        default=256,
+        help="batch chunk size (default: %(default)s; throughput is flat from 128 to 4096 users per chunk, "
+        "and with --users 5000 bigger chunks leave a worker idle on the last one)",
     )
-    p.add_argument("--concurrency", type=int, default=4, help="client threads in the concurrent gRPC run")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=usable_cores(),
+        help="batch worker processes (default: recsvc-batch's default, the usable cores: %(default)s)",
+    )
+    p.add_argument(
+        "--server-workers",
+        type=int,
+        default=None,
+        help=f"recsvc-serve compute threads (default: the server's own, {ServeConfig().workers})",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_int_list,
+        default=[4, 16],
+        help="comma-separated Recommend calls in flight, one concurrent gRPC run each; the server "
+        "micro-batches concurrent calls, so more in flight is a stronger baseline (default: 4,16)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=2, help="interleaved rounds of every phase (default: %(default)s)"
+    )
     p.add_argument(
         "--synthetic-items",
         type=int,
@@ -207,82 +305,154 @@ def measure(args: argparse.Namespace, bundle_dir: Path) -> int:
     rng = random.Random(args.seed)
     users = rng.sample(known, min(args.users, len(known)))
     grpc_users = users[: args.grpc_users]
+    batch_workers = sorted({1, args.workers})
+    load_start = os.getloadavg()
 
-    with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
-        work = Path(tmp)
-        summary = run_batch(
-            recommender,
-            users,
-            work / "candidates.parquet",
-            k=args.k,
-            chunk_size=args.chunk_size,
-            workers=args.workers,
-        )
-        batch = pl.read_parquet(work / "candidates.parquet")
-        batch_lists = {
-            u: items
-            for u, items in batch.sort(["user_id", "rank"])
-            .group_by("user_id", maintain_order=True)
-            .agg(pl.col("item_id"))
-            .iter_rows()
-        }
-        # In-process per-user loop: separates what batching buys from what gRPC costs.
-        t1 = time.perf_counter()
+    # In-process per-user loop: separates what batching buys from what gRPC costs. Single-threaded
+    # maths like the server (ServeConfig.compute_threads = 1) and the batch.
+    t1, c1 = time.perf_counter(), time.process_time()
+    with thread_budget():
         for user in grpc_users:
             recommender.recommend(RecommendRequest(user_id=user, k=args.k))
-        loop_users_per_s = len(grpc_users) / (time.perf_counter() - t1)
-        del recommender, bundle  # the server child needs the memory more than we do now
+    loop = Phase(
+        "recommend() loop, in-process",
+        len(grpc_users),
+        time.perf_counter() - t1,
+        time.process_time() - c1,
+        os.getloadavg()[0],
+    )
 
-        server = ServerProcess(root, work, args.workers)
+    rounds: list[list[Phase]] = []
+    mismatches: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
+        work = Path(tmp)
+        server = ServerProcess(root, work, args.server_workers)
         try:
             with RecsvcClient(server.target, timeout=10.0) as probe:
                 probe.wait_until_serving(timeout=600.0)
-                probe.recommend(grpc_users[0], args.k)  # warm the server path
-            seq_s, seq_answers = grpc_per_user(server.target, grpc_users, args.k, 1)
-            conc_s, conc_answers = grpc_per_user(server.target, grpc_users, args.k, args.concurrency)
+                for user in grpc_users[:20]:  # warm the server path
+                    probe.recommend(user, args.k)
+            for r in range(args.rounds):
+                phases = []
+                for workers in batch_workers:
+                    out = work / f"candidates-{r}-{workers}.parquet"
+                    phase, _ = batch_phase(recommender, users, out, args, workers)
+                    phases.append(phase)
+                seq, seq_answers = grpc_phase(server, grpc_users, args.k, 1)
+                phases.append(seq)
+                for concurrency in args.concurrency:
+                    conc, answers = grpc_phase(server, grpc_users, args.k, concurrency)
+                    phases.append(conc)
+                    mismatches |= {u for u in grpc_users if answers.get(u) != seq_answers.get(u)}
+                rounds.append(phases)
+                log.info(
+                    "round %d: %s", r + 1, ", ".join(f"{p.name} {p.users_per_s:.0f}/s" for p in rounds[-1])
+                )
         finally:
             server.stop()
+        batch = pl.read_parquet(work / f"candidates-{args.rounds - 1}-{args.workers}.parquet")
+        one_process = pl.read_parquet(work / f"candidates-{args.rounds - 1}-1.parquet")
+    batch_lists = {
+        u: items
+        for u, items in batch.sort(["user_id", "rank"])
+        .group_by("user_id", maintain_order=True)
+        .agg(pl.col("item_id"))
+        .iter_rows()
+    }
+    mismatches |= {u for u in grpc_users if seq_answers.get(u) != batch_lists.get(u, [])}
+    workers_equal = batch.equals(one_process)
+    return report(args, bundle_dir, n_items, loop, rounds, load_start, mismatches, workers_equal)
 
-    mismatches = [u for u in grpc_users if seq_answers.get(u) != batch_lists.get(u, [])]
-    mismatches += [u for u in grpc_users if conc_answers.get(u) != seq_answers.get(u)]
-    grpc_seq = len(grpc_users) / seq_s
-    grpc_conc = len(grpc_users) / conc_s
-    best_grpc = max(grpc_seq, grpc_conc)
-    ratio = summary.users_per_s / best_grpc
+
+def _pooled(phases: list[Phase]) -> Phase:
+    """All rounds of one phase as one run: total users / total seconds (and CPU)."""
+    cpu = [p.cpu_seconds for p in phases]
+    return Phase(
+        phases[0].name,
+        sum(p.users for p in phases),
+        sum(p.seconds for p in phases),
+        sum(c for c in cpu if c is not None) if all(c is not None for c in cpu) else None,
+        max(p.load for p in phases),
+    )
+
+
+def report(
+    args: argparse.Namespace,
+    bundle_dir: Path,
+    n_items: int,
+    loop: Phase,
+    rounds: list[list[Phase]],
+    load_start: tuple[float, float, float],
+    mismatches: set[str],
+    workers_equal: bool,
+) -> int:
+    """Print the table and the issue's ratios; write the JSON."""
+    n_batch = len(rounds[0]) - 1 - len(args.concurrency)  # batch phases first, then the gRPC ones
+
+    def ratio(phases: list[Phase]) -> float:
+        return phases[n_batch - 1].users_per_s / max(p.users_per_s for p in phases[n_batch:])
+
+    def cpu_ratio(phases: list[Phase]) -> float | None:
+        batch_cpu = phases[n_batch - 1].users_per_cpu_s
+        grpc_cpu = [p.users_per_cpu_s for p in phases[n_batch:]]
+        if batch_cpu is None or None in grpc_cpu:
+            return None
+        return batch_cpu / max(c for c in grpc_cpu if c is not None)
+
+    pooled = [_pooled([r[i] for r in rounds]) for i in range(len(rounds[0]))]
+    per_round = [ratio(r) for r in rounds]
+    pooled_ratio = ratio(pooled)
+    pooled_cpu_ratio = cpu_ratio(pooled)
+    print(
+        f"\nbatch vs per-user gRPC Recommend: {n_items} items, k={args.k}, {os.cpu_count()} CPU(s) "
+        f"({usable_cores()} usable), chunk {args.chunk_size}, {args.rounds} interleaved round(s)"
+    )
+    print(f"  load average at start: {' '.join(f'{x:.2f}' for x in load_start)}")
+    print(f"  {'phase':32s} {'users':>6s} {'users/s':>9s} {'users/CPU-s':>12s} {'load':>5s}")
+    for phase in [loop, *pooled]:
+        cpu = phase.users_per_cpu_s
+        print(
+            f"  {phase.name:32s} {phase.users:6d} {phase.users_per_s:9.1f} "
+            f"{(f'{cpu:.1f}' if cpu else '-'):>12s} {phase.load:5.2f}"
+        )
+    verdict = "meets" if pooled_ratio >= TARGET_RATIO else "MISSES"
+    print(
+        f"  ratio batch x{args.workers} / best gRPC = {pooled_ratio:.2f}x pooled "
+        f"(rounds: {', '.join(f'{r:.2f}x' for r in per_round)}; median {statistics.median(per_round):.2f}x) "
+        f"-> {verdict} the {TARGET_RATIO:g}x target"
+    )
+    if pooled_cpu_ratio is not None:
+        print(
+            f"  per CPU-second: batch x{args.workers} / best gRPC (server CPU only) = {pooled_cpu_ratio:.2f}x"
+        )
+    print(f"  batch answers equal gRPC answers for all {args.grpc_users} users: {not mismatches}")
+    print(f"  x{args.workers} processes output equals x1 process output: {workers_equal}")
     result = {
         "bundle": str(bundle_dir),
         "items": n_items,
         "k": args.k,
         "cpu_count": os.cpu_count(),
-        "batch_users": summary.users,
+        "usable_cores": usable_cores(),
         "batch_workers": args.workers,
         "batch_chunk_size": args.chunk_size,
-        "batch_seconds": round(summary.seconds, 2),
-        "batch_users_per_s": round(summary.users_per_s, 1),
-        "inprocess_recommend_users_per_s": round(loop_users_per_s, 1),
-        "grpc_users": len(grpc_users),
-        "grpc_sequential_users_per_s": round(grpc_seq, 1),
-        "grpc_concurrent_users_per_s": round(grpc_conc, 1),
-        "grpc_concurrency": args.concurrency,
-        "ratio_batch_vs_best_grpc": round(ratio, 2),
+        "grpc_concurrency": [1, *args.concurrency],
+        "rounds": args.rounds,
+        "load_average_start": list(load_start),
+        "inprocess_loop": loop.row(),
+        "pooled": [p.row() for p in pooled],
+        "per_round": [[p.row() for p in r] for r in rounds],
+        "ratio_batch_vs_best_grpc": round(pooled_ratio, 2),
+        "ratio_per_round": [round(r, 2) for r in per_round],
+        "ratio_per_cpu_second": round(pooled_cpu_ratio, 2) if pooled_cpu_ratio is not None else None,
         "target_ratio": TARGET_RATIO,
         "answers_equal": not mismatches,
-        "mismatched_users": len(set(mismatches)),
+        "mismatched_users": len(mismatches),
+        "workers_output_equal": workers_equal,
     }
-    print(f"\nbatch vs per-user gRPC Recommend, {n_items} items, k={args.k}, {os.cpu_count()} CPU(s)")
-    print(f"  recsvc-batch     {summary.users:6d} users  {summary.users_per_s:9.1f} users/s")
-    print(
-        f"  recommend() loop {len(grpc_users):6d} users  {loop_users_per_s:9.1f} users/s  (in-process, no gRPC)"
-    )
-    print(f"  gRPC sequential  {len(grpc_users):6d} users  {grpc_seq:9.1f} users/s")
-    print(f"  gRPC x{args.concurrency:<2d}        {len(grpc_users):6d} users  {grpc_conc:9.1f} users/s")
-    verdict = "meets" if ratio >= TARGET_RATIO else "MISSES"
-    print(f"  ratio batch / best gRPC = {ratio:.2f}x ({verdict} the {TARGET_RATIO:g}x target)")
-    print(f"  batch answers equal gRPC answers for all {len(grpc_users)} users: {not mismatches}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"  wrote {args.out}")
-    return 0 if not mismatches else 1
+    return 0 if not mismatches and workers_equal else 1
 
 
 if __name__ == "__main__":
