@@ -569,7 +569,7 @@ def compile_forest(model_text: str, cache_dir: Path | None) -> CompiledForest:
 class FastPath:
     """A compiled predictor plus how it was checked; `model` is None when stock predict is used."""
 
-    model: Any = None
+    model: CompiledForest | None = None
     max_abs_diff: float | None = None
     compile_seconds: float | None = None
     reason: str = ""
