@@ -425,6 +425,12 @@ def report(
         print(
             f"  per CPU-second: batch x{args.workers} / best gRPC (server CPU only) = {pooled_cpu_ratio:.2f}x"
         )
+    batch_pooled = pooled[n_batch - 1]
+    by_mode = {p.name: batch_pooled.users_per_s / p.users_per_s for p in pooled[n_batch:]}
+    print(
+        f"  batch x{args.workers} / each gRPC mode: "
+        + ", ".join(f"{name} {r:.2f}x" for name, r in by_mode.items())
+    )
     print(f"  batch answers equal gRPC answers for all {args.grpc_users} users: {not mismatches}")
     print(f"  x{args.workers} processes output equals x1 process output: {workers_equal}")
     result = {
@@ -443,6 +449,7 @@ def report(
         "per_round": [[p.row() for p in r] for r in rounds],
         "ratio_batch_vs_best_grpc": round(pooled_ratio, 2),
         "ratio_per_round": [round(r, 2) for r in per_round],
+        "ratio_per_grpc_mode": {name: round(r, 2) for name, r in by_mode.items()},
         "ratio_per_cpu_second": round(pooled_cpu_ratio, 2) if pooled_cpu_ratio is not None else None,
         "target_ratio": TARGET_RATIO,
         "answers_equal": not mismatches,
