@@ -72,7 +72,7 @@ def train_small_ranker(
 ) -> Any:
     """A real `recsvc.ranker.Ranker` (small LightGBM lambdarank).
 
-    `fast_path=False` serves with stock `Booster.predict` so tests skip the lleaves compile; the
+    `fast_path=False` serves with stock `Booster.predict` so tests skip the native compile; the
     Ranker's own tests cover that the fast path gives the same scores.
     """
     from recsvc.config import RankerConfig

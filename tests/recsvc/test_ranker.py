@@ -74,7 +74,7 @@ def trained() -> Ranker:
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("lleaves-cache")
+    return tmp_path_factory.mktemp("ranker-cache")
 
 
 def test_ranker_learns_the_informative_feature(trained: Ranker) -> None:
