@@ -97,6 +97,20 @@ class ServerProcess:
             return None
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def wait_until_serving(self, timeout: float) -> None:
+        """Health SERVING, or a clear error as soon as the server process has died."""
+        deadline = time.monotonic() + timeout
+        with RecsvcClient(self.target, timeout=10.0) as probe:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"recsvc-serve exited with code {self.proc.returncode} before serving")
+                try:
+                    probe.wait_until_serving(timeout=2.0)
+                    return
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -328,8 +342,8 @@ def measure(args: argparse.Namespace, bundle_dir: Path) -> int:
         work = Path(tmp)
         server = ServerProcess(root, work, args.server_workers)
         try:
+            server.wait_until_serving(timeout=600.0)
             with RecsvcClient(server.target, timeout=10.0) as probe:
-                probe.wait_until_serving(timeout=600.0)
                 for user in grpc_users[:20]:  # warm the server path
                     probe.recommend(user, args.k)
             for r in range(args.rounds):
