@@ -16,8 +16,10 @@ Scaling out:
   Workers take whole chunks from one queue and send their rows back; the parent writes the same
   numbered parts a single process would, so the output is identical for any N and a job killed
   with one N resumes with another. Workers run single-threaded BLAS and FAISS and never touch
-  polars (forked OpenMP and polars thread pools hang; parallelism comes from the processes). `--chunk-size` bounds each worker's memory: throughput is flat from 128 to
-  4096 users per chunk on the 100k-item benchmark bundle.
+  polars (forked OpenMP and polars thread pools hang; parallelism comes from the processes).
+  `--chunk-size` bounds each worker's memory; throughput is flat from 128 to 4096 users per
+  chunk on the 100k-item benchmark bundle. Shards and workers compose: a shard's chunks are split
+  among that job's workers.
 - many machines or processes: run one job per shard with `--shard i/n` (i = 0..n-1) and its own
   `--out`; shards are a stable hash of user_id, so they partition the users exactly once and a
   failed shard can be re-run alone (it resumes from its parts). Concatenate the n outputs (or
@@ -395,7 +397,7 @@ def _chunk_runner(
     """(chunk index, rows) for each finished chunk, ranked here or by `processes` forked workers.
 
     Leaving the block early (an error, Ctrl-C, a callback that raises) terminates the workers at
-    once; parts they already renamed into place stay and are reused on resume.
+    once; parts already written stay and are reused on resume.
     """
     if processes <= 1:
         with thread_budget():
