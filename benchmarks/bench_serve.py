@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import functools
 import json
 import logging
 import os
+import pstats
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -161,19 +167,82 @@ def run_server_child(args: argparse.Namespace) -> int:
         workers=args.workers,
         max_batch=args.max_batch,
         batch_dispatchers=args.batch_dispatchers,
+        **({} if args.switch_interval_ms is None else {"switch_interval_ms": args.switch_interval_ms}),
         max_in_flight=max(64, args.concurrency * 4),
         reload_poll_s=3600,
     )
 
+    profiles = ThreadProfiles() if args.profile else None
+
     async def serve() -> None:
         server = RecsvcServer(config, loader=loader)
+        if profiles is not None:
+            server.executor = ProfilingExecutor(profiles, config.workers)
         await server.start()
         print(f"READY {server.port}", flush=True)
-        await asyncio.to_thread(sys.stdin.read)  # parent closes stdin to stop us
-        await server.stop(grace=1.0)
+        # Control lines from the parent: PROFILE-ON before the Recommend phases (after Echo),
+        # SWITCH <ms> for the interleaved switch-interval comparison; EOF stops the server.
+        while line := await asyncio.to_thread(sys.stdin.readline):
+            command, *rest = line.split() or [""]
+            if command == "PROFILE-ON" and profiles is not None:
+                profiles.start()
+            elif command == "SWITCH":
+                sys.setswitchinterval(float(rest[0]) / 1000.0)
+        await server.stop(grace=1.0)  # joins the worker threads, so their profiles are complete
+        if profiles is not None:
+            profiles.dump(Path(args.profile) / f"server-{args.items}.pstats")
 
     asyncio.run(serve())
     return 0
+
+
+class ThreadProfiles:
+    """CPU-time cProfile of every server thread (cProfile only sees the thread that enabled it)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self._profiles: list[cProfile.Profile] = []
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def start(self) -> None:
+        """Profile the calling (event loop) thread; worker threads join on their next task."""
+        self.active = True
+        self.enable_here()
+
+    def enable_here(self) -> None:
+        if getattr(self._local, "profile", None) is not None:
+            return
+        profile = cProfile.Profile(time.thread_time)  # CPU time: the box is shared
+        self._local.profile = profile
+        with self._lock:
+            self._profiles.append(profile)
+        profile.enable()
+
+    def dump(self, path: Path) -> None:
+        """All threads' stats merged into one pstats file (call after the worker threads ended)."""
+        with self._lock:
+            profiles = list(self._profiles)
+        if not profiles:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pstats.Stats(*profiles).dump_stats(str(path))
+
+
+class ProfilingExecutor(ThreadPoolExecutor):
+    """The server's worker pool, each thread profiled from its first task after PROFILE-ON."""
+
+    def __init__(self, profiles: ThreadProfiles, workers: int) -> None:
+        super().__init__(max_workers=workers, thread_name_prefix="recsvc-worker")
+        self._profiles = profiles
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return super().submit(self._profiled, fn, *args, **kwargs)
+
+    def _profiled(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._profiles.active:
+            self._profiles.enable_here()
+        return fn(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- client side
@@ -266,7 +335,10 @@ async def open_loop(
     return phase
 
 
-async def drive(port: int, args: argparse.Namespace, with_echo: bool) -> dict[str, Phase]:
+async def drive(
+    port: int, args: argparse.Namespace, with_echo: bool, control: Callable[[str], None] | None = None
+) -> dict[str, Phase]:
+    """Echo, Recommend saturated, Recommend at half that rate; then the optional A/B rounds."""
     import grpc
 
     from recsvc.v1 import recommender_pb2_grpc as pb_grpc
@@ -281,6 +353,8 @@ async def drive(port: int, args: argparse.Namespace, with_echo: bool) -> dict[st
             out["echo"] = await closed_loop(
                 stub.Echo, reqs, args.concurrency, args.seconds, args.max_requests, "echo"
             )
+        if control is not None:
+            control("PROFILE-ON")
         rec = await closed_loop(
             stub.Recommend, reqs, args.concurrency, args.seconds, args.max_requests, "recommend"
         )
@@ -289,6 +363,44 @@ async def drive(port: int, args: argparse.Namespace, with_echo: bool) -> dict[st
         out["half_load"] = await open_loop(
             stub.Recommend, reqs, rate, args.seconds, args.max_requests, "half-load"
         )
+        if args.ab_switch_ms is not None and control is not None:
+            out |= await switch_rounds(stub, reqs, rate, args, control)
+    return out
+
+
+async def switch_rounds(
+    stub: Any, reqs: list[Any], rate: float, args: argparse.Namespace, control: Callable[[str], None]
+) -> dict[str, Phase]:
+    """The configured GIL switch interval vs `--ab-switch-ms`, alternated in the same server.
+
+    Rounds interleave the two settings (A B A B ...) so the machine's other load hits both alike;
+    each round runs a saturated phase and an open-loop phase at the same offered rate (half the
+    main phase's maximum), pooled per setting.
+    """
+    from recsvc.config import ServeConfig
+
+    settings = {
+        "A": args.switch_interval_ms
+        if args.switch_interval_ms is not None
+        else ServeConfig().switch_interval_ms,
+        "B": args.ab_switch_ms,
+    }
+    out: dict[str, Phase] = {}
+    seconds = max(args.seconds / 2.0, 1.0)
+    for _ in range(args.ab_rounds):
+        for name, ms in settings.items():
+            control(f"SWITCH {ms}")
+            await asyncio.sleep(0.1)
+            sat = await closed_loop(stub.Recommend, reqs, args.concurrency, seconds, args.max_requests, name)
+            half = await open_loop(stub.Recommend, reqs, rate, seconds, args.max_requests, name)
+            pooled_sat = out.setdefault(f"ab_{name}_saturated", Phase(f"switch {ms} ms saturated"))
+            pooled_half = out.setdefault(f"ab_{name}_half", Phase(f"switch {ms} ms half load"))
+            for pooled, phase in ((pooled_sat, sat), (pooled_half, half)):
+                pooled.completed += phase.completed
+                pooled.errors += phase.errors
+                pooled.seconds += phase.seconds
+                pooled.latencies_ms += phase.latencies_ms
+    control(f"SWITCH {settings['A']}")
     return out
 
 
@@ -304,9 +416,11 @@ def start_child(n_items: int, args: argparse.Namespace, workdir: Path) -> tuple[
         "--workers", str(args.workers),
         "--max-batch", str(args.max_batch),
         "--batch-dispatchers", str(args.batch_dispatchers),
+        *([] if args.switch_interval_ms is None else ["--switch-interval-ms", str(args.switch_interval_ms)]),
         "--concurrency", str(args.concurrency),
         "--seed", str(args.seed),
         "--workdir", str(workdir),
+        *(["--profile", str(Path(args.profile).resolve())] if args.profile else []),
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert proc.stdout is not None
@@ -319,6 +433,22 @@ def start_child(n_items: int, args: argparse.Namespace, workdir: Path) -> tuple[
             return proc, int(line.split()[1])
     proc.kill()
     raise TimeoutError(f"server for {n_items} items not ready after {args.build_timeout} s")
+
+
+def send_control(proc: subprocess.Popen[str], line: str) -> None:
+    """One control line to the server child (PROFILE-ON is ignored without --profile)."""
+    if proc.stdin is not None:
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+
+
+def print_profile(path: Path, lines: int) -> None:
+    """Top functions by own CPU time in the server child (all threads)."""
+    if not path.exists():
+        log.warning("no profile written at %s", path)
+        return
+    print(f"\nserver CPU profile {path} (top {lines} by own time; cumulative in the 4th column):")
+    pstats.Stats(str(path)).sort_stats("tottime").print_stats(lines)
 
 
 def stop_child(proc: subprocess.Popen[str]) -> None:
@@ -356,6 +486,24 @@ def summarise(n_items: int, echo: Phase, phases: dict[str, Phase]) -> dict[str, 
         "errors": rec.errors + half.errors,
         "load_average_1m": round(os.getloadavg()[0], 2),  # other users of the machine at the time
         "stages_at_half_load": stage_table(half),
+        **switch_summary(phases),
+    }
+
+
+def switch_summary(phases: dict[str, Phase]) -> dict[str, Any]:
+    """rps saturated and p99 at half load for each switch interval of the A/B rounds."""
+    if "ab_A_half" not in phases:
+        return {}
+    return {
+        "switch_ab": {
+            name: {
+                "setting": phases[f"ab_{name}_half"].name,
+                "saturated_rps": round(phases[f"ab_{name}_saturated"].rps, 1),
+                "half_load_p50_ms": round(phases[f"ab_{name}_half"].pct(50), 2),
+                "half_load_p99_ms": round(phases[f"ab_{name}_half"].pct(99), 2),
+            }
+            for name in ("A", "B")
+        }
     }
 
 
@@ -363,7 +511,8 @@ def print_report(echo: Phase, rows: list[dict[str, Any]], args: argparse.Namespa
     print(
         f"\nserving benchmark: loopback, {args.concurrency} in flight, k={args.k}, {args.candidates} candidates, "
         f"dim={args.dim}, {args.workers} workers, max_batch={args.max_batch}, "
-        f"dispatchers={args.batch_dispatchers}, cpus={os.cpu_count()}, "
+        f"dispatchers={args.batch_dispatchers}, switch interval={args.switch_interval_ms or 'default'} ms, "
+        f"cpus={os.cpu_count()}, "
         f"load average {os.getloadavg()[0]:.1f} (shared machine: numbers are indicative)"
     )
     print(
@@ -381,6 +530,16 @@ def print_report(echo: Phase, rows: list[dict[str, Any]], args: argparse.Namespa
     for r in rows:
         stages = ", ".join(f"{s} {v['mean_ms']:.2f}" for s, v in r["stages_at_half_load"].items())
         print(f"  stages (mean ms) @ {r['items']} items: {stages}")
+    for r in rows:
+        if "switch_ab" in r:
+            a, b = r["switch_ab"]["A"], r["switch_ab"]["B"]
+            print(
+                f"  interleaved @ {r['items']} items: {a['setting'].replace(' half load', '')}: "
+                f"{a['saturated_rps']:.0f} rps, p99@half {a['half_load_p99_ms']:.2f} ms | "
+                f"{b['setting'].replace(' half load', '')}: {b['saturated_rps']:.0f} rps, "
+                f"p99@half {b['half_load_p99_ms']:.2f} ms | rps ratio B/A "
+                f"{b['saturated_rps'] / max(a['saturated_rps'], 1e-9):.2f}"
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -420,11 +579,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="ServeConfig.batch_dispatchers: micro-batches computed at once (default 1)",
     )
+    p.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="ServeConfig.switch_interval_ms: the server's GIL switch interval (default: ServeConfig's)",
+    )
+    p.add_argument(
+        "--ab-switch-ms",
+        type=float,
+        default=None,
+        help="also compare this GIL switch interval with the configured one, interleaved in the same "
+        "server (saturated rps and p99 at the same half-load rate)",
+    )
+    p.add_argument("--ab-rounds", type=int, default=3, help="A/B rounds per setting (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
         "--build-timeout", type=float, default=900.0, help="seconds allowed to build one catalogue"
     )
     p.add_argument("--out", default="bench-out/serve.json", help="where to write the JSON results")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="cProfile the server's threads (CPU time) during the Recommend phases; "
+        "writes DIR/server-<items>.pstats and prints the top lines",
+    )
+    p.add_argument(
+        "--profile-lines", type=int, default=25, help="profile lines printed per size (default 25)"
+    )
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--items", type=int, help=argparse.SUPPRESS)
@@ -448,7 +630,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 # Echo against every server, just before its Recommend phase: on a shared machine the
                 # load changes between sizes, so each ratio compares two adjacent measurements.
-                phases = asyncio.run(drive(port, args, with_echo=True))
+                phases = asyncio.run(
+                    drive(port, args, with_echo=True, control=functools.partial(send_control, proc))
+                )
             finally:
                 stop_child(proc)
         echo = phases["echo"] if echo is None else echo
@@ -459,6 +643,9 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps({k: v for k, v in rows[-1].items() if k != "stages_at_half_load"}),
         )
     assert echo is not None
+    if args.profile:
+        for n_items in args.sizes:
+            print_profile(Path(args.profile) / f"server-{n_items}.pstats", args.profile_lines)
     print_report(echo, rows, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
