@@ -143,6 +143,8 @@ def _check(cfg: ServeConfig) -> None:
             raise ConfigError(f"ServeConfig.{name} must be >= 1, got {getattr(cfg, name)}")
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"ServeConfig.port must be 0..65535, got {cfg.port}")
+    if cfg.batch_linger_ms < 0:
+        raise ConfigError(f"ServeConfig.batch_linger_ms must be >= 0, got {cfg.batch_linger_ms}")
     if cfg.switch_interval_ms < 0:
         raise ConfigError(f"ServeConfig.switch_interval_ms must be >= 0, got {cfg.switch_interval_ms}")
     if cfg.reload_poll_s <= 0:

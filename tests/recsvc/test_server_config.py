@@ -119,3 +119,8 @@ def test_switch_interval_is_set_in_milliseconds_and_zero_leaves_it() -> None:
         assert sys.getswitchinterval() == pytest.approx(0.002)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_negative_batch_linger_is_a_config_error_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match="batch_linger_ms"):
+        load_config(None, env={"RECSVC_BATCH_LINGER_MS": "-0.5"})
