@@ -168,6 +168,7 @@ def run_server_child(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         batch_dispatchers=args.batch_dispatchers,
         **({} if args.switch_interval_ms is None else {"switch_interval_ms": args.switch_interval_ms}),
+        **({} if args.batch_linger_ms is None else {"batch_linger_ms": args.batch_linger_ms}),
         max_in_flight=max(64, args.concurrency * 4),
         reload_poll_s=3600,
     )
@@ -186,14 +187,40 @@ def run_server_child(args: argparse.Namespace) -> int:
             command, *rest = line.split() or [""]
             if command == "PROFILE-ON" and profiles is not None:
                 profiles.start()
-            elif command == "SWITCH":
-                sys.setswitchinterval(float(rest[0]) / 1000.0)
+            elif command == "SET":
+                apply_setting(server, rest[0], float(rest[1]))
+            elif command == "STATS":
+                print(f"STATS {server_stats(server)}", flush=True)
         await server.stop(grace=1.0)  # joins the worker threads, so their profiles are complete
         if profiles is not None:
             profiles.dump(Path(args.profile) / f"server-{args.items}.pstats")
 
     asyncio.run(serve())
     return 0
+
+
+AB_SETTINGS = ("switch_interval_ms", "batch_linger_ms")
+
+
+def apply_setting(server: Any, name: str, value: float) -> None:
+    """Change one A/B-able ServeConfig setting of a running server (--ab-setting)."""
+    if name == "switch_interval_ms":
+        sys.setswitchinterval(value / 1000.0 if value > 0 else 0.005)
+    elif name == "batch_linger_ms":
+        batcher = server.servicer._batcher
+        if batcher is not None:
+            batcher.linger_s = value / 1000.0
+    else:
+        raise ValueError(f"unknown setting {name!r}; known: {', '.join(AB_SETTINGS)}")
+
+
+def server_stats(server: Any) -> str:
+    """'<process CPU s> <batches> <batched requests>': CPU per request and batch size, which a
+    shared machine's load disturbs far less than rps and latency."""
+    registry = server.metrics.registry
+    batches = registry.get_sample_value("recsvc_batch_size_count") or 0.0
+    batched = registry.get_sample_value("recsvc_batch_size_sum") or 0.0
+    return f"{time.process_time():.6f} {batches:.0f} {batched:.0f}"
 
 
 class ThreadProfiles:
@@ -256,6 +283,28 @@ class Phase:
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     stage_ms: dict[str, list[float]] = field(default_factory=dict)
+
+    server_cpu_s: float = 0.0  # server process CPU over the phase (with a stats probe)
+    batches: float = 0.0
+    batched: float = 0.0  # requests answered by those batches
+
+    def absorb(self, other: Phase) -> None:
+        """Pool another phase's counts and latencies into this one."""
+        self.completed += other.completed
+        self.errors += other.errors
+        self.seconds += other.seconds
+        self.latencies_ms += other.latencies_ms
+        self.server_cpu_s += other.server_cpu_s
+        self.batches += other.batches
+        self.batched += other.batched
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return self.server_cpu_s * 1000.0 / self.completed if self.completed else float("nan")
+
+    @property
+    def mean_batch(self) -> float:
+        return self.batched / self.batches if self.batches else float("nan")
 
     @property
     def rps(self) -> float:
@@ -336,9 +385,16 @@ async def open_loop(
 
 
 async def drive(
-    port: int, args: argparse.Namespace, with_echo: bool, control: Callable[[str], None] | None = None
+    port: int,
+    args: argparse.Namespace,
+    with_echo: bool,
+    control: Callable[[str], None] | None = None,
+    stats: Callable[[], tuple[float, float, float]] | None = None,
 ) -> dict[str, Phase]:
-    """Echo, Recommend saturated, Recommend at half that rate; then the optional A/B rounds."""
+    """Echo, Recommend saturated, Recommend at half that rate; then the optional A/B rounds.
+
+    `stats` reads the server's (CPU seconds, batches, batched requests) around each Recommend phase.
+    """
     import grpc
 
     from recsvc.v1 import recommender_pb2_grpc as pb_grpc
@@ -355,52 +411,59 @@ async def drive(
             )
         if control is not None:
             control("PROFILE-ON")
-        rec = await closed_loop(
-            stub.Recommend, reqs, args.concurrency, args.seconds, args.max_requests, "recommend"
+        rec = await measured(
+            closed_loop(stub.Recommend, reqs, args.concurrency, args.seconds, args.max_requests, "recommend"),
+            stats,
         )
         out["recommend"] = rec
         rate = max(rec.rps / 2.0, 1.0)
-        out["half_load"] = await open_loop(
-            stub.Recommend, reqs, rate, args.seconds, args.max_requests, "half-load"
+        out["half_load"] = await measured(
+            open_loop(stub.Recommend, reqs, rate, args.seconds, args.max_requests, "half-load"), stats
         )
-        if args.ab_switch_ms is not None and control is not None:
-            out |= await switch_rounds(stub, reqs, rate, args, control)
+        if args.ab_setting is not None and control is not None:
+            out |= await ab_rounds(stub, reqs, rate, args, control, stats)
     return out
 
 
-async def switch_rounds(
-    stub: Any, reqs: list[Any], rate: float, args: argparse.Namespace, control: Callable[[str], None]
+async def measured(run: Any, stats: Callable[[], tuple[float, float, float]] | None) -> Phase:
+    """Run a phase and record the server's CPU and batches spent on it."""
+    before = await asyncio.to_thread(stats) if stats is not None else None
+    phase: Phase = await run
+    if before is not None and stats is not None:
+        after = await asyncio.to_thread(stats)
+        phase.server_cpu_s, phase.batches, phase.batched = (a - b for a, b in zip(after, before))
+    return phase
+
+
+async def ab_rounds(
+    stub: Any,
+    reqs: list[Any],
+    rate: float,
+    args: argparse.Namespace,
+    control: Callable[[str], None],
+    stats: Callable[[], tuple[float, float, float]] | None,
 ) -> dict[str, Phase]:
-    """The configured GIL switch interval vs `--ab-switch-ms`, alternated in the same server.
+    """`--ab-setting` at its two `--ab-values`, alternated in the same server (A B A B ...).
 
-    Rounds interleave the two settings (A B A B ...) so the machine's other load hits both alike;
-    each round runs a saturated phase and an open-loop phase at the same offered rate (half the
-    main phase's maximum), pooled per setting.
+    Interleaving makes the machine's other load hit both alike; each round runs a saturated phase
+    and an open-loop phase at the same offered rate (half the main phase's maximum), pooled per value.
     """
-    from recsvc.config import ServeConfig
-
-    settings = {
-        "A": args.switch_interval_ms
-        if args.switch_interval_ms is not None
-        else ServeConfig().switch_interval_ms,
-        "B": args.ab_switch_ms,
-    }
     out: dict[str, Phase] = {}
     seconds = max(args.seconds / 2.0, 1.0)
     for _ in range(args.ab_rounds):
-        for name, ms in settings.items():
-            control(f"SWITCH {ms}")
+        for name, value in zip("AB", args.ab_values):
+            control(f"SET {args.ab_setting} {value}")
             await asyncio.sleep(0.1)
-            sat = await closed_loop(stub.Recommend, reqs, args.concurrency, seconds, args.max_requests, name)
-            half = await open_loop(stub.Recommend, reqs, rate, seconds, args.max_requests, name)
-            pooled_sat = out.setdefault(f"ab_{name}_saturated", Phase(f"switch {ms} ms saturated"))
-            pooled_half = out.setdefault(f"ab_{name}_half", Phase(f"switch {ms} ms half load"))
-            for pooled, phase in ((pooled_sat, sat), (pooled_half, half)):
-                pooled.completed += phase.completed
-                pooled.errors += phase.errors
-                pooled.seconds += phase.seconds
-                pooled.latencies_ms += phase.latencies_ms
-    control(f"SWITCH {settings['A']}")
+            label = f"{args.ab_setting}={value:g}"
+            sat = await measured(
+                closed_loop(stub.Recommend, reqs, args.concurrency, seconds, args.max_requests, label), stats
+            )
+            half = await measured(
+                open_loop(stub.Recommend, reqs, rate, seconds, args.max_requests, label), stats
+            )
+            for kind, phase in (("saturated", sat), ("half", half)):
+                pooled = out.setdefault(f"ab_{name}_{kind}", Phase(label))
+                pooled.absorb(phase)
     return out
 
 
@@ -417,6 +480,7 @@ def start_child(n_items: int, args: argparse.Namespace, workdir: Path) -> tuple[
         "--max-batch", str(args.max_batch),
         "--batch-dispatchers", str(args.batch_dispatchers),
         *([] if args.switch_interval_ms is None else ["--switch-interval-ms", str(args.switch_interval_ms)]),
+        *([] if args.batch_linger_ms is None else ["--batch-linger-ms", str(args.batch_linger_ms)]),
         "--concurrency", str(args.concurrency),
         "--seed", str(args.seed),
         "--workdir", str(workdir),
@@ -433,6 +497,19 @@ def start_child(n_items: int, args: argparse.Namespace, workdir: Path) -> tuple[
             return proc, int(line.split()[1])
     proc.kill()
     raise TimeoutError(f"server for {n_items} items not ready after {args.build_timeout} s")
+
+
+def read_stats(proc: subprocess.Popen[str]) -> tuple[float, float, float]:
+    """The child's (CPU seconds, batches, batched requests) (see `server_stats`)."""
+    send_control(proc, "STATS")
+    assert proc.stdout is not None
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("server child exited while asked for its stats")
+        if line.startswith("STATS "):
+            cpu, batches, batched = (float(x) for x in line.split()[1:])
+            return cpu, batches, batched
 
 
 def send_control(proc: subprocess.Popen[str], line: str) -> None:
@@ -486,19 +563,24 @@ def summarise(n_items: int, echo: Phase, phases: dict[str, Phase]) -> dict[str, 
         "errors": rec.errors + half.errors,
         "load_average_1m": round(os.getloadavg()[0], 2),  # other users of the machine at the time
         "stages_at_half_load": stage_table(half),
-        **switch_summary(phases),
+        "saturated_server_cpu_ms_per_request": round(rec.cpu_ms_per_request, 3),
+        "saturated_mean_batch": round(rec.mean_batch, 2),
+        "half_load_server_cpu_ms_per_request": round(half.cpu_ms_per_request, 3),
+        **ab_summary(phases),
     }
 
 
-def switch_summary(phases: dict[str, Phase]) -> dict[str, Any]:
-    """rps saturated and p99 at half load for each switch interval of the A/B rounds."""
+def ab_summary(phases: dict[str, Phase]) -> dict[str, Any]:
+    """Per A/B value: saturated rps, server CPU per request and batch size; p50/p99 at half load."""
     if "ab_A_half" not in phases:
         return {}
     return {
-        "switch_ab": {
+        "ab": {
             name: {
                 "setting": phases[f"ab_{name}_half"].name,
                 "saturated_rps": round(phases[f"ab_{name}_saturated"].rps, 1),
+                "saturated_cpu_ms_per_request": round(phases[f"ab_{name}_saturated"].cpu_ms_per_request, 3),
+                "saturated_mean_batch": round(phases[f"ab_{name}_saturated"].mean_batch, 2),
                 "half_load_p50_ms": round(phases[f"ab_{name}_half"].pct(50), 2),
                 "half_load_p99_ms": round(phases[f"ab_{name}_half"].pct(99), 2),
             }
@@ -531,15 +613,23 @@ def print_report(echo: Phase, rows: list[dict[str, Any]], args: argparse.Namespa
         stages = ", ".join(f"{s} {v['mean_ms']:.2f}" for s, v in r["stages_at_half_load"].items())
         print(f"  stages (mean ms) @ {r['items']} items: {stages}")
     for r in rows:
-        if "switch_ab" in r:
-            a, b = r["switch_ab"]["A"], r["switch_ab"]["B"]
+        print(
+            f"  server CPU per Recommend @ {r['items']} items: saturated "
+            f"{r['saturated_server_cpu_ms_per_request']:.3f} ms (mean batch {r['saturated_mean_batch']:.2f}), "
+            f"half load {r['half_load_server_cpu_ms_per_request']:.3f} ms"
+        )
+    for r in rows:
+        if "ab" in r:
+            a, b = r["ab"]["A"], r["ab"]["B"]
             print(
-                f"  interleaved @ {r['items']} items: {a['setting'].replace(' half load', '')}: "
-                f"{a['saturated_rps']:.0f} rps, p99@half {a['half_load_p99_ms']:.2f} ms | "
-                f"{b['setting'].replace(' half load', '')}: {b['saturated_rps']:.0f} rps, "
-                f"p99@half {b['half_load_p99_ms']:.2f} ms | rps ratio B/A "
-                f"{b['saturated_rps'] / max(a['saturated_rps'], 1e-9):.2f}"
+                f"  interleaved A/B @ {r['items']} items (B/A rps {b['saturated_rps'] / max(a['saturated_rps'], 1e-9):.2f}):"
             )
+            for v in (a, b):
+                print(
+                    f"    {v['setting']:>24}: {v['saturated_rps']:6.0f} rps, {v['saturated_cpu_ms_per_request']:.3f} ms "
+                    f"CPU/request, batch {v['saturated_mean_batch']:.2f}; half load p50 {v['half_load_p50_ms']:.2f} "
+                    f"ms p99 {v['half_load_p99_ms']:.2f} ms"
+                )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -586,13 +676,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="ServeConfig.switch_interval_ms: the server's GIL switch interval (default: ServeConfig's)",
     )
     p.add_argument(
-        "--ab-switch-ms",
+        "--ab-setting",
+        choices=AB_SETTINGS,
+        help="after the main phases, compare two values of this ServeConfig setting interleaved in the "
+        "same server (saturated rps, server CPU per request, batch size, p99 at the same half-load rate)",
+    )
+    p.add_argument(
+        "--ab-values", type=float, nargs=2, default=(1.0, 0.0), metavar=("A", "B"), help="the two values"
+    )
+    p.add_argument("--ab-rounds", type=int, default=3, help="A/B rounds per value (default 3)")
+    p.add_argument(
+        "--batch-linger-ms",
         type=float,
         default=None,
-        help="also compare this GIL switch interval with the configured one, interleaved in the same "
-        "server (saturated rps and p99 at the same half-load rate)",
+        help="ServeConfig.batch_linger_ms: wait for more requests before a non-full batch when "
+        "saturated (default: ServeConfig's)",
     )
-    p.add_argument("--ab-rounds", type=int, default=3, help="A/B rounds per setting (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
         "--build-timeout", type=float, default=900.0, help="seconds allowed to build one catalogue"
@@ -631,7 +730,13 @@ def main(argv: list[str] | None = None) -> int:
                 # Echo against every server, just before its Recommend phase: on a shared machine the
                 # load changes between sizes, so each ratio compares two adjacent measurements.
                 phases = asyncio.run(
-                    drive(port, args, with_echo=True, control=functools.partial(send_control, proc))
+                    drive(
+                        port,
+                        args,
+                        with_echo=True,
+                        control=functools.partial(send_control, proc),
+                        stats=functools.partial(read_stats, proc),
+                    )
                 )
             finally:
                 stop_child(proc)
