@@ -7,7 +7,7 @@ what makes offline ranker features leak-free, and can absorb new events online.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +48,8 @@ class ItemStats:
     _derived: tuple[Callable[[ItemStats, np.ndarray], np.ndarray], np.ndarray] | None = None
     _version: int = 0  # bumped by every update, so a table built during one is not kept
     _derived_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # isnan(first_ts), read-only; replaced (not mutated) when an item gets its first event
+    _never_seen: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_items(self) -> int:
@@ -102,6 +104,12 @@ class ItemStats:
         elif user_prior_count == 1:
             self.repeat_users[item_idx] += 1
         if np.isnan(self.first_ts[item_idx]) or ts < self.first_ts[item_idx]:
+            mask = self._never_seen
+            if mask is not None and mask[item_idx]:
+                mask = mask.copy()  # readers keep the snapshot they hold
+                mask[item_idx] = False
+                mask.flags.writeable = False
+                self._never_seen = mask
             self.first_ts[item_idx] = ts
         if np.isnan(self.last_ts[item_idx]) or ts > self.last_ts[item_idx]:
             self.last_ts[item_idx] = ts
@@ -129,6 +137,20 @@ class ItemStats:
             if version == self._version:
                 self._derived = (row_fn, table)
         return table
+
+    def never_seen(self) -> np.ndarray:
+        """Read-only bool [n_items]: items nobody interacted with yet (`np.isnan(first_ts)`).
+
+        Why: the cold-start slots need this mask for every batch (and the cold pool per request);
+        `np.isnan` over the catalogue is O(items), ~0.4 ms a call at 1M items. Cached here and
+        replaced by `update` when an item gets its first event, so it always equals the isnan.
+        """
+        mask = self._never_seen
+        if mask is None:
+            mask = np.isnan(self.first_ts)
+            mask.flags.writeable = False
+            self._never_seen = mask
+        return mask
 
     def top_popular(self, n: int) -> np.ndarray:
         """The `n` items with the highest recent popularity (int32, best first, only items seen)."""
@@ -296,6 +318,59 @@ def user_behaviour(history: UserHistory, now: int, attribute_codes: np.ndarray |
         ],
         dtype=np.float32,
     )
+
+
+def user_behaviour_many(
+    histories: Sequence[UserHistory], nows: Sequence[int], attribute_codes: np.ndarray | None = None
+) -> np.ndarray:
+    """`user_behaviour` of many users, stacked (float32 [n_users, len(USER_FEATURE_NAMES)]).
+
+    Row u equals `user_behaviour(histories[u], nows[u], attribute_codes)` bit for bit: distinct
+    counts are counted per (user, value) key instead of per user, and each user's weight sum is
+    still numpy's own float32 sum of that user's weights. Why: per user it was five numpy calls on
+    a few dozen events, called for every request of a batch.
+    """
+    n_users = len(histories)
+    out = np.full((n_users, len(USER_FEATURE_NAMES)), np.nan, dtype=np.float32)
+    lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=n_users)
+    out[:, :3] = 0.0  # no activity is a fact, not a missing value
+    active = lengths > 0
+    if not active.any():
+        return out
+    seg = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
+    items = np.concatenate([h.items for h in histories]).astype(np.int64)
+    ts = np.concatenate([h.timestamps for h in histories]).astype(np.int64)
+    now = np.asarray(nows, dtype=np.int64)
+    last = ts[np.cumsum(lengths)[active] - 1]
+    n = lengths[active]
+
+    def distinct(values: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+        """Distinct non-negative `values` per user (counted where `keep`)."""
+        s, v = (seg, values) if keep is None else (seg[keep], values[keep])
+        if len(v) == 0:
+            return np.zeros(n_users, np.int64)
+        low = v.min()
+        keys = np.unique(s * (v.max() - low + 1) + (v - low))
+        return np.bincount(keys // (v.max() - low + 1), minlength=n_users)
+
+    days_active = distinct(ts // DAY)
+    distinct_items = distinct(items)
+    rows = np.stack(
+        [
+            n.astype(np.float64),
+            [float(h.weights.sum()) for h in histories if len(h)],
+            np.bincount(seg[np.repeat(now, lengths) - ts <= 7 * DAY], minlength=n_users)[active],
+            (now[active] - last) / DAY,
+            days_active[active],
+            distinct_items[active] / n,
+            distinct(attribute_codes[items], attribute_codes[items] >= 0)[active] / n
+            if attribute_codes is not None
+            else np.full(len(n), np.nan),
+        ],
+        axis=1,
+    )
+    out[active] = rows.astype(np.float32)
+    return out
 
 
 def _before(
