@@ -7,7 +7,7 @@ what makes offline ranker features leak-free, and can absorb new events online.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -318,59 +318,6 @@ def user_behaviour(history: UserHistory, now: int, attribute_codes: np.ndarray |
         ],
         dtype=np.float32,
     )
-
-
-def user_behaviour_many(
-    histories: Sequence[UserHistory], nows: Sequence[int], attribute_codes: np.ndarray | None = None
-) -> np.ndarray:
-    """`user_behaviour` of many users, stacked (float32 [n_users, len(USER_FEATURE_NAMES)]).
-
-    Row u equals `user_behaviour(histories[u], nows[u], attribute_codes)` bit for bit: distinct
-    counts are counted per (user, value) key instead of per user, and each user's weight sum is
-    still numpy's own float32 sum of that user's weights. Why: per user it was five numpy calls on
-    a few dozen events, called for every request of a batch.
-    """
-    n_users = len(histories)
-    out = np.full((n_users, len(USER_FEATURE_NAMES)), np.nan, dtype=np.float32)
-    lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=n_users)
-    out[:, :3] = 0.0  # no activity is a fact, not a missing value
-    active = lengths > 0
-    if not active.any():
-        return out
-    seg = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
-    items = np.concatenate([h.items for h in histories]).astype(np.int64)
-    ts = np.concatenate([h.timestamps for h in histories]).astype(np.int64)
-    now = np.asarray(nows, dtype=np.int64)
-    last = ts[np.cumsum(lengths)[active] - 1]
-    n = lengths[active]
-
-    def distinct(values: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
-        """Distinct non-negative `values` per user (counted where `keep`)."""
-        s, v = (seg, values) if keep is None else (seg[keep], values[keep])
-        if len(v) == 0:
-            return np.zeros(n_users, np.int64)
-        low = v.min()
-        keys = np.unique(s * (v.max() - low + 1) + (v - low))
-        return np.bincount(keys // (v.max() - low + 1), minlength=n_users)
-
-    days_active = distinct(ts // DAY)
-    distinct_items = distinct(items)
-    rows = np.stack(
-        [
-            n.astype(np.float64),
-            [float(h.weights.sum()) for h in histories if len(h)],
-            np.bincount(seg[np.repeat(now, lengths) - ts <= 7 * DAY], minlength=n_users)[active],
-            (now[active] - last) / DAY,
-            days_active[active],
-            distinct_items[active] / n,
-            distinct(attribute_codes[items], attribute_codes[items] >= 0)[active] / n
-            if attribute_codes is not None
-            else np.full(len(n), np.nan),
-        ],
-        axis=1,
-    )
-    out[active] = rows.astype(np.float32)
-    return out
 
 
 def _before(

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from recsvc.behaviour import USER_FEATURE_NAMES, ItemStats, decay, user_behaviour_many
+from recsvc.behaviour import USER_FEATURE_NAMES, ItemStats, decay, user_behaviour
 from recsvc.candidates import SOURCE_BITS, SOURCE_NAMES, Candidates
 from recsvc.catalog import Catalog
 from recsvc.config import DAY, CandidateConfig
@@ -174,7 +174,7 @@ def build_features_many(
     _item_features(out, items, stats, row_now)
     attributes = list(catalog.attributes.values())
     diversity_codes = attributes[0] if attributes else None
-    user_rows = user_behaviour_many(histories, [int(t) for t in nows], diversity_codes)
+    user_rows = np.vstack([user_behaviour(h, int(t), diversity_codes) for h, t in zip(histories, nows)])
     first = _COL["user_n_events"]
     out[:, first : first + len(USER_FEATURE_NAMES)] = user_rows[seg]
     history_rows = _HistoryRows.of(histories, nows)

@@ -11,7 +11,6 @@ from recsvc.behaviour import (
     ItemStats,
     decay,
     user_behaviour,
-    user_behaviour_many,
 )
 from recsvc.config import DAY
 from recsvc.history import UserHistory
@@ -176,24 +175,3 @@ def test_never_seen_mask_cannot_be_written_by_callers() -> None:
     )
     with pytest.raises(ValueError):
         stats.never_seen()[1] = False
-
-
-def test_user_behaviour_many_equals_user_behaviour_per_user_bit_for_bit() -> None:
-    rng = np.random.default_rng(5)
-    codes = rng.integers(-1, 6, 300).astype(np.int32)  # -1: attribute missing
-    histories, nows = [], []
-    for length in (0, 1, 3, 0, 40, 200, 7):
-        ts = np.sort(rng.integers(10 * DAY, 60 * DAY, length)).astype(np.int64)
-        items = rng.integers(0, 300 if length != 7 else 5, length).astype(np.int32)
-        histories.append(UserHistory(items, ts, rng.random(length).astype(np.float32) * 4))
-        nows.append(int(ts[-1]) + int(rng.integers(0, 9 * DAY)) if length else 61 * DAY)
-    for attribute_codes in (codes, None):
-        got = user_behaviour_many(histories, nows, attribute_codes)
-        expected = np.vstack([user_behaviour(h, t, attribute_codes) for h, t in zip(histories, nows)])
-        assert got.dtype == np.float32
-        np.testing.assert_array_equal(got, expected)
-
-
-def test_user_behaviour_many_of_users_without_history_is_zero_activity_and_nan_rest() -> None:
-    got = user_behaviour_many([UserHistory.empty()] * 2, [DAY, DAY])
-    np.testing.assert_array_equal(got, np.vstack([user_behaviour(UserHistory.empty(), DAY)] * 2))
