@@ -5,10 +5,10 @@ history (bundle + events since) -> user vector (user tower over item embeddings)
 ranker -> diversity cap -> top k.
 
 `recommend` is `recommend_many` with one request, so the batch tool and the server give the same
-answer by construction: the FAISS search, the feature matrix (features.build_features_many, equal
-bit for bit to one user at a time) and the ranker call are batched; candidate sources stay per
-request, and ANN scores are recomputed exactly per request so batch-size-dependent BLAS rounding
-cannot reorder results.
+answer by construction: the FAISS search, the candidate sources (candidates.generate_many), the
+feature matrix (features.build_features_many) and the ranker call are batched, each equal bit for
+bit to one user at a time; ANN scores are recomputed exactly per request so batch-size-dependent
+BLAS rounding cannot reorder results.
 """
 
 from __future__ import annotations
@@ -563,7 +563,7 @@ class Recommender:
         cfg: CandidateConfig,
         timings: dict[str, float],
     ) -> Candidates:
-        """One request's sources (the widened refill round of `_candidates`)."""
+        """One request's sources (small blocks, and the widened refill round of `_candidates`)."""
         t = time.perf_counter()
         extra = self._extra_sources(p, query)
         cands = generate(

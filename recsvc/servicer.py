@@ -284,6 +284,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def _request_id(self, given: str) -> str:
         """The caller's id when it is a safe log token; otherwise a fresh one (validation then
         rejects the bad field, but a raw newline-laden id never reaches the logs)."""
+        if not given:
+            return uuid.uuid4().hex  # the common case: no id sent, nothing to check or raise
         try:
             return validation.check_id(given, "request_id", self._limits)
         except validation.RequestValidationError:
