@@ -1,16 +1,23 @@
 """Serving benchmark: Recommend vs the gRPC floor (Echo) at 10k / 100k / 1M synthetic items.
 
 For each catalogue size a server process builds an in-memory bundle from REAL parts (Catalog,
-ItemIndex (FAISS; HNSW above `IndexConfig.exact_max_items`), LightGBM Ranker trained on random
-features, histories / item stats / co-occurrence from synthetic interactions) with random unit
-item embeddings, and serves it with the real `RecsvcServer` on loopback. This process drives it
-with a grpc.aio client:
+ItemIndex (FAISS: exact up to `IndexConfig.exact_max_items`, its `ann_kind` above), LightGBM
+Ranker trained on random features, histories / item stats / co-occurrence from synthetic
+interactions) with random unit item embeddings, and serves it with the real `RecsvcServer` on
+loopback. This process drives it with a grpc.aio client:
 
 1. Echo (same request, same-sized response, no compute) with N requests in flight -> floor rps,
    measured against each size's server right before its Recommend phase;
 2. Recommend with N in flight -> max rps; ratio = Recommend rps / Echo rps (target >= 0.35);
 3. Recommend open-loop at half that max rate -> p50 / p99 latency (target p99 <= 10 ms);
-4. per-stage breakdown from the server's own `timings_ms` in the responses.
+4. per-stage breakdown from the server's own `timings_ms` in the responses;
+5. the server process's CPU per Recommend and its mean micro-batch size in each phase: on a
+   shared machine these move far less than rps and p99, so compare them first.
+
+`--profile DIR` adds a CPU-time cProfile of every server thread during the Recommend phases
+(printed, and saved as DIR/server-<items>.pstats). `--ab-setting switch_interval_ms|batch_linger_ms
+--ab-values A B` then serves both values alternately in the same server (A B A B ...), so the
+machine's other load hits both alike.
 
 Everything is bounded: each phase runs `--seconds` or `--max-requests`, whichever comes first.
 Loopback only; the numbers depend on the machine (and on its other users).

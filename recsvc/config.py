@@ -287,7 +287,7 @@ class ServeConfig:
     # Python's GIL switch interval in ms (process-wide; CPython's default is 5). A thread waiting for
     # the GIL waits up to this long while a worker runs numpy-heavy Python, and the event loop needs
     # the GIL several times per request. 0 = leave the interpreter's setting: on the shared 2-core
-    # box, 0.5 vs 5 ms interleaved in one server (bench_serve --ab-switch-ms) went both ways
+    # box, 0.5 vs 5 ms interleaved in one server (bench_serve --ab-setting) went both ways
     # (100k: 366 vs 430 rps; 10k: 439 vs 411 rps, load 5), so no other value is the default.
     switch_interval_ms: float = 0.0
     # Saturated only (the previous batch held >= max_batch / 2 requests and ended less than this
