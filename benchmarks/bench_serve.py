@@ -1,16 +1,23 @@
 """Serving benchmark: Recommend vs the gRPC floor (Echo) at 10k / 100k / 1M synthetic items.
 
 For each catalogue size a server process builds an in-memory bundle from REAL parts (Catalog,
-ItemIndex (FAISS; HNSW above `IndexConfig.exact_max_items`), LightGBM Ranker trained on random
-features, histories / item stats / co-occurrence from synthetic interactions) with random unit
-item embeddings, and serves it with the real `RecsvcServer` on loopback. This process drives it
-with a grpc.aio client:
+ItemIndex (FAISS: exact up to `IndexConfig.exact_max_items`, its `ann_kind` above), LightGBM
+Ranker trained on random features, histories / item stats / co-occurrence from synthetic
+interactions) with random unit item embeddings, and serves it with the real `RecsvcServer` on
+loopback. This process drives it with a grpc.aio client:
 
 1. Echo (same request, same-sized response, no compute) with N requests in flight -> floor rps,
    measured against each size's server right before its Recommend phase;
 2. Recommend with N in flight -> max rps; ratio = Recommend rps / Echo rps (target >= 0.35);
 3. Recommend open-loop at half that max rate -> p50 / p99 latency (target p99 <= 10 ms);
-4. per-stage breakdown from the server's own `timings_ms` in the responses.
+4. per-stage breakdown from the server's own `timings_ms` in the responses;
+5. the server process's CPU per Recommend and its mean micro-batch size in each phase: on a
+   shared machine these move far less than rps and p99, so compare them first.
+
+`--profile DIR` adds a CPU-time cProfile of every server thread during the Recommend phases
+(printed, and saved as DIR/server-<items>.pstats). `--ab-setting switch_interval_ms|batch_linger_ms
+--ab-values A B` then serves both values alternately in the same server (A B A B ...), so the
+machine's other load hits both alike.
 
 Everything is bounded: each phase runs `--seconds` or `--max-requests`, whichever comes first.
 Loopback only; the numbers depend on the machine (and on its other users).
@@ -20,12 +27,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import functools
 import json
 import logging
 import os
+import pstats
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -161,19 +174,109 @@ def run_server_child(args: argparse.Namespace) -> int:
         workers=args.workers,
         max_batch=args.max_batch,
         batch_dispatchers=args.batch_dispatchers,
+        **({} if args.switch_interval_ms is None else {"switch_interval_ms": args.switch_interval_ms}),
+        **({} if args.batch_linger_ms is None else {"batch_linger_ms": args.batch_linger_ms}),
         max_in_flight=max(64, args.concurrency * 4),
         reload_poll_s=3600,
     )
 
+    profiles = ThreadProfiles() if args.profile else None
+
     async def serve() -> None:
         server = RecsvcServer(config, loader=loader)
+        if profiles is not None:
+            server.executor = ProfilingExecutor(profiles, config.workers)
         await server.start()
         print(f"READY {server.port}", flush=True)
-        await asyncio.to_thread(sys.stdin.read)  # parent closes stdin to stop us
-        await server.stop(grace=1.0)
+        # Control lines from the parent: PROFILE-ON before the Recommend phases (after Echo),
+        # SWITCH <ms> for the interleaved switch-interval comparison; EOF stops the server.
+        while line := await asyncio.to_thread(sys.stdin.readline):
+            command, *rest = line.split() or [""]
+            if command == "PROFILE-ON" and profiles is not None:
+                profiles.start()
+            elif command == "SET":
+                apply_setting(server, rest[0], float(rest[1]))
+            elif command == "STATS":
+                print(f"STATS {server_stats(server)}", flush=True)
+        await server.stop(grace=1.0)  # joins the worker threads, so their profiles are complete
+        if profiles is not None:
+            profiles.dump(Path(args.profile) / f"server-{args.items}.pstats")
 
     asyncio.run(serve())
     return 0
+
+
+AB_SETTINGS = ("switch_interval_ms", "batch_linger_ms")
+
+
+def apply_setting(server: Any, name: str, value: float) -> None:
+    """Change one A/B-able ServeConfig setting of a running server (--ab-setting)."""
+    if name == "switch_interval_ms":
+        sys.setswitchinterval(value / 1000.0 if value > 0 else 0.005)
+    elif name == "batch_linger_ms":
+        batcher = server.servicer._batcher
+        if batcher is not None:
+            batcher.linger_s = value / 1000.0
+    else:
+        raise ValueError(f"unknown setting {name!r}; known: {', '.join(AB_SETTINGS)}")
+
+
+def server_stats(server: Any) -> str:
+    """'<process CPU s> <batches> <batched requests>': CPU per request and batch size, which a
+    shared machine's load disturbs far less than rps and latency."""
+    registry = server.metrics.registry
+    batches = registry.get_sample_value("recsvc_batch_size_count") or 0.0
+    batched = registry.get_sample_value("recsvc_batch_size_sum") or 0.0
+    return f"{time.process_time():.6f} {batches:.0f} {batched:.0f}"
+
+
+class ThreadProfiles:
+    """CPU-time cProfile of every server thread (cProfile only sees the thread that enabled it)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self._profiles: list[cProfile.Profile] = []
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def start(self) -> None:
+        """Profile the calling (event loop) thread; worker threads join on their next task."""
+        self.active = True
+        self.enable_here()
+
+    def enable_here(self) -> None:
+        if getattr(self._local, "profile", None) is not None:
+            return
+        profile = cProfile.Profile(time.thread_time)  # CPU time: the box is shared
+        self._local.profile = profile
+        with self._lock:
+            self._profiles.append(profile)
+        profile.enable()
+
+    def dump(self, path: Path) -> None:
+        """All threads' stats merged into one pstats file (call after the worker threads ended)."""
+        with self._lock:
+            profiles = list(self._profiles)
+        if not profiles:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pstats.Stats(*profiles).dump_stats(str(path))
+
+
+class ProfilingExecutor(ThreadPoolExecutor):
+    """The server's worker pool, each thread profiled from its first task after PROFILE-ON."""
+
+    def __init__(self, profiles: ThreadProfiles, workers: int) -> None:
+        super().__init__(max_workers=workers, thread_name_prefix="recsvc-worker")
+        self._profiles = profiles
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return super().submit(self._profiled, fn, *args, **kwargs)
+
+    def _profiled(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._profiles.active:
+            self._profiles.enable_here()
+        return fn(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- client side
@@ -187,6 +290,28 @@ class Phase:
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     stage_ms: dict[str, list[float]] = field(default_factory=dict)
+
+    server_cpu_s: float = 0.0  # server process CPU over the phase (with a stats probe)
+    batches: float = 0.0
+    batched: float = 0.0  # requests answered by those batches
+
+    def absorb(self, other: Phase) -> None:
+        """Pool another phase's counts and latencies into this one."""
+        self.completed += other.completed
+        self.errors += other.errors
+        self.seconds += other.seconds
+        self.latencies_ms += other.latencies_ms
+        self.server_cpu_s += other.server_cpu_s
+        self.batches += other.batches
+        self.batched += other.batched
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return self.server_cpu_s * 1000.0 / self.completed if self.completed else float("nan")
+
+    @property
+    def mean_batch(self) -> float:
+        return self.batched / self.batches if self.batches else float("nan")
 
     @property
     def rps(self) -> float:
@@ -266,7 +391,17 @@ async def open_loop(
     return phase
 
 
-async def drive(port: int, args: argparse.Namespace, with_echo: bool) -> dict[str, Phase]:
+async def drive(
+    port: int,
+    args: argparse.Namespace,
+    with_echo: bool,
+    control: Callable[[str], None] | None = None,
+    stats: Callable[[], tuple[float, float, float]] | None = None,
+) -> dict[str, Phase]:
+    """Echo, Recommend saturated, Recommend at half that rate; then the optional A/B rounds.
+
+    `stats` reads the server's (CPU seconds, batches, batched requests) around each Recommend phase.
+    """
     import grpc
 
     from recsvc.v1 import recommender_pb2_grpc as pb_grpc
@@ -281,14 +416,61 @@ async def drive(port: int, args: argparse.Namespace, with_echo: bool) -> dict[st
             out["echo"] = await closed_loop(
                 stub.Echo, reqs, args.concurrency, args.seconds, args.max_requests, "echo"
             )
-        rec = await closed_loop(
-            stub.Recommend, reqs, args.concurrency, args.seconds, args.max_requests, "recommend"
+        if control is not None:
+            control("PROFILE-ON")
+        rec = await measured(
+            closed_loop(stub.Recommend, reqs, args.concurrency, args.seconds, args.max_requests, "recommend"),
+            stats,
         )
         out["recommend"] = rec
         rate = max(rec.rps / 2.0, 1.0)
-        out["half_load"] = await open_loop(
-            stub.Recommend, reqs, rate, args.seconds, args.max_requests, "half-load"
+        out["half_load"] = await measured(
+            open_loop(stub.Recommend, reqs, rate, args.seconds, args.max_requests, "half-load"), stats
         )
+        if args.ab_setting is not None and control is not None:
+            out |= await ab_rounds(stub, reqs, rate, args, control, stats)
+    return out
+
+
+async def measured(run: Any, stats: Callable[[], tuple[float, float, float]] | None) -> Phase:
+    """Run a phase and record the server's CPU and batches spent on it."""
+    before = await asyncio.to_thread(stats) if stats is not None else None
+    phase: Phase = await run
+    if before is not None and stats is not None:
+        after = await asyncio.to_thread(stats)
+        phase.server_cpu_s, phase.batches, phase.batched = (a - b for a, b in zip(after, before))
+    return phase
+
+
+async def ab_rounds(
+    stub: Any,
+    reqs: list[Any],
+    rate: float,
+    args: argparse.Namespace,
+    control: Callable[[str], None],
+    stats: Callable[[], tuple[float, float, float]] | None,
+) -> dict[str, Phase]:
+    """`--ab-setting` at its two `--ab-values`, alternated in the same server (A B A B ...).
+
+    Interleaving makes the machine's other load hit both alike; each round runs a saturated phase
+    and an open-loop phase at the same offered rate (half the main phase's maximum), pooled per value.
+    """
+    out: dict[str, Phase] = {}
+    seconds = max(args.seconds / 2.0, 1.0)
+    for _ in range(args.ab_rounds):
+        for name, value in zip("AB", args.ab_values):
+            control(f"SET {args.ab_setting} {value}")
+            await asyncio.sleep(0.1)
+            label = f"{args.ab_setting}={value:g}"
+            sat = await measured(
+                closed_loop(stub.Recommend, reqs, args.concurrency, seconds, args.max_requests, label), stats
+            )
+            half = await measured(
+                open_loop(stub.Recommend, reqs, rate, seconds, args.max_requests, label), stats
+            )
+            for kind, phase in (("saturated", sat), ("half", half)):
+                pooled = out.setdefault(f"ab_{name}_{kind}", Phase(label))
+                pooled.absorb(phase)
     return out
 
 
@@ -304,9 +486,12 @@ def start_child(n_items: int, args: argparse.Namespace, workdir: Path) -> tuple[
         "--workers", str(args.workers),
         "--max-batch", str(args.max_batch),
         "--batch-dispatchers", str(args.batch_dispatchers),
+        *([] if args.switch_interval_ms is None else ["--switch-interval-ms", str(args.switch_interval_ms)]),
+        *([] if args.batch_linger_ms is None else ["--batch-linger-ms", str(args.batch_linger_ms)]),
         "--concurrency", str(args.concurrency),
         "--seed", str(args.seed),
         "--workdir", str(workdir),
+        *(["--profile", str(Path(args.profile).resolve())] if args.profile else []),
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert proc.stdout is not None
@@ -319,6 +504,35 @@ def start_child(n_items: int, args: argparse.Namespace, workdir: Path) -> tuple[
             return proc, int(line.split()[1])
     proc.kill()
     raise TimeoutError(f"server for {n_items} items not ready after {args.build_timeout} s")
+
+
+def read_stats(proc: subprocess.Popen[str]) -> tuple[float, float, float]:
+    """The child's (CPU seconds, batches, batched requests) (see `server_stats`)."""
+    send_control(proc, "STATS")
+    assert proc.stdout is not None
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("server child exited while asked for its stats")
+        if line.startswith("STATS "):
+            cpu, batches, batched = (float(x) for x in line.split()[1:])
+            return cpu, batches, batched
+
+
+def send_control(proc: subprocess.Popen[str], line: str) -> None:
+    """One control line to the server child (PROFILE-ON is ignored without --profile)."""
+    if proc.stdin is not None:
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+
+
+def print_profile(path: Path, lines: int) -> None:
+    """Top functions by own CPU time in the server child (all threads)."""
+    if not path.exists():
+        log.warning("no profile written at %s", path)
+        return
+    print(f"\nserver CPU profile {path} (top {lines} by own time; cumulative in the 4th column):")
+    pstats.Stats(str(path)).sort_stats("tottime").print_stats(lines)
 
 
 def stop_child(proc: subprocess.Popen[str]) -> None:
@@ -356,6 +570,29 @@ def summarise(n_items: int, echo: Phase, phases: dict[str, Phase]) -> dict[str, 
         "errors": rec.errors + half.errors,
         "load_average_1m": round(os.getloadavg()[0], 2),  # other users of the machine at the time
         "stages_at_half_load": stage_table(half),
+        "saturated_server_cpu_ms_per_request": round(rec.cpu_ms_per_request, 3),
+        "saturated_mean_batch": round(rec.mean_batch, 2),
+        "half_load_server_cpu_ms_per_request": round(half.cpu_ms_per_request, 3),
+        **ab_summary(phases),
+    }
+
+
+def ab_summary(phases: dict[str, Phase]) -> dict[str, Any]:
+    """Per A/B value: saturated rps, server CPU per request and batch size; p50/p99 at half load."""
+    if "ab_A_half" not in phases:
+        return {}
+    return {
+        "ab": {
+            name: {
+                "setting": phases[f"ab_{name}_half"].name,
+                "saturated_rps": round(phases[f"ab_{name}_saturated"].rps, 1),
+                "saturated_cpu_ms_per_request": round(phases[f"ab_{name}_saturated"].cpu_ms_per_request, 3),
+                "saturated_mean_batch": round(phases[f"ab_{name}_saturated"].mean_batch, 2),
+                "half_load_p50_ms": round(phases[f"ab_{name}_half"].pct(50), 2),
+                "half_load_p99_ms": round(phases[f"ab_{name}_half"].pct(99), 2),
+            }
+            for name in ("A", "B")
+        }
     }
 
 
@@ -363,7 +600,8 @@ def print_report(echo: Phase, rows: list[dict[str, Any]], args: argparse.Namespa
     print(
         f"\nserving benchmark: loopback, {args.concurrency} in flight, k={args.k}, {args.candidates} candidates, "
         f"dim={args.dim}, {args.workers} workers, max_batch={args.max_batch}, "
-        f"dispatchers={args.batch_dispatchers}, cpus={os.cpu_count()}, "
+        f"dispatchers={args.batch_dispatchers}, switch interval={args.switch_interval_ms or 'default'} ms, "
+        f"cpus={os.cpu_count()}, "
         f"load average {os.getloadavg()[0]:.1f} (shared machine: numbers are indicative)"
     )
     print(
@@ -381,6 +619,24 @@ def print_report(echo: Phase, rows: list[dict[str, Any]], args: argparse.Namespa
     for r in rows:
         stages = ", ".join(f"{s} {v['mean_ms']:.2f}" for s, v in r["stages_at_half_load"].items())
         print(f"  stages (mean ms) @ {r['items']} items: {stages}")
+    for r in rows:
+        print(
+            f"  server CPU per Recommend @ {r['items']} items: saturated "
+            f"{r['saturated_server_cpu_ms_per_request']:.3f} ms (mean batch {r['saturated_mean_batch']:.2f}), "
+            f"half load {r['half_load_server_cpu_ms_per_request']:.3f} ms"
+        )
+    for r in rows:
+        if "ab" in r:
+            a, b = r["ab"]["A"], r["ab"]["B"]
+            print(
+                f"  interleaved A/B @ {r['items']} items (B/A rps {b['saturated_rps'] / max(a['saturated_rps'], 1e-9):.2f}):"
+            )
+            for v in (a, b):
+                print(
+                    f"    {v['setting']:>24}: {v['saturated_rps']:6.0f} rps, {v['saturated_cpu_ms_per_request']:.3f} ms "
+                    f"CPU/request, batch {v['saturated_mean_batch']:.2f}; half load p50 {v['half_load_p50_ms']:.2f} "
+                    f"ms p99 {v['half_load_p99_ms']:.2f} ms"
+                )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -420,11 +676,43 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="ServeConfig.batch_dispatchers: micro-batches computed at once (default 1)",
     )
+    p.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="ServeConfig.switch_interval_ms: the server's GIL switch interval (default: ServeConfig's)",
+    )
+    p.add_argument(
+        "--ab-setting",
+        choices=AB_SETTINGS,
+        help="after the main phases, compare two values of this ServeConfig setting interleaved in the "
+        "same server (saturated rps, server CPU per request, batch size, p99 at the same half-load rate)",
+    )
+    p.add_argument(
+        "--ab-values", type=float, nargs=2, default=(1.0, 0.0), metavar=("A", "B"), help="the two values"
+    )
+    p.add_argument("--ab-rounds", type=int, default=3, help="A/B rounds per value (default 3)")
+    p.add_argument(
+        "--batch-linger-ms",
+        type=float,
+        default=None,
+        help="ServeConfig.batch_linger_ms: wait for more requests before a non-full batch when "
+        "saturated (default: ServeConfig's)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
         "--build-timeout", type=float, default=900.0, help="seconds allowed to build one catalogue"
     )
     p.add_argument("--out", default="bench-out/serve.json", help="where to write the JSON results")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="cProfile the server's threads (CPU time) during the Recommend phases; "
+        "writes DIR/server-<items>.pstats and prints the top lines",
+    )
+    p.add_argument(
+        "--profile-lines", type=int, default=25, help="profile lines printed per size (default 25)"
+    )
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--items", type=int, help=argparse.SUPPRESS)
@@ -448,7 +736,15 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 # Echo against every server, just before its Recommend phase: on a shared machine the
                 # load changes between sizes, so each ratio compares two adjacent measurements.
-                phases = asyncio.run(drive(port, args, with_echo=True))
+                phases = asyncio.run(
+                    drive(
+                        port,
+                        args,
+                        with_echo=True,
+                        control=functools.partial(send_control, proc),
+                        stats=functools.partial(read_stats, proc),
+                    )
+                )
             finally:
                 stop_child(proc)
         echo = phases["echo"] if echo is None else echo
@@ -459,6 +755,9 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps({k: v for k, v in rows[-1].items() if k != "stages_at_half_load"}),
         )
     assert echo is not None
+    if args.profile:
+        for n_items in args.sizes:
+            print_profile(Path(args.profile) / f"server-{n_items}.pstats", args.profile_lines)
     print_report(echo, rows, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

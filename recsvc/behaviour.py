@@ -48,6 +48,8 @@ class ItemStats:
     _derived: tuple[Callable[[ItemStats, np.ndarray], np.ndarray], np.ndarray] | None = None
     _version: int = 0  # bumped by every update, so a table built during one is not kept
     _derived_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # isnan(first_ts), read-only; replaced (not mutated) when an item gets its first event
+    _never_seen: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_items(self) -> int:
@@ -102,6 +104,12 @@ class ItemStats:
         elif user_prior_count == 1:
             self.repeat_users[item_idx] += 1
         if np.isnan(self.first_ts[item_idx]) or ts < self.first_ts[item_idx]:
+            mask = self._never_seen
+            if mask is not None and mask[item_idx]:
+                mask = mask.copy()  # readers keep the snapshot they hold
+                mask[item_idx] = False
+                mask.flags.writeable = False
+                self._never_seen = mask
             self.first_ts[item_idx] = ts
         if np.isnan(self.last_ts[item_idx]) or ts > self.last_ts[item_idx]:
             self.last_ts[item_idx] = ts
@@ -129,6 +137,20 @@ class ItemStats:
             if version == self._version:
                 self._derived = (row_fn, table)
         return table
+
+    def never_seen(self) -> np.ndarray:
+        """Read-only bool [n_items]: items nobody interacted with yet (`np.isnan(first_ts)`).
+
+        Why: the cold-start slots need this mask for every batch (and the cold pool per request);
+        `np.isnan` over the catalogue is O(items), ~0.4 ms a call at 1M items. Cached here and
+        replaced by `update` when an item gets its first event, so it always equals the isnan.
+        """
+        mask = self._never_seen
+        if mask is None:
+            mask = np.isnan(self.first_ts)
+            mask.flags.writeable = False
+            self._never_seen = mask
+        return mask
 
     def top_popular(self, n: int) -> np.ndarray:
         """The `n` items with the highest recent popularity (int32, best first, only items seen)."""

@@ -5,10 +5,10 @@ history (bundle + events since) -> user vector (user tower over item embeddings)
 ranker -> diversity cap -> top k.
 
 `recommend` is `recommend_many` with one request, so the batch tool and the server give the same
-answer by construction: the FAISS search, the feature matrix (features.build_features_many, equal
-bit for bit to one user at a time) and the ranker call are batched; candidate sources stay per
-request, and ANN scores are recomputed exactly per request so batch-size-dependent BLAS rounding
-cannot reorder results.
+answer by construction: the FAISS search, the candidate sources (candidates.generate_many), the
+feature matrix (features.build_features_many) and the ranker call are batched, each equal bit for
+bit to one user at a time; ANN scores are recomputed exactly per request so batch-size-dependent
+BLAS rounding cannot reorder results.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from recsvc.candidates import (
     cooc_source,
     focus_on_query,
     generate,
+    generate_many,
     merge,
 )
 from recsvc.cold_slots import cold_slot_count, with_cold_slots
@@ -51,6 +52,10 @@ MAX_FILTERED_DEPTH = 2048
 # Candidate rows featurised and ranked together in recommend_many (see _blocks).
 RANK_BLOCK_ROWS = 16_384
 STAGES = ("user_vector", "retrieval", "candidates", "filters", "features", "ranking", "total")
+# Requests per block from which candidate generation runs batched (see _generate_many).
+MIN_GENERATE_MANY = 4
+_NO_ITEMS = np.zeros(0, np.int32)
+_NO_ITEMS.flags.writeable = False  # shared by every request without exclusions
 
 
 class UnknownItemError(KeyError):
@@ -234,7 +239,11 @@ class Recommender:
         timings: dict[str, float],
     ) -> list[RecommendResult]:
         """Candidates, one feature matrix and one ranker call for a block of requests."""
-        cands = [self._candidates(p, a, q, c, timings) for p, a, q, c in zip(prepared, ann, queries, cf)]
+        generated = self._generate_many(prepared, ann, queries, cf, timings)
+        cands = [
+            self._candidates(p, g, a, q, c, timings)
+            for p, g, a, q, c in zip(prepared, generated, ann, queries, cf)
+        ]
         cands = self._with_cold_pool(prepared, cands, timings)
 
         t = time.perf_counter()
@@ -452,7 +461,7 @@ class Recommender:
         if not todo:
             return cands
         t = time.perf_counter()
-        never_seen = np.isnan(self.bundle.item_stats.first_ts)
+        never_seen = self.bundle.item_stats.never_seen()
         out = list(cands)
         blocked = {i: self._blocked_for(prepared[i]) for i in todo}
         shared = [i for i in todo if prepared[i].allowed is None]
@@ -517,12 +526,14 @@ class Recommender:
     def _candidates(
         self,
         p: _Prepared,
+        generated: Candidates,
         ann: tuple[np.ndarray, np.ndarray],
         query: tuple[np.ndarray, np.ndarray],
         cf: tuple[np.ndarray, np.ndarray],
         timings: dict[str, float],
     ) -> Candidates:
-        """Sources -> hard filters -> cold pool (features are built for the whole batch afterwards).
+        """Sources (`generated` by `_generate_many`) -> hard filters -> cold pool (features are
+        built for the whole batch afterwards).
 
         When the filters leave fewer than k items, ANN is searched again INSIDE the allowed set
         (FAISS filtered search), and if the catalogue still has allowed items left, the most popular
@@ -530,7 +541,7 @@ class Recommender:
         """
         blocked = self._blocked_for(p)
         cfg = self.cand_cfg
-        cands = self._filtered(self._generate(p, ann, query, cf, cfg, timings), p.allowed, blocked, timings)
+        cands = self._filtered(generated, p.allowed, blocked, timings)
         if p.query_vec is not None:
             cands = focus_on_query(cands, p.req.k)
         if len(cands) < p.req.k and (p.allowed is not None or len(blocked)):
@@ -550,16 +561,42 @@ class Recommender:
             cands = self._fill(p.req.k, cands, p.allowed, blocked)
         return cands
 
-    def _generate(
+    def _generate_many(
         self,
-        p: _Prepared,
-        ann: tuple[np.ndarray, np.ndarray],
-        query: tuple[np.ndarray, np.ndarray],
-        cf: tuple[np.ndarray, np.ndarray],
-        cfg: CandidateConfig,
+        prepared: Sequence[_Prepared],
+        ann: Sequence[tuple[np.ndarray, np.ndarray]],
+        queries: Sequence[tuple[np.ndarray, np.ndarray]],
+        cf: Sequence[tuple[np.ndarray, np.ndarray]],
         timings: dict[str, float],
-    ) -> Candidates:
+    ) -> list[Candidates]:
+        """Every request's candidate sources in one `generate_many` (equal to `_generate` each).
+
+        Below MIN_GENERATE_MANY requests the per-request path is cheaper (measured: 0.31 ms for one
+        user batched vs 0.18 ms alone; 0.145 ms per user in batches of 16).
+        """
+        if len(prepared) < MIN_GENERATE_MANY:
+            return [
+                self._generate(p, a, q, c, self.cand_cfg, timings)
+                for p, a, q, c in zip(prepared, ann, queries, cf)
+            ]
         t = time.perf_counter()
+        cands = generate_many(
+            [p.history for p in prepared],
+            ann_items=[a[0] if p.user_vec is not None else None for p, a in zip(prepared, ann)],
+            ann_scores=[a[1] if p.user_vec is not None else None for p, a in zip(prepared, ann)],
+            stats=self.bundle.item_stats,
+            cooc=self.bundle.cooccurrence,
+            cfg=self.cand_cfg,
+            nows=[p.now for p in prepared],
+            extras=[self._extra_sources(p, q) for p, q in zip(prepared, queries)],
+            cf_items=[c[0] if p.cf_vec is not None else None for p, c in zip(prepared, cf)],
+            cf_scores=[c[1] if p.cf_vec is not None else None for p, c in zip(prepared, cf)],
+        )
+        timings["candidates"] += _ms(t)
+        return cands
+
+    def _extra_sources(self, p: _Prepared, query: tuple[np.ndarray, np.ndarray]) -> list[SourceList]:
+        """The request-specific sources: neighbours of session items, the free-text query's ANN."""
         extra = []
         if len(p.session_idx):
             seeds = np.unique(p.session_idx)
@@ -574,6 +611,20 @@ class Recommender:
             )
         if len(query[0]):
             extra.append(SourceList("query", query[0], query[1]))
+        return extra
+
+    def _generate(
+        self,
+        p: _Prepared,
+        ann: tuple[np.ndarray, np.ndarray],
+        query: tuple[np.ndarray, np.ndarray],
+        cf: tuple[np.ndarray, np.ndarray],
+        cfg: CandidateConfig,
+        timings: dict[str, float],
+    ) -> Candidates:
+        """One request's sources (small blocks, and the widened refill round of `_candidates`)."""
+        t = time.perf_counter()
+        extra = self._extra_sources(p, query)
         cands = generate(
             p.history,
             ann_items=ann[0] if p.user_vec is not None else None,
@@ -592,6 +643,8 @@ class Recommender:
     def _filtered(
         self, cands: Candidates, allowed: np.ndarray | None, blocked: np.ndarray, timings: dict[str, float]
     ) -> Candidates:
+        if allowed is None and not len(blocked):
+            return cands  # nothing to filter (most requests): no copy of every column
         t = time.perf_counter()
         out = cands.take(self._keep_mask(cands.items, allowed, blocked))
         timings["filters"] += _ms(t)
@@ -692,6 +745,8 @@ class Recommender:
         ]
 
     def _blocked(self, item_ids: frozenset[str] | set[str]) -> np.ndarray:
+        if not item_ids:
+            return _NO_ITEMS
         idx, _ = self.catalog.ids_to_indices(sorted(item_ids))
         return np.unique(idx).astype(np.int32)
 

@@ -143,6 +143,10 @@ def _check(cfg: ServeConfig) -> None:
             raise ConfigError(f"ServeConfig.{name} must be >= 1, got {getattr(cfg, name)}")
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"ServeConfig.port must be 0..65535, got {cfg.port}")
+    if cfg.batch_linger_ms < 0:
+        raise ConfigError(f"ServeConfig.batch_linger_ms must be >= 0, got {cfg.batch_linger_ms}")
+    if cfg.switch_interval_ms < 0:
+        raise ConfigError(f"ServeConfig.switch_interval_ms must be >= 0, got {cfg.switch_interval_ms}")
     if cfg.reload_poll_s <= 0:
         raise ConfigError(f"ServeConfig.reload_poll_s must be > 0, got {cfg.reload_poll_s}")
     if not cfg.pseudonym_key:
@@ -175,6 +179,17 @@ def limit_compute_threads(threads: int) -> None:
     threadpool_limits(limits=threads)
 
 
+def set_switch_interval(ms: float) -> None:
+    """Set the GIL switch interval (process-wide; ServeConfig.switch_interval_ms, 0 = leave it).
+
+    Why: with CPython's 5 ms default, the event loop thread that answers gRPC I/O waits up to 5 ms
+    for the GIL each time a worker is inside a batch of numpy-heavy Python, several times per
+    request, which is what drove p99 at half load (see benchmarks/bench_serve.py).
+    """
+    if ms > 0:
+        sys.setswitchinterval(ms / 1000.0)
+
+
 class RecsvcServer:
     """One running service: gRPC server, health, reflection, model manager, event store, metrics."""
 
@@ -202,6 +217,7 @@ class RecsvcServer:
     async def start(self) -> int:
         """Bind, start answering (NOT_SERVING), load the bundle, then report SERVING; returns the port."""
         limit_compute_threads(self.config.compute_threads)
+        set_switch_interval(self.config.switch_interval_ms)
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),

@@ -5,7 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsvc.behaviour import USER_FEATURE_NAMES, CoOccurrence, ItemStats, decay, user_behaviour
+from recsvc.behaviour import (
+    USER_FEATURE_NAMES,
+    CoOccurrence,
+    ItemStats,
+    decay,
+    user_behaviour,
+)
 from recsvc.config import DAY
 from recsvc.history import UserHistory
 
@@ -146,3 +152,26 @@ def test_derived_table_is_built_once_and_follows_updates() -> None:
     stats.update(1, NOW + 5, 3.0, user_prior_count=0)
     np.testing.assert_array_equal(stats.derived_table(_count_rows), _count_rows(stats, np.arange(3)))
     assert stats.derived_table(_count_rows)[1, 0] == (8.0 + 3.0) * 2
+
+
+def test_never_seen_is_the_nan_first_seen_mask_and_follows_first_events() -> None:
+    stats = ItemStats.from_interactions(
+        np.array([0, 2, 2]), np.array([0, 0, 1]), np.array([10, 20, 30]), np.ones(3, np.float32), 5, now=100
+    )
+    before = stats.never_seen()
+    np.testing.assert_array_equal(before, np.isnan(stats.first_ts))
+    assert before.tolist() == [False, True, False, True, True]
+    stats.update(3, 40, 1.0, 0)
+    after = stats.never_seen()
+    np.testing.assert_array_equal(after, np.isnan(stats.first_ts))
+    assert after[3] == np.False_ and before[3] == np.True_  # a reader's snapshot is not mutated
+    stats.update(0, 50, 1.0, 1)  # an item seen before: the same mask object is kept
+    assert stats.never_seen() is after
+
+
+def test_never_seen_mask_cannot_be_written_by_callers() -> None:
+    stats = ItemStats.from_interactions(
+        np.array([0]), np.array([0]), np.array([10]), np.ones(1, np.float32), 3, now=100
+    )
+    with pytest.raises(ValueError):
+        stats.never_seen()[1] = False

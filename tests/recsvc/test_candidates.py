@@ -6,11 +6,14 @@ import pytest
 from recsvc.behaviour import CoOccurrence, ItemStats
 from recsvc.candidates import (
     SOURCE_BITS,
+    Candidates,
     SourceList,
     cooc_source,
     focus_on_query,
     generate,
+    generate_many,
     merge,
+    merge_many,
     repeat_source,
 )
 from recsvc.config import DAY, CandidateConfig
@@ -156,3 +159,140 @@ def test_cooc_source_sums_seed_weight_times_similarity_over_all_seeds() -> None:
     got = cooc_source(seeds, weights, cooc, n=100)
     assert dict(zip(got.items.tolist(), got.scores.tolist())) == pytest.approx(expected)
     assert np.all(np.diff(got.scores) <= 0)
+
+
+_FIELDS = ("items", "sources", "ann_score", "ann_rank", "cooc_score", "repeat_score", "cf_rank")
+
+
+def _assert_same_candidates(got: Candidates, expected: Candidates) -> None:
+    for name in _FIELDS:
+        a, b = getattr(got, name), getattr(expected, name)
+        assert a.dtype == b.dtype, name
+        np.testing.assert_array_equal(a, b, err_msg=name)  # nan == nan here, bit-exact otherwise
+
+
+def _random_users(seed: int, n_users: int, n_items: int) -> dict[str, list]:
+    """Histories of mixed lengths (empty, short, longer than the seed window, repeats and ties),
+    each with an ANN list or none, some with session/query extras and cf lists."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list] = {
+        k: [] for k in ("histories", "ann", "ann_scores", "nows", "extras", "cf", "cf_scores")
+    }
+    for u in range(n_users):
+        length = int(rng.choice([0, 1, 5, 30, 120]))
+        items = rng.integers(0, 12 if u % 3 == 0 else n_items, length).astype(np.int32)  # u % 3: many repeats
+        ts = np.sort(rng.integers(NOW - 40 * DAY, NOW, length)).astype(np.int64)
+        if length > 3:
+            ts[1:3] = ts[1]  # equal timestamps
+        weights = rng.choice(np.array([1.0, 2.0, 8.0], np.float32), length)
+        out["histories"].append(UserHistory(items, ts, weights))
+        out["nows"].append(NOW - int(rng.integers(0, 2 * DAY)))
+        if rng.random() < 0.8:
+            ann = np.concatenate([rng.choice(n_items, 30, replace=False), [-1, -1]]).astype(np.int64)
+            scores = np.round(rng.random(len(ann)), 1).astype(np.float32)  # tied scores
+            out["ann"].append(ann)
+            out["ann_scores"].append(scores)
+        else:
+            out["ann"].append(None)
+            out["ann_scores"].append(None)
+        extras = []
+        if rng.random() < 0.3:
+            extras.append(_sl("session", rng.integers(0, n_items, 4).tolist()))
+        if rng.random() < 0.2:
+            extras.append(_sl("query", rng.integers(0, n_items, 6).tolist(), rng.random(6).tolist()))
+        out["extras"].append(extras)
+        has_cf = rng.random() < 0.5
+        out["cf"].append(rng.choice(n_items, 20, replace=False).astype(np.int32) if has_cf else None)
+        out["cf_scores"].append(np.sort(rng.random(20)).astype(np.float32)[::-1] if has_cf else None)
+    return out
+
+
+def _behaviour(seed: int, n_items: int) -> tuple[ItemStats, CoOccurrence]:
+    rng = np.random.default_rng(seed)
+    n = 3000
+    item = rng.integers(0, n_items, n)
+    user = rng.integers(0, 80, n)
+    ts = np.sort(rng.integers(NOW - 20 * DAY, NOW, n))
+    w = rng.choice(np.array([1.0, 2.0], np.float32), n)
+    return ItemStats.from_interactions(item, user, ts, w, n_items, NOW), CoOccurrence.from_interactions(
+        item, user, ts, w, n_items, NOW, neighbours=10
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_generate_many_equals_generate_for_each_user_bit_for_bit(seed: int) -> None:
+    n_items = 200
+    stats, cooc = _behaviour(seed, n_items)
+    users = _random_users(seed, 40, n_items)
+    cfg = CandidateConfig(ann=25, repeat=6, popular=15, cooccurrence=12, cf=10, max_candidates=60)
+    got = generate_many(
+        users["histories"],
+        ann_items=users["ann"],
+        ann_scores=users["ann_scores"],
+        stats=stats,
+        cooc=cooc,
+        cfg=cfg,
+        nows=users["nows"],
+        extras=users["extras"],
+        cf_items=users["cf"],
+        cf_scores=users["cf_scores"],
+    )
+    assert len(got) == 40
+    for i in range(40):
+        expected = generate(
+            users["histories"][i],
+            ann_items=users["ann"][i],
+            ann_scores=users["ann_scores"][i],
+            stats=stats,
+            cooc=cooc,
+            cfg=cfg,
+            now=users["nows"][i],
+            extra=users["extras"][i],
+            cf_items=users["cf"][i],
+            cf_scores=users["cf_scores"][i],
+        )
+        _assert_same_candidates(got[i], expected)
+
+
+def test_generate_many_without_any_history_or_ann_gives_everyone_popularity() -> None:
+    stats, cooc = _behaviour(3, 50)
+    got = generate_many(
+        [UserHistory.empty()] * 3,
+        ann_items=[None] * 3,
+        ann_scores=[None] * 3,
+        stats=stats,
+        cooc=cooc,
+        cfg=CandidateConfig(popular=7),
+        nows=[NOW] * 3,
+    )
+    assert [c.items.tolist() for c in got] == [stats.top_popular(7).tolist()] * 3
+
+
+def test_generate_many_rejects_inputs_of_different_lengths() -> None:
+    stats, cooc = _state()
+    with pytest.raises(ValueError, match="same length"):
+        generate_many(
+            [UserHistory.empty()],
+            ann_items=[],
+            ann_scores=[],
+            stats=stats,
+            cooc=cooc,
+            cfg=CandidateConfig(),
+            nows=[NOW],
+        )
+
+
+def test_merge_many_equals_merge_per_user_including_repeats_within_a_list() -> None:
+    per_user = [
+        [
+            _sl("popular", [1, 2, 3]),
+            _sl("ann", [8, 7, 8], [0.5, 0.4, 0.3]),
+            _sl("repeat", [9, 1], [2.0, 1.0]),
+        ],
+        [],
+        [_sl("cooc", [4, 4, 5], [0.1, 0.2, 0.3]), _sl("cf", [5, 6])],
+        [_sl("ann", [], [])],
+    ]
+    got = merge_many(per_user, 4)
+    for lists, candidates in zip(per_user, got):
+        _assert_same_candidates(candidates, merge(lists, 4))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from recsvc.server import ConfigError, load_config, main
+from recsvc.server import ConfigError, load_config, main, set_switch_interval
 
 
 def test_defaults_apply_without_file_or_environment() -> None:
@@ -102,3 +103,24 @@ def test_cli_help_explains_every_flag(capsys) -> None:
         "--workers",
     ):
         assert flag in out
+
+
+def test_negative_switch_interval_is_a_config_error_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match="switch_interval_ms"):
+        load_config(None, env={"RECSVC_SWITCH_INTERVAL_MS": "-1"})
+
+
+def test_switch_interval_is_set_in_milliseconds_and_zero_leaves_it() -> None:
+    before = sys.getswitchinterval()
+    try:
+        set_switch_interval(2.0)
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+        set_switch_interval(0.0)
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(before)
+
+
+def test_negative_batch_linger_is_a_config_error_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match="batch_linger_ms"):
+        load_config(None, env={"RECSVC_BATCH_LINGER_MS": "-0.5"})

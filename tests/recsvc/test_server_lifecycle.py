@@ -267,3 +267,24 @@ def test_one_dispatcher_answers_everything_queued_behind_a_busy_batch_in_one_bat
     assert together == alone
     # the dispatcher took the first request at once; the other five waited and went as one batch
     assert batches == 2
+
+
+def test_a_lingering_batcher_answers_every_request_with_the_same_items(root: Path, tmp_path: Path) -> None:
+    users = [f"user{i:03d}" for i in range(9)] + ["linger-unknown"]
+    config = serve_config(root, tmp_path, workers=1, max_batch=4, batch_dispatchers=1, batch_linger_ms=20.0)
+    with RunningServer(config) as server, server.client() as c:
+        alone = {u: [it.item_id for it in c.recommend(u, 5).items] for u in users}
+        sizes = server.server.metrics.registry
+        batches_before = sizes.get_sample_value("recsvc_batch_size_count") or 0.0
+        release = threading.Event()
+        server.server.executor.submit(release.wait, 10)  # the first batches fill up behind a busy worker
+        futures = [
+            c.stub.Recommend.future(pb.RecommendRequest(user_id=u, num_results=5), timeout=20) for u in users
+        ]
+        _wait_for(lambda: server.server.servicer.in_flight == len(users))
+        release.set()
+        together = {u: [it.item_id for it in f.result().items] for u, f in zip(users, futures)}
+        batches = (sizes.get_sample_value("recsvc_batch_size_count") or 0.0) - batches_before
+    assert together == alone
+    # 1 taken at once, two full batches of 4, then the last one after the dispatcher lingered
+    assert batches <= 4
