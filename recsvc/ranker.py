@@ -464,8 +464,12 @@ def _target_machine() -> tuple[Any, str]:
     except RuntimeError:  # LLVM cannot detect features on some hosts
         features = ""
     cpu = llvm.get_host_cpu_name()
+    # The large code model: MCJIT places code and constant sections wherever mmap puts them, and
+    # the small model's 32-bit PC-relative references to the constant pool overflow when those land
+    # more than 2 GB apart (an intermittent segfault on the first call, seen ~1 load in 3 with torch
+    # and faiss loaded). lleaves defaults to the large model for the same reason.
     machine = llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
-        cpu=cpu, features=features, opt=CODEGEN_OPT, reloc="pic", codemodel="small"
+        cpu=cpu, features=features, opt=CODEGEN_OPT, reloc="pic", codemodel="large"
     )
     return machine, f"{llvm.get_process_triple()} {cpu} {features} opt{CODEGEN_OPT}"
 
