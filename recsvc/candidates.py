@@ -223,7 +223,23 @@ def generate(
     dropped); `extra` carries request-specific sources (session, query) built by the caller;
     `cf_items`/`cf_scores` is this user's collaborative-filtering search (CFModel.search_many).
     """
-    lists: list[SourceList] = list(extra)
+    lists: list[SourceList] = list(extra) + _searched_lists(ann_items, ann_scores, cf_items, cf_scores, cfg)
+    lists.append(repeat_source(history, now, cfg.repeat, cfg.cooc_half_life_days))
+    seeds, seed_w = recent_seeds(history, now, cfg.cooc_half_life_days)
+    lists.append(cooc_source(seeds, seed_w, cooc, cfg.cooccurrence))
+    lists.append(popular_source(stats, cfg.popular))
+    return merge(lists, cfg.max_candidates)
+
+
+def _searched_lists(
+    ann_items: np.ndarray | None,
+    ann_scores: np.ndarray | None,
+    cf_items: np.ndarray | None,
+    cf_scores: np.ndarray | None,
+    cfg: CandidateConfig,
+) -> list[SourceList]:
+    """One user's ANN row (padding ids < 0 dropped) and cf row as source lists, capped by `cfg`."""
+    lists = []
     if ann_items is not None and ann_scores is not None:
         valid = np.asarray(ann_items) >= 0
         lists.append(
@@ -241,11 +257,7 @@ def generate(
                 np.asarray(cf_scores)[: cfg.cf].astype(np.float32),
             )
         )
-    lists.append(repeat_source(history, now, cfg.repeat, cfg.cooc_half_life_days))
-    seeds, seed_w = recent_seeds(history, now, cfg.cooc_half_life_days)
-    lists.append(cooc_source(seeds, seed_w, cooc, cfg.cooccurrence))
-    lists.append(popular_source(stats, cfg.popular))
-    return merge(lists, cfg.max_candidates)
+    return lists
 
 
 # ------------------------------------------------------------------ many users at once
@@ -286,26 +298,13 @@ def generate_many(
     per_user: list[list[SourceList]] = []
     for u in range(n_users):
         lists: list[SourceList] = list(extras[u]) if extras is not None else []
-        items, scores = ann_items[u], ann_scores[u]
-        if items is not None and scores is not None:
-            valid = np.asarray(items) >= 0
-            lists.append(
-                SourceList(
-                    "ann",
-                    np.asarray(items)[valid][: cfg.ann].astype(np.int32),
-                    np.asarray(scores)[valid][: cfg.ann].astype(np.float32),
-                )
-            )
-        if cf_items is not None and cf_scores is not None and cfg.cf > 0:
-            items, scores = cf_items[u], cf_scores[u]
-            if items is not None and scores is not None:
-                lists.append(
-                    SourceList(
-                        "cf",
-                        np.asarray(items)[: cfg.cf].astype(np.int32),
-                        np.asarray(scores)[: cfg.cf].astype(np.float32),
-                    )
-                )
+        lists += _searched_lists(
+            ann_items[u],
+            ann_scores[u],
+            cf_items[u] if cf_items is not None and cf_scores is not None else None,
+            cf_scores[u] if cf_items is not None and cf_scores is not None else None,
+            cfg,
+        )
         lists += [repeat[u], cooc_lists[u], popular]
         per_user.append(lists)
     return merge_many(per_user, cfg.max_candidates)
