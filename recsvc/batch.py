@@ -453,10 +453,8 @@ def _completed(
             yield result
 
 
-# Set in each forked worker by _start_worker: the chunk function (inherited, never pickled) and
-# the thread limits it keeps for its whole life.
+# Set in each forked worker by _start_worker: the chunk function (inherited, never pickled).
 _worker_rank_chunk: RankChunk | None = None
-_worker_limits: object = None
 
 
 def _start_worker(rank_chunk: RankChunk, parent_pid: int) -> None:
@@ -467,7 +465,7 @@ def _start_worker(rank_chunk: RankChunk, parent_pid: int) -> None:
     - A killed parent must not leave workers computing for nobody (Linux: PR_SET_PDEATHSIG).
     - Ctrl-C reaches the whole process group; the parent alone handles it and terminates us.
     """
-    global _worker_rank_chunk, _worker_limits
+    global _worker_rank_chunk
     _worker_rank_chunk = rank_chunk
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
@@ -481,7 +479,7 @@ def _start_worker(rank_chunk: RankChunk, parent_pid: int) -> None:
     from threadpoolctl import threadpool_limits
 
     faiss.omp_set_num_threads(1)
-    _worker_limits = threadpool_limits(limits=1)  # every BLAS and OpenMP runtime, for life
+    threadpool_limits(limits=1)  # every BLAS and OpenMP runtime; not restored, the worker's for life
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
 
