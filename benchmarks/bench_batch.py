@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from recsvc import bundle as bundle_mod  # noqa: E402
-from recsvc.batch import BatchSummary, run_batch, thread_budget, usable_cores  # noqa: E402
+from recsvc.batch import run_batch, thread_budget, usable_cores  # noqa: E402
 from recsvc.client import RecsvcClient  # noqa: E402
 from recsvc.config import ServeConfig, to_dict  # noqa: E402
 from recsvc.recommender import Recommender, RecommendRequest  # noqa: E402
@@ -159,14 +159,14 @@ def _own_and_children_cpu() -> float:
 
 def batch_phase(
     recommender: Recommender, users: list[str], out: Path, args: argparse.Namespace, workers: int
-) -> tuple[Phase, BatchSummary]:
+) -> Phase:
     cpu = _own_and_children_cpu()
     summary = run_batch(
         recommender, users, out, k=args.k, chunk_size=args.chunk_size, workers=workers, progress=False
     )
     cpu = _own_and_children_cpu() - cpu
     name = f"recsvc-batch x{workers} process{'es' if workers > 1 else ''}"
-    return Phase(name, summary.users, summary.seconds, cpu, os.getloadavg()[0]), summary
+    return Phase(name, summary.users, summary.seconds, cpu, os.getloadavg()[0])
 
 
 def grpc_phase(
@@ -350,8 +350,7 @@ def measure(args: argparse.Namespace, bundle_dir: Path) -> int:
                 phases = []
                 for workers in batch_workers:
                     out = work / f"candidates-{r}-{workers}.parquet"
-                    phase, _ = batch_phase(recommender, users, out, args, workers)
-                    phases.append(phase)
+                    phases.append(batch_phase(recommender, users, out, args, workers))
                 seq, seq_answers = grpc_phase(server, grpc_users, args.k, 1)
                 phases.append(seq)
                 for concurrency in args.concurrency:
