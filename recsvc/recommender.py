@@ -123,7 +123,9 @@ class _Prepared:
     user_vec: np.ndarray | None
     query_vec: np.ndarray | None
     allowed: np.ndarray | None  # item mask from attribute filters, None = all
-    cf_vec: np.ndarray | None = None  # ALS user factor folded in from `history`
+    cf_vec: np.ndarray | None  # ALS user factor folded in from `history`
+    # items the request may not get: its exclusions, plus everything it has under repeat_policy=exclude
+    blocked: np.ndarray
 
 
 def _anonymous(p: _Prepared) -> bool:
@@ -399,24 +401,24 @@ class Recommender:
         query_vec = self._encode_query(req.query) if req.query and req.query.strip() else None
         allowed = self.catalog.filter_mask(req.include_attributes, req.exclude_attributes)
         cf_vec = self.bundle.cf.user_factor(history, now) if self.bundle.cf is not None else None
-        return _Prepared(req, now, history, session_idx, unknown, user_vec, query_vec, allowed, cf_vec)
+        blocked = self._blocked(req.exclude_items)
+        if req.repeat_policy == "exclude":
+            blocked = np.union1d(blocked, history.items).astype(np.int32)
+        return _Prepared(
+            req, now, history, session_idx, unknown, user_vec, query_vec, allowed, cf_vec, blocked
+        )
 
     def _search_many(
-        self, vectors: Sequence[np.ndarray | None], depth: int, allowed: np.ndarray | None = None
+        self, vectors: Sequence[np.ndarray | None], depth: int
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """One FAISS search for all present vectors (only `allowed` items when given); scores
-        recomputed exactly, ties by item index."""
+        """One FAISS search for all present vectors; scores recomputed exactly, ties by item index."""
         empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
         rows = [i for i, v in enumerate(vectors) if v is not None]
         out: list[tuple[np.ndarray, np.ndarray]] = [empty] * len(vectors)
         if not rows or depth <= 0:
             return out
         queries = np.vstack([np.asarray(vectors[i], dtype=np.float32) for i in rows])
-        depth = min(depth, len(self.catalog))
-        if allowed is None:
-            _, ids = self.bundle.index.search(queries, depth)
-        else:
-            _, ids = self.bundle.index.search_with_filter(queries, depth, allowed=allowed)
+        _, ids = self.bundle.index.search(queries, min(depth, len(self.catalog)))
         for row, found in zip(rows, np.asarray(ids)):
             found = found[found >= 0].astype(np.int32)
             exact = self.item_emb[found] @ np.asarray(vectors[row], dtype=np.float32)
@@ -455,43 +457,39 @@ class Recommender:
         """
         if not self.config.cold_pool:
             return cands
-        todo = [
-            i for i, p in enumerate(prepared) if self._cold_slots(p) > 0 and self._cold_queries(p) is not None
-        ]
+        slots = {i: self._cold_slots(p) for i, p in enumerate(prepared)}
+        queries = {i: self._cold_queries(p) for i, p in enumerate(prepared) if slots[i] > 0}
+        todo = [i for i, q in queries.items() if q is not None]
         if not todo:
             return cands
         t = time.perf_counter()
         never_seen = self.bundle.item_stats.never_seen()
         out = list(cands)
-        blocked = {i: self._blocked_for(prepared[i]) for i in todo}
         shared = [i for i in todo if prepared[i].allowed is None]
         found: dict[int, np.ndarray] = {}
         if shared and never_seen.any():
-            queries = [self._cold_queries(prepared[i]) for i in shared]
-            extra = max(int(never_seen[blocked[i]].sum()) for i in shared)
-            depth = min(max(self._cold_slots(prepared[i]) for i in shared) + extra, MAX_FILTERED_DEPTH)
+            extra = max(int(never_seen[prepared[i].blocked].sum()) for i in shared)
+            depth = min(max(slots[i] for i in shared) + extra, MAX_FILTERED_DEPTH)
             _, ids = self.bundle.index.search_with_filter(
-                np.vstack(queries), depth, allowed=never_seen, effort=self.config.cold_pool_effort
+                np.vstack([queries[i] for i in shared]),
+                depth,
+                allowed=never_seen,
+                effort=self.config.cold_pool_effort,
             )
-            bounds = np.cumsum([0] + [len(q) for q in queries])
+            bounds = np.cumsum([0] + [len(queries[i]) for i in shared])
             for i, a, b in zip(shared, bounds[:-1], bounds[1:]):
                 rows = np.asarray(ids)[a:b]
-                keep = (rows >= 0) & ~np.isin(rows, blocked[i])
-                slots = self._cold_slots(prepared[i])
-                found[i] = np.concatenate([row[k][:slots] for row, k in zip(rows, keep)])
+                keep = (rows >= 0) & ~np.isin(rows, prepared[i].blocked)
+                found[i] = np.concatenate([row[k][: slots[i]] for row, k in zip(rows, keep)])
         for i in todo:
             p = prepared[i]
-            if i in shared:
+            if p.allowed is None or not (allowed := never_seen & p.allowed).any():
                 continue
-            allowed = never_seen & p.allowed
-            if not allowed.any():
-                continue
-            depth = min(self._cold_slots(p), MAX_FILTERED_DEPTH)
             _, ids = self.bundle.index.search_with_filter(
-                self._cold_queries(p),
-                depth,
+                queries[i],
+                min(slots[i], MAX_FILTERED_DEPTH),
                 allowed=allowed,
-                excluded=blocked[i].tolist(),
+                excluded=p.blocked.tolist(),
                 effort=self.config.cold_pool_effort,
             )
             found[i] = np.asarray(ids).ravel()
@@ -516,13 +514,6 @@ class Recommender:
         vector = p.user_vec if p.user_vec is not None else p.query_vec
         return None if vector is None else np.asarray(vector, dtype=np.float32)[None, :]
 
-    def _blocked_for(self, p: _Prepared) -> np.ndarray:
-        """Items the request may not get: its exclusions, plus everything it has under repeat_policy=exclude."""
-        blocked = self._blocked(p.req.exclude_items)
-        if p.req.repeat_policy == "exclude":
-            blocked = np.union1d(blocked, p.history.items).astype(np.int32)
-        return blocked
-
     def _candidates(
         self,
         p: _Prepared,
@@ -539,7 +530,7 @@ class Recommender:
         (FAISS filtered search), and if the catalogue still has allowed items left, the most popular
         of them fill up to k, so k results come back whenever the catalogue allows.
         """
-        blocked = self._blocked_for(p)
+        blocked = p.blocked
         cfg = self.cand_cfg
         cands = self._filtered(generated, p.allowed, blocked, timings)
         if p.query_vec is not None:
