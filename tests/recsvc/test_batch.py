@@ -60,6 +60,21 @@ def full_output(
     return pl.read_parquet(out)
 
 
+def _interrupt_after(n: int, recommender: Recommender, users: list[str], out: Path, **options) -> list[int]:
+    """run_batch stopped by an exception from on_chunk_done at the n-th finished chunk; the chunk
+    indices reported before the stop, in order."""
+    done: list[int] = []
+
+    def stop_after_n(index: int) -> None:
+        done.append(index)
+        if len(done) == n:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_batch(recommender, users, out, k=K, progress=False, on_chunk_done=stop_after_n, **options)
+    return done
+
+
 def _online(recommender: Recommender, user: str) -> list[tuple[str, float, str]]:
     res = recommender.recommend(RecommendRequest(user_id=user, k=K))
     return [(it.item_id, float(np.float32(it.score)), ",".join(it.sources)) for it in res.items]
@@ -140,15 +155,7 @@ def test_interrupted_job_resumes_without_recomputing_or_duplicating(
     recommender: Recommender, users: list[str], full_output: pl.DataFrame, tmp_path: Path
 ) -> None:
     out = tmp_path / "c.parquet"
-    done: list[int] = []
-
-    def stop_after_three(index: int) -> None:
-        done.append(index)
-        if len(done) == 3:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        run_batch(recommender, users, out, k=K, chunk_size=7, progress=False, on_chunk_done=stop_after_three)
+    _interrupt_after(3, recommender, users, out, chunk_size=7)
     assert not out.exists()
     finished = sorted(p.name for p in parts_dir(out).glob("part-*.parquet"))
     assert finished == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
@@ -165,12 +172,7 @@ def test_interrupted_job_resumes_without_recomputing_or_duplicating(
 
 def test_resume_with_different_options_is_refused(recommender: Recommender, users, tmp_path: Path) -> None:
     out = tmp_path / "c.parquet"
-
-    def stop(_: int) -> None:
-        raise Interrupted
-
-    with pytest.raises(Interrupted):
-        run_batch(recommender, users, out, k=K, chunk_size=7, progress=False, on_chunk_done=stop)
+    _interrupt_after(1, recommender, users, out, chunk_size=7)
     with pytest.raises(BatchError, match=r"different options \(k\)"):
         run_batch(recommender, users, out, k=K + 1, chunk_size=7, progress=False)
 
@@ -204,24 +206,7 @@ def test_job_interrupted_with_worker_processes_resumes_to_the_same_output(
     recommender: Recommender, users: list[str], full_output: pl.DataFrame, tmp_path: Path
 ) -> None:
     out = tmp_path / "c.parquet"
-    done: list[int] = []
-
-    def stop_after_two(index: int) -> None:
-        done.append(index)
-        if len(done) == 2:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        run_batch(
-            recommender,
-            users,
-            out,
-            k=K,
-            chunk_size=7,
-            workers=2,
-            progress=False,
-            on_chunk_done=stop_after_two,
-        )
+    done = _interrupt_after(2, recommender, users, out, chunk_size=7, workers=2)
     assert not out.exists()
     on_disk = {int(p.stem.split("-")[1]) for p in parts_dir(out).glob("part-*.parquet")}
     assert on_disk == set(done)  # the parent writes a part before reporting it, nothing more
