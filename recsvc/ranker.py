@@ -9,9 +9,10 @@ no C compiler needed) into branchless SIMD code: each split is one vector compar
 each tree a nested select, so a request's few hundred candidate rows cost a fraction of stock predict
 (and of lleaves' branchy per-row code, which this replaced: see benchmarks/bench_ranker.py). Scores
 are bit-identical to LightGBM: same comparisons, tree outputs summed in model order. The compiled
-object is cached on disk keyed by the generated IR and the host CPU, so a reload is instant. The fast
-path is only used after it reproduced `Booster.predict` on a probe that hits split thresholds
-exactly, NaNs and zeros; an unsupported model or any failure falls back to stock predict.
+object is cached on disk keyed by the model text, the code generator's source and the host CPU, so a
+reload skips code generation. The fast path is only used after it reproduced `Booster.predict` on a
+probe that hits split thresholds exactly, NaNs and zeros; an unsupported model or any failure falls
+back to stock predict.
 """
 
 from __future__ import annotations
