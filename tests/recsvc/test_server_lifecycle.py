@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2
 
 from recsvc import bundle as bundle_store
 from recsvc.client import RecsvcClient, event
+from recsvc.config import ServeConfig
 from recsvc.v1 import recommender_pb2 as pb
 from tests.helpers.running_server import (
     FIRST_VERSION,
@@ -227,9 +228,12 @@ def test_client_wait_until_serving_times_out_against_an_empty_root(tmp_path: Pat
         c.wait_until_serving(timeout=0.3)
 
 
-def test_concurrent_requests_are_batched_without_changing_any_answer(root: Path, tmp_path: Path) -> None:
-    users = [f"user{i:03d}" for i in range(6)] + ["batch-unknown"]
-    with RunningServer(serve_config(root, tmp_path, workers=1, max_batch=8)) as server, server.client() as c:
+def _piled_up_behind_a_busy_worker(
+    config: ServeConfig, users: list[str]
+) -> tuple[dict[str, list[str]], dict[str, list[str]], float]:
+    """Each user's answer alone, then all users sent at once while the only worker is busy:
+    (answers alone, answers together, recommend_many batches the concurrent round took)."""
+    with RunningServer(config) as server, server.client() as c:
         alone = {u: [it.item_id for it in c.recommend(u, 5).items] for u in users}
         sizes = server.server.metrics.registry
         batches_before = sizes.get_sample_value("recsvc_batch_size_count") or 0.0
@@ -242,6 +246,13 @@ def test_concurrent_requests_are_batched_without_changing_any_answer(root: Path,
         release.set()
         together = {u: [it.item_id for it in f.result().items] for u, f in zip(users, futures)}
         batches = (sizes.get_sample_value("recsvc_batch_size_count") or 0.0) - batches_before
+    return alone, together, batches
+
+
+def test_concurrent_requests_are_batched_without_changing_any_answer(root: Path, tmp_path: Path) -> None:
+    users = [f"user{i:03d}" for i in range(6)] + ["batch-unknown"]
+    config = serve_config(root, tmp_path, workers=1, max_batch=8)
+    alone, together, batches = _piled_up_behind_a_busy_worker(config, users)
     assert together == alone
     assert batches < len(users)  # fewer recommend_many calls than requests
 
@@ -251,19 +262,7 @@ def test_one_dispatcher_answers_everything_queued_behind_a_busy_batch_in_one_bat
 ) -> None:
     users = [f"user{i:03d}" for i in range(6)]
     config = serve_config(root, tmp_path, workers=1, max_batch=8, batch_dispatchers=1)
-    with RunningServer(config) as server, server.client() as c:
-        alone = {u: [it.item_id for it in c.recommend(u, 5).items] for u in users}
-        sizes = server.server.metrics.registry
-        batches_before = sizes.get_sample_value("recsvc_batch_size_count") or 0.0
-        release = threading.Event()
-        server.server.executor.submit(release.wait, 10)
-        futures = [
-            c.stub.Recommend.future(pb.RecommendRequest(user_id=u, num_results=5), timeout=20) for u in users
-        ]
-        _wait_for(lambda: server.server.servicer.in_flight == len(users))
-        release.set()
-        together = {u: [it.item_id for it in f.result().items] for u, f in zip(users, futures)}
-        batches = (sizes.get_sample_value("recsvc_batch_size_count") or 0.0) - batches_before
+    alone, together, batches = _piled_up_behind_a_busy_worker(config, users)
     assert together == alone
     # the dispatcher took the first request at once; the other five waited and went as one batch
     assert batches == 2
@@ -272,19 +271,7 @@ def test_one_dispatcher_answers_everything_queued_behind_a_busy_batch_in_one_bat
 def test_a_lingering_batcher_answers_every_request_with_the_same_items(root: Path, tmp_path: Path) -> None:
     users = [f"user{i:03d}" for i in range(9)] + ["linger-unknown"]
     config = serve_config(root, tmp_path, workers=1, max_batch=4, batch_dispatchers=1, batch_linger_ms=20.0)
-    with RunningServer(config) as server, server.client() as c:
-        alone = {u: [it.item_id for it in c.recommend(u, 5).items] for u in users}
-        sizes = server.server.metrics.registry
-        batches_before = sizes.get_sample_value("recsvc_batch_size_count") or 0.0
-        release = threading.Event()
-        server.server.executor.submit(release.wait, 10)  # the first batches fill up behind a busy worker
-        futures = [
-            c.stub.Recommend.future(pb.RecommendRequest(user_id=u, num_results=5), timeout=20) for u in users
-        ]
-        _wait_for(lambda: server.server.servicer.in_flight == len(users))
-        release.set()
-        together = {u: [it.item_id for it in f.result().items] for u, f in zip(users, futures)}
-        batches = (sizes.get_sample_value("recsvc_batch_size_count") or 0.0) - batches_before
+    alone, together, batches = _piled_up_behind_a_busy_worker(config, users)
     assert together == alone
     # 1 taken at once, two full batches of 4, then the last one after the dispatcher lingered
     assert batches <= 4
