@@ -349,7 +349,7 @@ class _VectorBlock:
     """
 
     def __init__(self, ir: Any, builder: Any, x: Any, rows: list[Any], n_features: int) -> None:
-        self.ir, self.b, self.x, self.n_features = ir, builder, x, n_features
+        self.ir, self.b, self.x = ir, builder, x
         self.f64 = ir.DoubleType()
         self.vec = ir.VectorType(self.f64, LANES)
         self.single = x.type.pointee == ir.FloatType()
