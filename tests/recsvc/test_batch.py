@@ -251,29 +251,31 @@ def test_shards_partition_the_users_exactly_once() -> None:
     assert in_shard(users, Shard(2, 4)) == shards[2]  # stable
 
 
-def test_shards_times_worker_processes_cover_each_user_exactly_once(
-    recommender: Recommender, users, full_output: pl.DataFrame, tmp_path: Path
+@pytest.mark.parametrize(
+    ("n_shards", "workers", "chunk_size"),
+    [(3, 1, 7), (2, 2, 4)],
+    ids=["3 shards in one process", "2 shards x 2 worker processes"],
+)
+def test_sharded_outputs_cover_each_user_once_and_together_equal_the_full_output(
+    recommender: Recommender, users, full_output: pl.DataFrame, tmp_path: Path, n_shards, workers, chunk_size
 ) -> None:
     frames = []
-    for i in range(2):
+    for i in range(n_shards):
         out = tmp_path / f"c-{i}.parquet"
-        run_batch(recommender, users, out, k=K, chunk_size=4, shard=Shard(i, 2), workers=2, progress=False)
+        run_batch(
+            recommender,
+            users,
+            out,
+            k=K,
+            chunk_size=chunk_size,
+            shard=Shard(i, n_shards),
+            workers=workers,
+            progress=False,
+        )
         frames.append(pl.read_parquet(out))
     per_shard_users = [set(f["user_id"].unique().to_list()) for f in frames]
-    assert not per_shard_users[0] & per_shard_users[1]
-    assert per_shard_users[0] | per_shard_users[1] == set(users)
-    combined = pl.concat(frames).sort(["user_id", "rank"])
-    assert combined.equals(full_output.sort(["user_id", "rank"]))
-
-
-def test_sharded_outputs_together_equal_the_full_output(
-    recommender: Recommender, users, full_output: pl.DataFrame, tmp_path: Path
-) -> None:
-    frames = []
-    for i in range(3):
-        out = tmp_path / f"c-{i}.parquet"
-        run_batch(recommender, users, out, k=K, chunk_size=7, shard=Shard(i, 3), progress=False)
-        frames.append(pl.read_parquet(out))
+    assert sum(map(len, per_shard_users)) == len(set().union(*per_shard_users))  # pairwise disjoint
+    assert set().union(*per_shard_users) == set(users)
     combined = pl.concat(frames).sort(["user_id", "rank"])
     assert combined.equals(full_output.sort(["user_id", "rank"]))
 
