@@ -174,21 +174,20 @@ class Split:
         return (self.decision_type >> 2) & 3
 
 
-def model_splits(model_text: str) -> list[Split]:
-    """Every split node of every tree, parsed from the text model (no pandas needed)."""
-    out: list[Split] = []
-    tree: dict[str, list[str]] = {}
+def _model_sections(model_text: str) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """The `key=value` lines of a LightGBM text model: the header's, then one dict per tree."""
+    header: dict[str, str] = {}
+    trees: list[dict[str, str]] = []
     for line in model_text.splitlines():
-        key, _, value = line.partition("=")
-        if key in ("split_feature", "threshold", "decision_type"):
-            tree[key] = value.split()
-        if len(tree) == 3:
-            out.extend(
-                Split(int(f), float(t), int(d))
-                for f, t, d in zip(tree["split_feature"], tree["threshold"], tree["decision_type"])
-            )
-            tree = {}
-    return out
+        if line.startswith("Tree="):
+            trees.append({})
+            continue
+        if line.startswith("end of trees"):
+            break
+        key, sep, value = line.partition("=")
+        if sep:
+            (trees[-1] if trees else header)[key] = value
+    return header, trees
 
 
 def threshold_probe(booster: lgb.Booster, n_rows: int = PROBE_ROWS, seed: int = 0) -> np.ndarray:
@@ -200,8 +199,9 @@ def threshold_probe(booster: lgb.Booster, n_rows: int = PROBE_ROWS, seed: int = 
     """
     n_features = booster.num_feature()
     per_feature: list[list[float]] = [[] for _ in range(n_features)]
-    for split in model_splits(booster.model_to_string()):
-        per_feature[split.feature].append(split.threshold)
+    for tree in _model_sections(booster.model_to_string())[1]:
+        for f, t in zip(tree.get("split_feature", "").split(), tree.get("threshold", "").split()):
+            per_feature[int(f)].append(float(t))
     rng = np.random.default_rng(seed)
     probe = rng.normal(size=(n_rows, n_features)).astype(np.float32)
     for f, thresholds in enumerate(per_feature):
@@ -241,17 +241,7 @@ def parse_forest(model_text: str) -> tuple[int, list[Tree]]:
     trees, several trees per iteration, averaged or transformed outputs), so serving stays on
     stock predict instead of answering differently.
     """
-    header: dict[str, str] = {}
-    raw_trees: list[dict[str, str]] = []
-    for line in model_text.splitlines():
-        if line.startswith("Tree="):
-            raw_trees.append({})
-            continue
-        if line.startswith("end of trees"):
-            break
-        key, sep, value = line.partition("=")
-        if sep:
-            (raw_trees[-1] if raw_trees else header)[key] = value
+    header, raw_trees = _model_sections(model_text)
     objective = header.get("objective", "").strip()
     if objective not in IDENTITY_OBJECTIVES:
         raise UnsupportedModelError(f"objective {objective!r} transforms raw scores")
