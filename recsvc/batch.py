@@ -55,6 +55,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
+from recsvc.compute_threads import limit_compute_threads
 from recsvc.config import BatchConfig, ServeConfig
 from recsvc.experiments import unit_hash
 
@@ -475,13 +476,7 @@ def _start_worker(rank_chunk: RankChunk, parent_pid: int) -> None:
         ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(1)
-    import faiss
-    from threadpoolctl import threadpool_limits
-
-    faiss.omp_set_num_threads(1)
-    threadpool_limits(limits=1)  # every BLAS and OpenMP runtime; not restored, the worker's for life
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
+    limit_compute_threads(1)
 
 
 def _run_chunk(item: tuple[int, list[str]]) -> tuple[int, ChunkRows]:

@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from recsvc.compute_threads import limit_compute_threads
 from recsvc.config import ServeConfig, from_dict
 from recsvc.events import EventStore, EventStoreError
 from recsvc.experiments import ExperimentConfigError, ExperimentRouter
@@ -154,29 +155,6 @@ def _check(cfg: ServeConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- server
-
-
-def limit_compute_threads(threads: int) -> None:
-    """Cap FAISS OpenMP, BLAS and torch intra-op threads (process-wide) for request serving.
-
-    Requests run concurrently on `workers` threads; letting each FAISS search or matrix product
-    fan out over every core as well oversubscribes the CPU and turns a 0.2 ms search into
-    several ms of lock-step waiting under load.
-    """
-    if threads <= 0:
-        return
-    import torch
-
-    from recsvc.retrieval import set_threads
-
-    set_threads(threads)
-    torch.set_num_threads(threads)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: without it BLAS keeps its own default
-        log.info("threadpoolctl not installed; BLAS thread count left as is")
-        return
-    threadpool_limits(limits=threads)
 
 
 def set_switch_interval(ms: float) -> None:

@@ -1,0 +1,25 @@
+"""Process-wide caps on the maths libraries' thread pools (FAISS OpenMP, BLAS/OpenMP, torch).
+
+Why one place: the server runs requests concurrently on worker threads and `recsvc-batch` runs
+forked worker processes; in both, letting each FAISS search or matrix product also fan out over
+every core oversubscribes the CPU (a 0.2 ms search turns into several ms of lock-step waiting),
+and a forked child that enters an OpenMP region served by the parent's thread pool hangs.
+Kept free of grpc so a batch worker can call it without importing the server stack.
+"""
+
+from __future__ import annotations
+
+
+def limit_compute_threads(threads: int) -> None:
+    """Cap FAISS OpenMP, every BLAS/OpenMP runtime and torch intra-op threads at `threads`
+    (0 or less: leave the libraries' defaults). Not restored: the cap is for the process's life."""
+    if threads <= 0:
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from recsvc.retrieval import set_threads
+
+    set_threads(threads)
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)
