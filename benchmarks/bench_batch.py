@@ -99,17 +99,13 @@ class ServerProcess:
 
     def wait_until_serving(self, timeout: float) -> None:
         """Health SERVING, or a clear error as soon as the server process has died."""
-        deadline = time.monotonic() + timeout
         with RecsvcClient(self.target, timeout=10.0) as probe:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"recsvc-serve exited with code {self.proc.returncode} before serving")
-                try:
-                    probe.wait_until_serving(timeout=2.0)
-                    return
-                except TimeoutError:
-                    if time.monotonic() > deadline:
-                        raise
+            try:
+                probe.wait_until_serving(timeout=timeout, alive=lambda: self.proc.poll() is None)
+            except RuntimeError:
+                raise RuntimeError(
+                    f"recsvc-serve exited with code {self.proc.returncode} before serving"
+                ) from None
 
     def stop(self) -> None:
         self.proc.terminate()

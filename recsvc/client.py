@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -161,11 +161,18 @@ class RecsvcClient:
         resp = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._t(timeout))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
-    def wait_until_serving(self, timeout: float = 30.0) -> None:
-        """Poll health until SERVING; TimeoutError otherwise (used by scripts and tests)."""
+    def wait_until_serving(self, timeout: float = 30.0, alive: Callable[[], bool] | None = None) -> None:
+        """Poll health until SERVING; TimeoutError otherwise (used by scripts and tests).
+
+        `alive` (e.g. `lambda: proc.poll() is None` for a server the caller started) is checked
+        before each poll, so a server that died while starting fails at once with RuntimeError
+        instead of after the whole timeout.
+        """
         deadline = time.monotonic() + timeout
         last = "UNKNOWN"
         while time.monotonic() < deadline:
+            if alive is not None and not alive():
+                raise RuntimeError(f"the server for {self.target} exited before it was SERVING")
             try:
                 last = self.health(timeout=1.0)
                 if last == "SERVING":

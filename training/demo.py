@@ -18,7 +18,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -61,20 +60,6 @@ def _show(title: str, response: object, titles: dict[str, str]) -> None:
         )
 
 
-def _wait_serving(client: object, proc: subprocess.Popen[bytes], timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"recsvc-serve exited early with status {proc.returncode}")
-        try:
-            if client.health(timeout=1.0) == "SERVING":  # type: ignore[attr-defined]
-                return
-        except Exception:  # the port is not open yet
-            pass
-        time.sleep(0.5)
-    raise SystemExit("recsvc-serve did not report SERVING in time")
-
-
 def query_server(workdir: Path, data_dir: Path, bundles: Path) -> None:
     from recsvc.client import RecsvcClient, event
 
@@ -102,7 +87,10 @@ def query_server(workdir: Path, data_dir: Path, bundles: Path) -> None:
     proc = subprocess.Popen(cmd)
     try:
         with RecsvcClient(f"127.0.0.1:{port}", timeout=30.0) as client:
-            _wait_serving(client, proc)
+            try:
+                client.wait_until_serving(timeout=180.0, alive=lambda: proc.poll() is None)
+            except (RuntimeError, TimeoutError) as exc:
+                raise SystemExit(f"recsvc-serve did not start (exit status {proc.poll()}): {exc}") from None
             info = client.model_info()
             print(f"\nserving bundle {info.version} with {info.item_count} items")
             print(f"\nknown user {known_user}: last items bought/viewed:")

@@ -228,6 +228,16 @@ def test_client_wait_until_serving_times_out_against_an_empty_root(tmp_path: Pat
         c.wait_until_serving(timeout=0.3)
 
 
+def test_client_wait_until_serving_fails_at_once_when_the_server_is_no_longer_alive(tmp_path: Path) -> None:
+    empty = tmp_path / "bundles"
+    empty.mkdir()
+    with RunningServer(serve_config(empty, tmp_path)) as server, RecsvcClient(server.target) as c:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="exited before it was SERVING"):
+            c.wait_until_serving(timeout=30.0, alive=lambda: False)
+        assert time.monotonic() - started < 5.0  # not the whole timeout
+
+
 def _piled_up_behind_a_busy_worker(
     config: ServeConfig, users: list[str]
 ) -> tuple[dict[str, list[str]], dict[str, list[str]], float]:
