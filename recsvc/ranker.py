@@ -308,24 +308,25 @@ def float32_at_most(value: float) -> float:
     return float(rounded)
 
 
-def _goes_left(b: Any, x: Any, split: Split, splat: Any) -> Any:
+def _goes_left(b: Any, x: Any, split: Split, constant: Any) -> Any:
     """LightGBM's NumericalDecision for SIMD lanes of raw values `x`, as one or two compares.
 
     Unordered compares (`ule`) are true for NaN, ordered ones (`ole`) false, which encodes where a
     NaN goes: missing type NaN sends it to the default side; None reads it as 0 (so it goes left
-    iff 0 <= t); Zero sends NaN and |x| <= kZ to the default side.
+    iff 0 <= t); Zero sends NaN and |x| <= kZ to the default side. `constant(v)` is v as a
+    comparison vector in x's type (`_VectorBlock.bound`, not the double `splat`).
     """
     t = kernel_threshold(split.threshold)
     default_left = bool(split.decision_type & 2)
-    bound = splat(t)
+    bound = constant(t)
     if split.missing_type == 0:
         nan_left = t >= 0.0
     elif split.missing_type == 2:
         nan_left = default_left
     else:
         tiny = b.and_(
-            b.fcmp_ordered(">=", x, splat(-K_ZERO_THRESHOLD)),
-            b.fcmp_ordered("<=", x, splat(K_ZERO_THRESHOLD)),
+            b.fcmp_ordered(">=", x, constant(-K_ZERO_THRESHOLD)),
+            b.fcmp_ordered("<=", x, constant(K_ZERO_THRESHOLD)),
         )
         if default_left:
             le = b.fcmp_unordered("<=", x, bound)
