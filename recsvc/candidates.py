@@ -30,6 +30,7 @@ SOURCE_NAMES: tuple[str, ...] = tuple(SOURCE_BITS)
 NAMES_BY_BITS: tuple[tuple[str, ...], ...] = tuple(
     tuple(name for name, bit in SOURCE_BITS.items() if bits & bit) for bits in range(2 ** len(SOURCE_BITS))
 )
+BITS_BY_NAMES: dict[tuple[str, ...], int] = {names: bits for bits, names in enumerate(NAMES_BY_BITS)}
 # Order in which sources are kept when the union exceeds max_candidates (most specific first).
 SOURCE_PRIORITY: tuple[str, ...] = ("session", "query", "repeat", "ann", "cf", "cooc", "popular")
 # Recent history items whose co-occurrence neighbours are proposed.

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from recsvc.candidates import (
+    BITS_BY_NAMES,
+    NAMES_BY_BITS,
     SOURCE_BITS,
     Candidates,
     SourceList,
@@ -34,6 +36,7 @@ from recsvc.candidates import (
     generate_many,
     merge,
 )
+from recsvc.cold_pool import COLD_NEIGHBOURS_DEPTH, ColdNeighbours
 from recsvc.cold_slots import cold_slot_count, with_cold_slots
 from recsvc.config import CandidateConfig, RecommenderConfig
 from recsvc.features import HISTORY_COS_ITEMS, build_features_many, feature_index, pairwise_dot, tower_inputs
@@ -102,13 +105,96 @@ class ScoredItem:
     explanation: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
+class RankedColumns:
+    """A result's items as columns, best first: what bulk consumers (recsvc-batch) read."""
+
+    item_ids: np.ndarray  # object [k] of str
+    scores: np.ndarray  # float64 [k]
+    source_bits: np.ndarray  # uint8 [k], SOURCE_BITS of the sources that proposed each item
+    explanations: list[str | None] | None = None  # None = no explanations asked for
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def scored_items(self) -> list[ScoredItem]:
+        explanations = self.explanations if self.explanations is not None else [None] * len(self)
+        return [
+            ScoredItem(item_id, score, NAMES_BY_BITS[bits], explanation)
+            for item_id, score, bits, explanation in zip(
+                self.item_ids.tolist(), self.scores.tolist(), self.source_bits.tolist(), explanations
+            )
+        ]
+
+
 class RecommendResult:
-    items: list[ScoredItem]
-    model_version: str
-    unknown_items: list[str]
-    personalised: bool
-    timings_ms: dict[str, float]
+    """One answer. Built either from `ScoredItem`s or from `RankedColumns`; the other form is made
+    on first use.
+
+    Why both: a batch job writes ~100 items for each of millions of users as columns, and making
+    a Python object per item (only to take it apart again) was a tenth of its time; the online
+    service reads `items`.
+    """
+
+    __slots__ = ("_columns", "_items", "model_version", "personalised", "timings_ms", "unknown_items")
+
+    def __init__(
+        self,
+        items: list[ScoredItem] | None,
+        model_version: str,
+        unknown_items: list[str],
+        personalised: bool,
+        timings_ms: dict[str, float],
+        *,
+        columns: RankedColumns | None = None,
+    ) -> None:
+        if (items is None) == (columns is None):
+            raise ValueError("RecommendResult needs exactly one of items or columns")
+        self._items = items
+        self._columns = columns
+        self.model_version = model_version
+        self.unknown_items = unknown_items
+        self.personalised = personalised
+        self.timings_ms = timings_ms
+
+    @property
+    def items(self) -> list[ScoredItem]:
+        if self._items is None:
+            assert self._columns is not None
+            self._items = self._columns.scored_items()
+        return self._items
+
+    @property
+    def columns(self) -> RankedColumns:
+        if self._columns is None:
+            items = self.items
+            self._columns = RankedColumns(
+                np.asarray([it.item_id for it in items], dtype=object),
+                np.asarray([it.score for it in items], dtype=np.float64),
+                np.asarray([BITS_BY_NAMES[it.sources] for it in items], dtype=np.uint8),
+                [it.explanation for it in items],
+            )
+        return self._columns
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RecommendResult):
+            return NotImplemented
+        return (
+            self.items == other.items
+            and self.model_version == other.model_version
+            and self.unknown_items == other.unknown_items
+            and self.personalised == other.personalised
+            and self.timings_ms == other.timings_ms
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaced
+
+    def __repr__(self) -> str:
+        return (
+            f"RecommendResult(items={self.items!r}, model_version={self.model_version!r}, "
+            f"unknown_items={self.unknown_items!r}, personalised={self.personalised!r}, "
+            f"timings_ms={self.timings_ms!r})"
+        )
 
 
 @dataclass
@@ -155,6 +241,7 @@ class Recommender:
         self.config = config or RecommenderConfig()
         self.catalog = bundle.catalog
         self.item_emb = np.ascontiguousarray(bundle.item_embeddings, dtype=np.float32)
+        self._cold_neighbours = ColdNeighbours(bundle.index, self.item_emb, self.config.cold_pool_effort)
         self.cand_cfg = bundle.config.candidates
         self.event_weights = dict(bundle.config.data.event_weights)
         self.history_len = bundle.tower.history_len
@@ -448,10 +535,12 @@ class Recommender:
         the slots see exactly the catalogue's best. Why history items rather than the user vector
         alone: a pooled vector blurs the single item a new arrival resembles (the pool used to
         search by the user vector only, and on H&M's held-out never-seen purchases the pipeline's
-        cold recall stayed 0). Requests without attribute filters share one FAISS search over the
-        never-seen items (over-fetching by their blocked never-seen items, removed afterwards), the
-        others search their own allowed set; either way a request's pool depends on that request
-        only, so batched and single answers agree. The never-seen mask is read per block, so items
+        cold recall stayed 0). Requests without attribute filters take their history items' lists
+        from `ColdNeighbours` (searched once per item at a fixed depth, cached until the mask
+        changes), or share one FAISS search when they have no history or exclude more never-seen
+        items than a cached list can spare (over-fetching by those, removed afterwards); requests
+        with attribute filters search their own allowed set. Either way a request's pool depends on
+        that request only, so batched and single answers agree. The never-seen mask is read per block, so items
         that get events while serving leave the pool at once. Added rows carry the `ann` source
         with their cosine to the ranking vector and no ANN rank.
         """
@@ -468,7 +557,16 @@ class Recommender:
         shared = [i for i in todo if prepared[i].allowed is None]
         found: dict[int, np.ndarray] = {}
         if shared and never_seen.any():
-            extra = max(int(never_seen[prepared[i].blocked].sum()) for i in shared)
+            extras = {i: int(never_seen[prepared[i].blocked].sum()) for i in shared}
+            cached = [
+                i
+                for i in shared
+                if len(prepared[i].history) and slots[i] + extras[i] <= COLD_NEIGHBOURS_DEPTH
+            ]
+            found.update(self._cached_cold_pools(prepared, cached, slots, never_seen))
+            shared = [i for i in shared if i not in found]
+        if shared and never_seen.any():
+            extra = max(extras[i] for i in shared)
             depth = min(max(slots[i] for i in shared) + extra, MAX_FILTERED_DEPTH)
             _, ids = self.bundle.index.search_with_filter(
                 np.vstack([queries[i] for i in shared]),
@@ -507,10 +605,31 @@ class Recommender:
         timings["retrieval"] += _ms(t)
         return out
 
+    def _cached_cold_pools(
+        self,
+        prepared: Sequence[_Prepared],
+        todo: Sequence[int],
+        slots: dict[int, int],
+        never_seen: np.ndarray,
+    ) -> dict[int, np.ndarray]:
+        """Request -> its pool from the cached neighbour lists of its recent history items."""
+        if not todo:
+            return {}
+        items = {i: _cold_query_items(prepared[i].history) for i in todo}
+        lists = self._cold_neighbours.lists(np.concatenate(list(items.values())), never_seen)
+        pools = {}
+        for i in todo:
+            blocked = prepared[i].blocked
+            rows = [lists[item] for item in items[i].tolist()]
+            if len(blocked):
+                rows = [row[~np.isin(row, blocked)] for row in rows]
+            pools[i] = np.concatenate([row[: slots[i]] for row in rows])
+        return pools
+
     def _cold_queries(self, p: _Prepared) -> np.ndarray | None:
         """The vectors the cold pool searches with: recent history items, else the ranking vector."""
         if len(p.history):
-            return self.item_emb[np.unique(p.history.items[-HISTORY_COS_ITEMS:])]
+            return self.item_emb[_cold_query_items(p.history)]
         vector = p.user_vec if p.user_vec is not None else p.query_vec
         return None if vector is None else np.asarray(vector, dtype=np.float32)[None, :]
 
@@ -679,19 +798,14 @@ class Recommender:
         )
         order = self._diversify(order, cands.items, policy, p.req.k)
         items = cands.items[order]
-        explanations = self._explain(p.history, items) if p.req.explain else [None] * len(items)
-        # one vectorised pass per column for the k returned items, then plain Python objects
-        out = [
-            ScoredItem(item_id, score, sources, explanation)
-            for item_id, score, sources, explanation in zip(
-                self.catalog.item_ids[items].tolist(),
-                np.asarray(scores, dtype=np.float64)[order].tolist(),
-                cands.source_names_of(order),
-                explanations,
-            )
-        ]
+        columns = RankedColumns(
+            self.catalog.item_ids[items],
+            np.asarray(scores, dtype=np.float64)[order],
+            cands.sources[order],
+            self._explain(p.history, items) if p.req.explain else None,
+        )
         personalised = len(p.history) > 0 or p.query_vec is not None
-        return RecommendResult(out, self.model_version, p.unknown, personalised, {})
+        return RecommendResult(None, self.model_version, p.unknown, personalised, {}, columns=columns)
 
     def _diversify(self, order: np.ndarray, items: np.ndarray, policy: RankingPolicy, k: int) -> np.ndarray:
         """Greedy cap of `max_per_category` items per value of the diversity attribute."""
@@ -760,6 +874,11 @@ class Recommender:
                         self.bundle.encoder_dir, device="cpu", precision=self.config.query_precision
                     )
         return self._encoder.encode([query_text(query)], batch_size=1)[0]
+
+
+def _cold_query_items(history: UserHistory) -> np.ndarray:
+    """The history items whose nearest never-seen items make a request's cold pool."""
+    return np.unique(history.items[-HISTORY_COS_ITEMS:])
 
 
 def _text_interest(features: np.ndarray) -> np.ndarray:

@@ -513,3 +513,18 @@ def test_cold_pool_answers_are_the_same_in_recommend_and_recommend_many(cold_bun
     cold = _cold_ids(rec)
     slots = cold_slot_count(15, 0.2, 3)
     assert all(sum(i in cold for i in _ids(b)) == slots for b in batched[:22])
+
+
+def test_result_columns_hold_the_same_answer_as_its_items(rec: Recommender) -> None:
+    result = rec.recommend(RecommendRequest(user_id=_busy_user(rec), k=8, explain=True))
+    cols = result.columns
+    rebuilt = RecommendResult(result.items, result.model_version, [], True, {}).columns
+    assert cols.item_ids.tolist() == _ids(result) == rebuilt.item_ids.tolist()
+    assert cols.scores.tolist() == [i.score for i in result.items] == rebuilt.scores.tolist()
+    assert cols.source_bits.tolist() == rebuilt.source_bits.tolist()
+    assert cols.explanations == [i.explanation for i in result.items] == rebuilt.explanations
+
+
+def test_result_needs_exactly_one_of_items_or_columns() -> None:
+    with pytest.raises(ValueError, match="exactly one of items or columns"):
+        RecommendResult(None, "v", [], False, {})
