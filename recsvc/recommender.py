@@ -41,6 +41,7 @@ from recsvc.cold_slots import cold_slot_count, with_cold_slots
 from recsvc.config import CandidateConfig, RecommenderConfig
 from recsvc.features import HISTORY_COS_ITEMS, build_features_many, feature_index, pairwise_dot, tower_inputs
 from recsvc.history import Event, UserHistory
+from recsvc.retrieval import ranked_search
 from recsvc.user_tower import user_vector
 
 if TYPE_CHECKING:
@@ -498,20 +499,8 @@ class Recommender:
     def _search_many(
         self, vectors: Sequence[np.ndarray | None], depth: int
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """One FAISS search for all present vectors; scores recomputed exactly, ties by item index."""
-        empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
-        rows = [i for i, v in enumerate(vectors) if v is not None]
-        out: list[tuple[np.ndarray, np.ndarray]] = [empty] * len(vectors)
-        if not rows or depth <= 0:
-            return out
-        queries = np.vstack([np.asarray(vectors[i], dtype=np.float32) for i in rows])
-        _, ids = self.bundle.index.search(queries, min(depth, len(self.catalog)))
-        for row, found in zip(rows, np.asarray(ids)):
-            found = found[found >= 0].astype(np.int32)
-            exact = self.item_emb[found] @ np.asarray(vectors[row], dtype=np.float32)
-            order = _order(exact, found)
-            out[row] = (found[order], exact[order].astype(np.float32))
-        return out
+        """One FAISS search for all present vectors (`retrieval.ranked_search`: exact scores, ties by item)."""
+        return ranked_search(self.bundle.index, self.item_emb, vectors, min(depth, len(self.catalog)))
 
     def _cf_search_many(self, prepared: Sequence[_Prepared]) -> list[tuple[np.ndarray, np.ndarray]]:
         """One collaborative-filtering index search for every request with a user factor."""

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +165,16 @@ class ItemIndex:
     @property
     def n(self) -> int:
         return int(self.index.ntotal)
+
+    @property
+    def scores_per_query(self) -> bool:
+        """Whether a query's returned scores are exact inner products computed for that query alone.
+
+        True for CPU IVF-flat and HNSW-flat: each (query, item) product is computed on its own, so
+        the bits never depend on which other queries share the call. The flat index scores a batch
+        with one BLAS sgemm (and the GPU has its own kernels), whose rounding depends on the batch.
+        """
+        return not self.on_gpu and self.kind in ("ivf", "hnsw")
 
     @property
     def d(self) -> int:
@@ -426,3 +436,51 @@ class ItemIndex:
             "GPU" if out.on_gpu else "CPU",
         )
         return out
+
+
+# Queries per FAISS call in `ranked_search` (bounds the [queries, depth] result matrices).
+SEARCH_BATCH = 1024
+
+
+def ranked_search(
+    index: ItemIndex, item_emb: np.ndarray, vectors: Sequence[np.ndarray | None], depth: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per vector, its `depth` nearest items (int32) and their inner products (float32), best
+    first with ties broken by item index; empty arrays for a None vector.
+
+    Why one function: serving (one user, or a micro-batch) and the offline jobs (training the
+    ranker, recsvc-batch) must give a user the same candidates whatever the batch, so scores are
+    exact and the order is total. When the index scores each query on its own
+    (`ItemIndex.scores_per_query`) its scores are used as they are; otherwise every found item is
+    rescored as `item_emb[item] @ vector` (a gather and a product per row, which is why the
+    per-query indexes skip it).
+    """
+    empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
+    out: list[tuple[np.ndarray, np.ndarray]] = [empty] * len(vectors)
+    rows = [i for i, v in enumerate(vectors) if v is not None]
+    if depth <= 0:
+        return out
+    depth = min(depth, index.n)
+    for start in range(0, len(rows), SEARCH_BATCH):
+        chunk = rows[start : start + SEARCH_BATCH]
+        queries = np.vstack([np.asarray(vectors[i], dtype=np.float32) for i in chunk])
+        scores, ids = index.search(queries, depth)
+        if not index.scores_per_query:
+            for row, found in zip(chunk, ids):
+                found = found[found >= 0].astype(np.int32)
+                exact = item_emb[found] @ np.asarray(vectors[row], dtype=np.float32)
+                order = np.lexsort((found, -exact.astype(np.float64)))
+                out[row] = (found[order], exact[order].astype(np.float32))
+            continue
+        ids32 = ids.astype(np.int32)
+        # FAISS returns each row best first; only rows holding equal scores need the item tie-break
+        redo = (ids32 < 0).any(axis=1) | (scores[:, 1:] == scores[:, :-1]).any(axis=1)
+        for j, row in enumerate(chunk):
+            if not redo[j]:
+                out[row] = (ids32[j], scores[j])
+                continue
+            keep = ids32[j] >= 0
+            found, found_scores = ids32[j][keep], scores[j][keep]
+            order = np.lexsort((found, -found_scores.astype(np.float64)))
+            out[row] = (found[order], found_scores[order])
+    return out

@@ -28,11 +28,10 @@ from recsvc.collaborative import CFModel
 from recsvc.config import CandidateConfig, CollaborativeConfig, RankerConfig, TrainConfig
 from recsvc.features import FEATURE_NAMES, build_features, tower_inputs
 from recsvc.history import HistoryStore, item_indices
+from recsvc.retrieval import ranked_search
 from recsvc.user_tower import TowerParams, user_vector
 
 log = logging.getLogger(__name__)
-
-SEARCH_BATCH = 1024  # users per FAISS search call
 
 
 @dataclass
@@ -162,7 +161,7 @@ def build_ranking_dataset(
             continue
         emb, ages, w = tower_inputs(h, item_emb, cutoff, tower.history_len)
         vectors.append(user_vector(tower, emb, ages, w))
-    ann = ann_search(index, item_emb, vectors, min(cand_cfg.ann, len(catalog)))
+    ann = ranked_search(index, item_emb, vectors, min(cand_cfg.ann, len(catalog)))
     cf_factors: list[np.ndarray | None] = [
         state.cf.user_factor(h, cutoff) if state.cf is not None else None for h in histories
     ]
@@ -269,25 +268,6 @@ def concat_datasets(sets: Sequence[RankingDataset]) -> RankingDataset:
         cutoff=max(s.cutoff for s in sets),
         recall=max(sets, key=lambda s: s.cutoff).recall,
     )
-
-
-def ann_search(
-    index: Any, item_emb: np.ndarray, vectors: Sequence[np.ndarray | None], depth: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Batched FAISS search; like serving, scores are recomputed exactly and ties broken by item."""
-    empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
-    out: list[tuple[np.ndarray, np.ndarray]] = [empty] * len(vectors)
-    rows = [i for i, v in enumerate(vectors) if v is not None]
-    for start in range(0, len(rows), SEARCH_BATCH):
-        chunk = rows[start : start + SEARCH_BATCH]
-        queries = np.vstack([vectors[i] for i in chunk]).astype(np.float32)
-        _, ids = index.search(queries, depth)
-        for row, found in zip(chunk, np.asarray(ids)):
-            found = found[found >= 0].astype(np.int32)
-            exact = item_emb[found] @ np.asarray(vectors[row], dtype=np.float32)
-            order = np.lexsort((found, -exact.astype(np.float64)))
-            out[row] = (found[order], exact[order].astype(np.float32))
-    return out
 
 
 def _without_owned(table: dict[str, dict[int, float]], history: HistoryStore) -> dict[str, dict[int, float]]:

@@ -15,6 +15,7 @@ from recsvc.retrieval import (
     IndexLoadError,
     ItemIndex,
     gpu_available,
+    ranked_search,
 )
 
 
@@ -208,3 +209,32 @@ def test_filtered_ivf_search_effort_scales_the_probed_lists() -> None:
     assert (narrow != default).any() and allowed[narrow[narrow >= 0]].all()
     with pytest.raises(IndexInputError, match="effort"):
         index.search_with_filter(queries, 10, effort=0.0)
+
+
+IVF = IndexConfig(use_gpu="never", exact_max_items=100, ann_kind="ivf", ivf_nprobe=8)
+
+
+@pytest.mark.parametrize("cfg", [CPU, IVF, HNSW], ids=["flat", "ivf", "hnsw"])
+def test_ranked_search_is_the_same_for_a_query_alone_or_in_a_batch(cfg: IndexConfig) -> None:
+    emb = unit_rows(2000, 16, seed=5)
+    index = ItemIndex.build(emb, cfg)
+    vectors = [q for q in unit_rows(40, 16, seed=6)]
+    batched = ranked_search(index, emb, vectors, 50)
+    for v, (items, scores) in zip(vectors, batched):
+        alone_items, alone_scores = ranked_search(index, emb, [v], 50)[0]
+        assert items.tolist() == alone_items.tolist()
+        assert scores.tobytes() == alone_scores.tobytes()
+
+
+@pytest.mark.parametrize("cfg", [CPU, IVF, HNSW], ids=["flat", "ivf", "hnsw"])
+def test_ranked_search_scores_are_inner_products_best_first_ties_by_item(cfg: IndexConfig) -> None:
+    emb = unit_rows(1500, 16, seed=7)
+    emb[1001] = emb[1000]  # an exact tie: the lower item index must come first
+    emb[999] = emb[1000]
+    index = ItemIndex.build(emb, cfg)
+    (items, scores), none = ranked_search(index, emb, [emb[1000], None], 30)
+    assert none[0].size == 0 and none[1].size == 0
+    np.testing.assert_allclose(scores, emb[items] @ emb[1000], rtol=0, atol=1e-5)
+    keys = list(zip((-scores.astype(np.float64)).tolist(), items.tolist()))
+    assert keys == sorted(keys)
+    assert items[:3].tolist() == [999, 1000, 1001]
