@@ -582,7 +582,11 @@ class Recommender:
             found[i] = np.asarray(ids).ravel()
         for i, items in found.items():
             p, c = prepared[i], cands[i]
-            items = np.setdiff1d(items[items >= 0], c.items).astype(np.int32)
+            # every pool item is never-seen, so only the never-seen candidates can repeat one
+            items = np.unique(items[items >= 0]).astype(np.int32)
+            cold_cands = c.items[never_seen[c.items]]
+            if len(cold_cands):
+                items = items[~np.isin(items, cold_cands)]
             vector = p.user_vec if p.user_vec is not None else p.query_vec
             if vector is None:
                 scores = np.full(len(items), np.nan, np.float32)
