@@ -132,7 +132,9 @@ def test_state_at_uses_only_rows_before_the_cutoff(synth_loaded: Any, parts: dic
     assert all(int(state.history.get(u).timestamps.max()) < cutoff for u in state.history.users()[:50])
 
 
-def test_state_at_popularity_sums_only_the_configured_window(synth_loaded: Any, parts: dict[str, Any]) -> None:
+def test_state_at_popularity_sums_only_the_configured_window(
+    synth_loaded: Any, parts: dict[str, Any]
+) -> None:
     inter = synth_loaded.interactions
     cutoff = _end(synth_loaded) - 3 * DAY
     window = CandidateConfig().popularity_window_days
