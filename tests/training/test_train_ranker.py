@@ -132,6 +132,19 @@ def test_state_at_uses_only_rows_before_the_cutoff(synth_loaded: Any, parts: dic
     assert all(int(state.history.get(u).timestamps.max()) < cutoff for u in state.history.users()[:50])
 
 
+def test_state_at_popularity_sums_only_the_configured_window(
+    synth_loaded: Any, parts: dict[str, Any]
+) -> None:
+    inter = synth_loaded.interactions
+    cutoff = _end(synth_loaded) - 3 * DAY
+    window = CandidateConfig().popularity_window_days
+    state = state_at(inter, parts["catalog"], cutoff, CandidateConfig())
+    recent = inter.filter((pl.col("timestamp") < cutoff) & (pl.col("timestamp") >= cutoff - window * DAY))
+    older = inter.filter(pl.col("timestamp") < cutoff - window * DAY)
+    assert older.height > 0  # the synthetic log is longer than the window, so the window matters
+    assert state.stats.popularity.sum() == pytest.approx(float(recent["weight"].sum()), rel=1e-5)
+
+
 def test_relevance_grades_map_event_weights_to_small_integers() -> None:
     assert relevance_grades(np.array([0.0, 1.0, 2.0, 4.0, 8.0, 0.5])).tolist() == [0, 1, 2, 3, 4, 1]
 
