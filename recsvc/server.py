@@ -248,6 +248,11 @@ class RecsvcServer:
             server,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        loaded: bool | None = None
+        if self.config.processes != 1:
+            # Several processes share the port and the kernel hands each new connection to any
+            # listening one: a (re)starting process listens only once it can answer, if it can.
+            loaded = await self._load_current()
         self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
@@ -258,18 +263,22 @@ class RecsvcServer:
         )
         if self.config.metrics_port:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
-        await self._initial_load()
+        if loaded is None:
+            loaded = await self._load_current()
+        if loaded:
+            await self._pin_variant_versions()
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._poller = asyncio.create_task(self._poll_bundles(), name="recsvc-bundle-poller")
         return self.port
 
-    async def _initial_load(self) -> None:
+    async def _load_current(self) -> bool:
+        """Load what CURRENT names; False (logged; the poller keeps trying) when that fails."""
         try:
             await asyncio.to_thread(self.models.reload)
         except Exception as exc:
             log.error("no bundle served yet (%s); polling %s/CURRENT", exc, self.config.bundles)
-            return
-        await self._pin_variant_versions()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            return False
+        return True
 
     async def _pin_variant_versions(self) -> None:
         if self.router is None:
