@@ -216,7 +216,10 @@ class RecsvcServer:
         self.serving = asyncio.Event()  # set once health first reports SERVING
 
     async def start(self) -> int:
-        """Bind, start answering (NOT_SERVING), load the bundle, then report SERVING; returns the port."""
+        """Bind, start answering (NOT_SERVING), load the bundle, then report SERVING; returns the port.
+
+        One of several processes (`processes` != 1) loads first and binds after, when it can.
+        """
         limit_compute_threads(self.config.compute_threads)
         set_switch_interval(self.config.switch_interval_ms)
         server = grpc.aio.server(
@@ -252,32 +255,36 @@ class RecsvcServer:
         if self.config.processes != 1:
             # Several processes share the port and the kernel hands each new connection to any
             # listening one: a (re)starting process listens only once it can answer, if it can.
-            loaded = await self._load_current()
+            loaded = await self._load_ready()
         self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         await server.start()
         self._server = server
         log.info(
-            "gRPC listening on %s:%d (NOT_SERVING until a bundle is loaded)", self.config.host, self.port
+            "gRPC listening on %s:%d (%s)",
+            self.config.host,
+            self.port,
+            "bundle loaded" if loaded else "NOT_SERVING until a bundle is loaded",
         )
         if self.config.metrics_port:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
         if loaded is None:
-            loaded = await self._load_current()
+            loaded = await self._load_ready()
         if loaded:
-            await self._pin_variant_versions()
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._poller = asyncio.create_task(self._poll_bundles(), name="recsvc-bundle-poller")
         return self.port
 
-    async def _load_current(self) -> bool:
-        """Load what CURRENT names; False (logged; the poller keeps trying) when that fails."""
+    async def _load_ready(self) -> bool:
+        """Load what CURRENT names and the experiments' pinned versions; False (logged; the
+        poller keeps trying) when CURRENT cannot be loaded."""
         try:
             await asyncio.to_thread(self.models.reload)
         except Exception as exc:
             log.error("no bundle served yet (%s); polling %s/CURRENT", exc, self.config.bundles)
             return False
+        await self._pin_variant_versions()
         return True
 
     async def _pin_variant_versions(self) -> None:
