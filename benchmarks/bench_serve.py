@@ -23,8 +23,9 @@ machine's other load hits both alike.
 processes sharing the port) from a bundle published on disk (bench_batch's
 `publish_synthetic_bundle`: the same synthetic parts saved through the real publish path, with
 20k synthetic users); `--on-disk` does the same for N = 1. The client then opens `--channels`
-connections (default: one per request in flight when N > 1, else 1) so the kernel can spread
-them over the processes; Echo runs on the same servers and connections as Recommend. Server CPU
+connections (default: one per process, as a single process gets one), spread evenly over the
+processes (the kernel spreads connections by hash; uneven ones are reopened), and sends requests
+over them in turn; Echo runs on the same servers and connections as Recommend. Server CPU
 is the sum over the supervisor and all its processes (/proc), batches come from the aggregated
 /metrics. Default N = 1 (in-memory bundle, one connection) keeps older figures comparable.
 
@@ -413,6 +414,48 @@ class RoundRobin:
         return method(request, **kwargs)
 
 
+async def open_balanced_channels(port: int, n: int, processes: int) -> list[Any]:
+    """`n` connections spread evenly over the server processes (n // processes each, at least 1).
+
+    The kernel assigns each new connection to a process by a hash, so a few connections often
+    land unevenly; GetModelInfo's `recsvc-server-pid` metadata says which process answered, and
+    connections to a process that already has its share are closed and opened again.
+    """
+    import grpc
+
+    from recsvc.servicer import SERVER_PID_METADATA
+    from recsvc.v1 import recommender_pb2 as pb
+    from recsvc.v1 import recommender_pb2_grpc as pb_grpc
+
+    def connect() -> Any:
+        # A local subchannel pool gives each channel its own connection (else they would share one).
+        return grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+
+    n = max(1, n)
+    if processes <= 1:
+        return [connect() for _ in range(n)]
+    share = max(1, n // processes)
+    by_pid: dict[str, list[Any]] = {}
+    for _ in range(64 * n):
+        channel = connect()
+        call = pb_grpc.RecommenderStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        await call
+        pid = dict(await call.trailing_metadata() or ()).get(SERVER_PID_METADATA, "?")
+        if len(by_pid.setdefault(pid, [])) < share:
+            by_pid[pid].append(channel)
+        else:
+            await channel.close()
+        if len(by_pid) == processes and all(len(v) == share for v in by_pid.values()):
+            break
+    else:
+        log.warning(
+            "connections per server process: %s (wanted %d each)",
+            {k: len(v) for k, v in by_pid.items()},
+            share,
+        )
+    return [channel for group in by_pid.values() for channel in group]
+
+
 async def drive(
     port: int,
     args: argparse.Namespace,
@@ -424,17 +467,12 @@ async def drive(
 
     `stats` reads the server's (CPU seconds, batches, batched requests) around each Recommend phase.
     """
-    import grpc
 
     from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
     reqs = _requests(args.users, args.k, 5_000, args.seed)
     out: dict[str, Phase] = {}
-    # A local subchannel pool gives each channel its own connection (else they would share one).
-    channels = [
-        grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(max(1, args.channels))
-    ]
+    channels = await open_balanced_channels(port, args.channels, args.processes)
     stubs = [pb_grpc.RecommenderStub(channel) for channel in channels]
     stub = argparse.Namespace(Recommend=RoundRobin(stubs, "Recommend"), Echo=RoundRobin(stubs, "Echo"))
     try:
@@ -876,8 +914,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--channels",
         type=int,
-        help="client connections, used in turn (default: --concurrency when --processes > 1, else 1); "
-        "the kernel spreads connections, not requests, over the server processes",
+        help="client connections, spread evenly over the server processes and used in turn "
+        "(default: one per process); the kernel spreads connections, not requests, over processes",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
@@ -918,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     if args.channels is None:
-        args.channels = args.concurrency if args.processes > 1 else 1
+        args.channels = args.processes
 
     rows: list[dict[str, Any]] = []
     echo: Phase | None = None

@@ -190,12 +190,12 @@ def pair(bundle_root: Path, tmp_path_factory: pytest.TempPathFactory):
     add_version(root, SECOND_VERSION)
     metrics_port = _free_port()
     sup = Supervised(root, work, RECSVC_METRICS_PORT=str(metrics_port))
+    channels: dict[int, grpc.Channel] = {}
     try:
-        port = sup.serving_port()
-        channels = _channel_per_process(port)
+        channels = _channel_per_process(sup.serving_port())
         yield sup, root, channels, metrics_port
     finally:
-        for channel in channels.values() if "channels" in locals() else []:
+        for channel in channels.values():
             channel.close()
         sup.stop()
 
