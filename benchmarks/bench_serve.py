@@ -19,6 +19,16 @@ loopback. This process drives it with a grpc.aio client:
 --ab-values A B` then serves both values alternately in the same server (A B A B ...), so the
 machine's other load hits both alike.
 
+`--processes N` serves with the real `recsvc-serve --processes N` (a supervisor and N server
+processes sharing the port) from a bundle published on disk (bench_batch's
+`publish_synthetic_bundle`: the same synthetic parts saved through the real publish path, with
+20k synthetic users); `--on-disk` does the same for N = 1. The client then opens `--channels`
+connections (default: one per process, as a single process gets one), spread evenly over the
+processes (the kernel spreads connections by hash; uneven ones are reopened), and sends requests
+over them in turn; Echo runs on the same servers and connections as Recommend. Server CPU
+is the sum over the supervisor and all its processes (/proc), batches come from the aggregated
+/metrics. Default N = 1 (in-memory bundle, one connection) keeps older figures comparable.
+
 Everything is bounded: each phase runs `--seconds` or `--max-requests`, whichever comes first.
 Loopback only; the numbers depend on the machine (and on its other users).
 """
@@ -391,6 +401,61 @@ async def open_loop(
     return phase
 
 
+class RoundRobin:
+    """One RPC method over several channels (one TCP connection each), in turn."""
+
+    def __init__(self, stubs: list[Any], name: str) -> None:
+        self._methods = [getattr(stub, name) for stub in stubs]
+        self._next = 0
+
+    def __call__(self, request: Any, **kwargs: Any) -> Any:
+        method = self._methods[self._next]
+        self._next = (self._next + 1) % len(self._methods)
+        return method(request, **kwargs)
+
+
+async def open_balanced_channels(port: int, n: int, processes: int) -> list[Any]:
+    """`n` connections spread evenly over the server processes (n // processes each, at least 1).
+
+    The kernel assigns each new connection to a process by a hash, so a few connections often
+    land unevenly; GetModelInfo's `recsvc-server-pid` metadata says which process answered, and
+    connections to a process that already has its share are closed and opened again.
+    """
+    import grpc
+
+    from recsvc.servicer import SERVER_PID_METADATA
+    from recsvc.v1 import recommender_pb2 as pb
+    from recsvc.v1 import recommender_pb2_grpc as pb_grpc
+
+    def connect() -> Any:
+        # A local subchannel pool gives each channel its own connection (else they would share one).
+        return grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+
+    n = max(1, n)
+    if processes <= 1:
+        return [connect() for _ in range(n)]
+    share = max(1, n // processes)
+    by_pid: dict[str, list[Any]] = {}
+    for _ in range(64 * n):
+        channel = connect()
+        call = pb_grpc.RecommenderStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        await call
+        pid = dict(await call.trailing_metadata() or ()).get(SERVER_PID_METADATA, "?")
+        if len(by_pid.setdefault(pid, [])) < share:
+            by_pid[pid].append(channel)
+        else:
+            await channel.close()
+        if len(by_pid) == processes and all(len(v) == share for v in by_pid.values()):
+            break
+    else:
+        log.warning(
+            "connections per server process: %s (wanted %d each)",
+            {k: len(v) for k, v in by_pid.items()},
+            share,
+        )
+    return [channel for group in by_pid.values() for channel in group]
+
+
 async def drive(
     port: int,
     args: argparse.Namespace,
@@ -402,14 +467,15 @@ async def drive(
 
     `stats` reads the server's (CPU seconds, batches, batched requests) around each Recommend phase.
     """
-    import grpc
 
     from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
     reqs = _requests(args.users, args.k, 5_000, args.seed)
     out: dict[str, Phase] = {}
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = pb_grpc.RecommenderStub(channel)
+    channels = await open_balanced_channels(port, args.channels, args.processes)
+    stubs = [pb_grpc.RecommenderStub(channel) for channel in channels]
+    stub = argparse.Namespace(Recommend=RoundRobin(stubs, "Recommend"), Echo=RoundRobin(stubs, "Echo"))
+    try:
         await closed_loop(stub.Recommend, reqs, args.concurrency, 1.0, 200, "warm-up")
         if with_echo:
             await closed_loop(stub.Echo, reqs, args.concurrency, 0.5, 500, "warm-up")
@@ -429,6 +495,9 @@ async def drive(
         )
         if args.ab_setting is not None and control is not None:
             out |= await ab_rounds(stub, reqs, rate, args, control, stats)
+    finally:
+        for channel in channels:
+            await channel.close()
     return out
 
 
@@ -506,6 +575,134 @@ def start_child(n_items: int, args: argparse.Namespace, workdir: Path) -> tuple[
     raise TimeoutError(f"server for {n_items} items not ready after {args.build_timeout} s")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(metrics_port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def _metric(body: str, name: str) -> float:
+    """Sum of every sample named exactly `name` (any labels) in a text exposition."""
+    total = 0.0
+    for line in body.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _tree_cpu_s(root_pid: int) -> float:
+    """User + system CPU seconds of `root_pid` and every live descendant (from /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields_ = raw[raw.rindex(")") + 2 :].split()
+        ppid, utime, stime = int(fields_[1]), int(fields_[11]), int(fields_[12])
+        stats[int(entry)] = (ppid, (utime + stime) / ticks)
+        children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0.0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0.0))[1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def start_cli_server(
+    n_items: int, args: argparse.Namespace, workdir: Path
+) -> tuple[subprocess.Popen[str], int, Callable[[], tuple[float, float, float]]]:
+    """`recsvc-serve --processes N` on a published synthetic bundle: the deployed path.
+
+    Returns the supervisor (or single server) process, its port, and a stats probe: (CPU seconds
+    of the whole process tree, batches, batched requests from the aggregated /metrics).
+    """
+    benchmarks = str(Path(__file__).resolve().parent)
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
+    from bench_batch import publish_synthetic_bundle
+
+    root = workdir / "bundles"
+    started = time.perf_counter()
+    publish_synthetic_bundle(root, n_items, args.dim)
+    log.info("published a %d-item synthetic bundle in %.1f s", n_items, time.perf_counter() - started)
+    port, metrics_port = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "RECSVC_EVENTS_DB": str(workdir / "events.sqlite"),
+        "RECSVC_METRICS_PORT": str(metrics_port),
+        "RECSVC_WORKERS": str(args.workers),
+        "RECSVC_MAX_BATCH": str(args.max_batch),
+        "RECSVC_BATCH_DISPATCHERS": str(args.batch_dispatchers),
+        "RECSVC_MAX_IN_FLIGHT": str(max(64, args.concurrency * 4)),
+        "RECSVC_RELOAD_POLL_S": "3600",
+        **(
+            {}
+            if args.switch_interval_ms is None
+            else {"RECSVC_SWITCH_INTERVAL_MS": str(args.switch_interval_ms)}
+        ),
+        **({} if args.batch_linger_ms is None else {"RECSVC_BATCH_LINGER_MS": str(args.batch_linger_ms)}),
+    }
+    cmd = [
+        sys.executable, "-m", "recsvc.server", "--bundles", str(root), "--port", str(port),
+        "--processes", str(args.processes), "--log-level", "WARNING",  # no per-request access log
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, text=True, cwd=REPO, env=env
+    )
+    deadline = time.monotonic() + args.build_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"recsvc-serve for {n_items} items exited with code {proc.returncode}")
+        try:
+            body = _scrape(metrics_port)
+        except OSError:
+            body = ""
+        # Every process reports its active bundle (one series per pid with N > 1) once it serves.
+        serving = sum(
+            1 for line in body.splitlines() if line.startswith("recsvc_bundle_info") and line.endswith(" 1.0")
+        )
+        if serving >= max(1, args.processes):
+            break
+        time.sleep(0.25)
+    else:
+        proc.kill()
+        raise TimeoutError(f"recsvc-serve for {n_items} items not serving after {args.build_timeout} s")
+
+    def stats() -> tuple[float, float, float]:
+        body = _scrape(metrics_port)
+        return (
+            _tree_cpu_s(proc.pid),
+            _metric(body, "recsvc_batch_size_count"),
+            _metric(body, "recsvc_batch_size_sum"),
+        )
+
+    return proc, port, stats
+
+
+def stop_cli_server(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()  # SIGTERM: graceful stop of every server process
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def read_stats(proc: subprocess.Popen[str]) -> tuple[float, float, float]:
     """The child's (CPU seconds, batches, batched requests) (see `server_stats`)."""
     send_control(proc, "STATS")
@@ -555,7 +752,7 @@ def stage_table(phase: Phase) -> dict[str, dict[str, float]]:
     }
 
 
-def summarise(n_items: int, echo: Phase, phases: dict[str, Phase]) -> dict[str, Any]:
+def summarise(n_items: int, echo: Phase, phases: dict[str, Phase], processes: int = 1) -> dict[str, Any]:
     rec, half = phases["recommend"], phases["half_load"]
     return {
         "items": n_items,
@@ -568,6 +765,7 @@ def summarise(n_items: int, echo: Phase, phases: dict[str, Phase]) -> dict[str, 
         "saturated_p50_ms": round(rec.pct(50), 2),
         "saturated_p99_ms": round(rec.pct(99), 2),
         "errors": rec.errors + half.errors,
+        "processes": processes,
         "load_average_1m": round(os.getloadavg()[0], 2),  # other users of the machine at the time
         "stages_at_half_load": stage_table(half),
         "saturated_server_cpu_ms_per_request": round(rec.cpu_ms_per_request, 3),
@@ -599,7 +797,8 @@ def ab_summary(phases: dict[str, Phase]) -> dict[str, Any]:
 def print_report(echo: Phase, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(
         f"\nserving benchmark: loopback, {args.concurrency} in flight, k={args.k}, {args.candidates} candidates, "
-        f"dim={args.dim}, {args.workers} workers, max_batch={args.max_batch}, "
+        f"dim={args.dim}, {args.processes} server process(es) x {args.workers} workers, "
+        f"{args.channels} connection(s), max_batch={args.max_batch}, "
         f"dispatchers={args.batch_dispatchers}, switch interval={args.switch_interval_ms or 'default'} ms, "
         f"cpus={os.cpu_count()}, "
         f"load average {os.getloadavg()[0]:.1f} (shared machine: numbers are indicative)"
@@ -699,6 +898,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="ServeConfig.batch_linger_ms: wait for more requests before a non-full batch when "
         "saturated (default: ServeConfig's)",
     )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="server processes (ServeConfig.processes); > 1 serves with `recsvc-serve --processes N` "
+        "from a bundle on disk (default 1: the in-memory server, comparable with older figures)",
+    )
+    p.add_argument(
+        "--on-disk",
+        action="store_true",
+        help="serve with recsvc-serve from a published bundle on disk also when --processes is 1 "
+        "(compare 1 vs N processes on the same path)",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        help="client connections, spread evenly over the server processes and used in turn "
+        "(default: one per process); the kernel spreads connections, not requests, over processes",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
         "--build-timeout", type=float, default=900.0, help="seconds allowed to build one catalogue"
@@ -727,28 +945,48 @@ def main(argv: list[str] | None = None) -> int:
         return run_server_child(args)
     import tempfile
 
+    if args.processes < 1:
+        print("bench_serve: error: --processes must be >= 1", file=sys.stderr)
+        return 2
+    on_disk = args.on_disk or args.processes > 1
+    if on_disk and (args.profile or args.ab_setting):
+        print(
+            "bench_serve: error: --profile and --ab-setting need the in-memory server (--processes 1 without --on-disk)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.channels is None:
+        args.channels = args.processes
+
     rows: list[dict[str, Any]] = []
     echo: Phase | None = None
     for n_items in args.sizes:
         with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-            log.info("building and serving a %d-item catalogue", n_items)
-            proc, port = start_child(n_items, args, Path(tmp))
-            try:
-                # Echo against every server, just before its Recommend phase: on a shared machine the
-                # load changes between sizes, so each ratio compares two adjacent measurements.
-                phases = asyncio.run(
-                    drive(
-                        port,
-                        args,
-                        with_echo=True,
-                        control=functools.partial(send_control, proc),
-                        stats=functools.partial(read_stats, proc),
+            log.info("building and serving a %d-item catalogue (%d processes)", n_items, args.processes)
+            if on_disk:
+                proc, port, stats = start_cli_server(n_items, args, Path(tmp))
+                try:
+                    phases = asyncio.run(drive(port, args, with_echo=True, stats=stats))
+                finally:
+                    stop_cli_server(proc)
+            else:
+                proc, port = start_child(n_items, args, Path(tmp))
+                try:
+                    # Echo against every server, just before its Recommend phase: on a shared machine the
+                    # load changes between sizes, so each ratio compares two adjacent measurements.
+                    phases = asyncio.run(
+                        drive(
+                            port,
+                            args,
+                            with_echo=True,
+                            control=functools.partial(send_control, proc),
+                            stats=functools.partial(read_stats, proc),
+                        )
                     )
-                )
-            finally:
-                stop_child(proc)
+                finally:
+                    stop_child(proc)
         echo = phases["echo"] if echo is None else echo
-        rows.append(summarise(n_items, phases["echo"], phases))
+        rows.append(summarise(n_items, phases["echo"], phases, args.processes))
         log.info(
             "%d items: %s",
             n_items,

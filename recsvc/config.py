@@ -318,6 +318,10 @@ class ServeConfig:
     # 1 ms raised the mean batch at 10k from 6.3 to 7.5 (+10% rps) and changed nothing at 100k
     # (7.8 either way); its effect on p99 could not be told from that box's noise.
     batch_linger_ms: float = 0.0
+    # Server processes sharing the port (SO_REUSEPORT) under a supervisor (recsvc/server_processes.py):
+    # one Python process is GIL-bound to about one core. 1 = a single process, no supervisor; 0 = one
+    # per usable core. Each process holds its own models and admits up to max_in_flight requests.
+    processes: int = 1
 
 
 def to_dict(cfg: Any) -> Any:

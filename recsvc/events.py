@@ -79,17 +79,33 @@ class EventStore:
                 raise EventStoreError(f"cannot write to event store {self.path}: {exc}") from exc
         return seq
 
-    def since(self, ts: int, after_seq: int = 0) -> list[Event]:
-        """Events with `timestamp >= ts` (and `seq > after_seq`), chronological, ties by arrival."""
-        return [e for _, e in self.since_with_seq(ts, after_seq)]
+    def since(self, ts: int, after_seq: int = 0, up_to_seq: int | None = None) -> list[Event]:
+        """Events with `timestamp >= ts`, `seq > after_seq` (and `seq <= up_to_seq`), chronological,
+        ties by arrival."""
+        return [e for _, e in self.since_with_seq(ts, after_seq, up_to_seq)]
 
-    def since_with_seq(self, ts: int, after_seq: int = 0) -> list[tuple[int, Event]]:
+    def since_with_seq(
+        self, ts: int, after_seq: int = 0, up_to_seq: int | None = None
+    ) -> list[tuple[int, Event]]:
         """Like `since`, paired with each event's sequence number."""
+        upper = 2**62 if up_to_seq is None else int(up_to_seq)
         with self._lock:
             cur = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM events WHERE timestamp >= ? AND seq > ? ORDER BY timestamp, seq",
-                (int(ts), int(after_seq)),
+                f"SELECT {_COLUMNS} FROM events WHERE timestamp >= ? AND seq > ? AND seq <= ?"
+                " ORDER BY timestamp, seq",
+                (int(ts), int(after_seq), upper),
             )
+            rows = cur.fetchall()
+        return [(int(r[0]), _from_row(r)) for r in rows]
+
+    def after(self, seq: int) -> list[tuple[int, Event]]:
+        """Every event with a sequence number above `seq`, in arrival (seq) order.
+
+        Why: several server processes append to one store; each catches up on the others'
+        events in the order they were acknowledged, whatever their timestamps.
+        """
+        with self._lock:
+            cur = self._conn.execute(f"SELECT {_COLUMNS} FROM events WHERE seq > ? ORDER BY seq", (int(seq),))
             rows = cur.fetchall()
         return [(int(r[0]), _from_row(r)) for r in rows]
 

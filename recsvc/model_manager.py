@@ -9,6 +9,13 @@ A bundle that fails to load (corrupt, incomplete) is refused and the old one kee
 Events: `record_events` appends to the durable `EventStore` and applies to every held model
 under one lock; a loader replays the store up to a sequence number, then catches up the rest
 under that same lock just before the swap, so every event reaches every model exactly once.
+
+Several server processes (ServeConfig.processes > 1) share one event store: each manager then
+remembers the last sequence number it applied, and `sync_events` (called before every
+Recommend batch, and by `record_events` instead of applying only its own events) applies every
+stored event above it, in sequence order. A shared "last committed seq" (`CommitSignal`, bumped
+after each commit) tells a process it is behind without a query, so in the common case the
+check is one shared-memory read.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from recsvc import bundle as bundle_store
 from recsvc.bundle import BundleError, LoadedBundle
@@ -83,6 +91,14 @@ class _State:
         return list(seen.values())
 
 
+class CommitSignal(Protocol):
+    """The newest event seq committed by any process (`recsvc.server_processes.SharedSeq`)."""
+
+    def read(self) -> int: ...
+
+    def advance(self, seq: int) -> None: ...
+
+
 Listener = Callable[[str, str], None]  # (outcome, version): outcome in loaded|refused|rollback
 
 
@@ -97,7 +113,9 @@ class ModelManager:
         keep_previous: bool = True,
         loader: Callable[[Path], LoadedModel] = load_model,
         listener: Listener | None = None,
+        commit_signal: CommitSignal | None = None,
     ) -> None:
+        """`commit_signal`: set when other processes append to the same event store."""
         self.bundles_root = Path(bundles_root)
         self._events = events
         self._keep_previous = keep_previous
@@ -108,6 +126,8 @@ class ModelManager:
         self._events_lock = threading.Lock()  # event append+apply vs. swap
         self._seen_current: str | None = None
         self._refused: dict[str, str] = {}  # version -> error, so polling doesn't retry it forever
+        self._commits = commit_signal
+        self._applied_seq = 0  # shared store: every event up to here reached every held model
 
     # ------------------------------------------------------------------ reading
 
@@ -224,6 +244,14 @@ class ModelManager:
         self._notify("rollback", model.version)
         return model
 
+    def publish_current(self) -> None:
+        """Point BUNDLES/CURRENT at the active version (atomically), so that every process
+        polling CURRENT swaps to it; this process will not reload it again."""
+        with self._reload_lock:
+            version = self.active.version
+            bundle_store.set_current(self.bundles_root, version, verify_bundle=False)
+            self._seen_current = version
+
     def _load_beside(self, version: str) -> tuple[LoadedModel, int]:
         """Load, replay stored events and warm; returns the model and the last replayed seq."""
         path = self.bundles_root / version
@@ -253,13 +281,53 @@ class ModelManager:
 
     # ------------------------------------------------------------------ events
 
+    @property
+    def shared_events(self) -> bool:
+        """True when other processes append to the same event store (see `sync_events`)."""
+        return self._commits is not None and self._events is not None
+
     def record_events(self, events: Sequence[Event]) -> None:
-        """Durably append, then apply to every held model; returns once both are done."""
+        """Durably append, then apply to every held model; returns once both are done.
+
+        With a shared store, "apply" means catching up on everything up to our own commit, so the
+        events other processes acknowledged before ours reach the models first, in seq order.
+        """
         with self._events_lock:
             if self._events is not None:
-                self._events.append(events)
+                seq = self._events.append(events)
+                if self._commits is not None:
+                    self._commits.advance(seq)
+                    self._sync_locked()
+                    return
             for model in self._state.models():
                 _apply(model, events)
+
+    def sync_events(self) -> None:
+        """Apply the events other processes committed since our last sync (shared store only).
+
+        Cheap when up to date: one read of the shared commit signal, no lock, no query.
+        """
+        commits = self._commits
+        if commits is None or commits.read() <= self._applied_seq:
+            return
+        with self._events_lock:
+            self._sync_locked()
+
+    def _sync_locked(self) -> None:
+        """Bring every held model to the store's end (caller holds the events lock)."""
+        assert self._events is not None
+        models = self._state.models()
+        if not models:
+            # Nothing to feed: a model loaded later replays the store itself.
+            self._applied_seq = max(self._applied_seq, self._events.last_seq())
+            return
+        pairs = self._events.after(self._applied_seq)
+        if not pairs:
+            return
+        events = [e for _, e in pairs]
+        for model in models:
+            _apply(model, events)
+        self._applied_seq = pairs[-1][0]
 
     def _replay(self, model: LoadedModel) -> int:
         """Apply the stored events newer than the bundle's data, up to the store's current end."""
@@ -277,7 +345,13 @@ class ModelManager:
         """Events that arrived while `model` loaded (caller holds the events lock)."""
         if self._events is None:
             return
-        events = self._events.since(model.bundle.data_end_ts, after_seq=replayed_to)
+        up_to: int | None = None
+        if self._commits is not None:
+            # Shared store: first bring the held models to the store's end, then the new model to
+            # exactly that point, so the next sync applies each later event once to all of them.
+            self._sync_locked()
+            up_to = self._applied_seq
+        events = self._events.since(model.bundle.data_end_ts, after_seq=replayed_to, up_to_seq=up_to)
         if events:
             _apply(model, events)
 

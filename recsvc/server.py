@@ -7,6 +7,9 @@ in-flight ones get `shutdown_grace_s` to finish.
 
 Configuration precedence: defaults < `--config FILE` (JSON or YAML) < `RECSVC_<FIELD>`
 environment variables < command-line flags.
+
+With `processes` > 1 (or 0 = one per usable core) `main` hands over to the supervisor in
+`recsvc.server_processes`, which runs that many `RecsvcServer` processes on the same port.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from recsvc.config import ServeConfig, from_dict
 from recsvc.events import EventStore, EventStoreError
 from recsvc.experiments import ExperimentConfigError, ExperimentRouter
 from recsvc.exposures import ExposureLog, ExposureLogError
-from recsvc.model_manager import LoadedModel, ModelManager, load_model
+from recsvc.model_manager import CommitSignal, LoadedModel, ModelManager, load_model
 from recsvc.servicer import RecommenderServicer
 from recsvc.serving_metrics import ServingMetrics
 from recsvc.v1 import recommender_pb2 as pb
@@ -68,6 +71,8 @@ def load_config(
         cfg = from_dict(ServeConfig, data)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config file {path}: {exc}") from exc
+    if isinstance(cfg.processes, str) and cfg.processes.strip().lower() == "auto":
+        cfg = replace(cfg, processes=0)
     env_values = _env_overrides(os.environ if env is None else env)
     cfg = replace(cfg, **env_values)
     cfg = replace(cfg, **{k: v for k, v in (overrides or {}).items() if v is not None})
@@ -101,6 +106,9 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     for f in fields(ServeConfig):
         name = ENV_PREFIX + f.name.upper()
         if name in env:
+            if f.name == "processes" and env[name].strip().lower() == "auto":
+                out[f.name] = 0
+                continue
             out[f.name] = _coerce(name, env[name], str(f.type))
     return out
 
@@ -139,6 +147,10 @@ def _check(cfg: ServeConfig) -> None:
         "max_batch",
         "batch_dispatchers",
     )
+    if not isinstance(cfg.processes, int) or cfg.processes < 0:
+        raise ConfigError(
+            f"ServeConfig.processes must be >= 0 (0 = one per usable core), got {cfg.processes}"
+        )
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"ServeConfig.{name} must be >= 1, got {getattr(cfg, name)}")
@@ -171,8 +183,17 @@ def set_switch_interval(ms: float) -> None:
 class RecsvcServer:
     """One running service: gRPC server, health, reflection, model manager, event store, metrics."""
 
-    def __init__(self, config: ServeConfig, *, loader: Callable[[Path], LoadedModel] = load_model) -> None:
-        """`loader` turns a bundle directory into a model (benchmarks serve in-memory bundles)."""
+    def __init__(
+        self,
+        config: ServeConfig,
+        *,
+        loader: Callable[[Path], LoadedModel] = load_model,
+        commit_signal: CommitSignal | None = None,
+    ) -> None:
+        """`loader` turns a bundle directory into a model (benchmarks serve in-memory bundles).
+
+        `commit_signal`: one of several processes sharing the event store (server_processes).
+        """
         self.config = config
         self.metrics = ServingMetrics()
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="recsvc-worker")
@@ -183,6 +204,7 @@ class RecsvcServer:
             keep_previous=config.keep_previous_bundle,
             loader=loader,
             listener=self._on_model_change,
+            commit_signal=commit_signal,
         )
         self.router, self.exposures = _experiments(config)
         self.health = health_aio.HealthServicer()
@@ -191,14 +213,20 @@ class RecsvcServer:
         self._server: grpc.aio.Server | None = None
         self._poller: asyncio.Task[None] | None = None
         self._stopped = False
+        self.serving = asyncio.Event()  # set once health first reports SERVING
 
     async def start(self) -> int:
-        """Bind, start answering (NOT_SERVING), load the bundle, then report SERVING; returns the port."""
+        """Bind, start answering (NOT_SERVING), load the bundle, then report SERVING; returns the port.
+
+        One of several processes (`processes` != 1) loads first and binds after, when it can.
+        """
         limit_compute_threads(self.config.compute_threads)
         set_switch_interval(self.config.switch_interval_ms)
         server = grpc.aio.server(
             options=[
-                ("grpc.so_reuseport", 0),
+                # Several processes share the port (the kernel spreads connections); a single
+                # process must fail to bind a port someone else holds.
+                ("grpc.so_reuseport", 1 if self.config.processes != 1 else 0),
                 ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
             ]
@@ -223,28 +251,41 @@ class RecsvcServer:
             server,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        loaded: bool | None = None
+        if self.config.processes != 1:
+            # Several processes share the port and the kernel hands each new connection to any
+            # listening one: a (re)starting process listens only once it can answer, if it can.
+            loaded = await self._load_ready()
         self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         await server.start()
         self._server = server
         log.info(
-            "gRPC listening on %s:%d (NOT_SERVING until a bundle is loaded)", self.config.host, self.port
+            "gRPC listening on %s:%d (%s)",
+            self.config.host,
+            self.port,
+            "bundle loaded" if loaded else "NOT_SERVING until a bundle is loaded",
         )
         if self.config.metrics_port:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
-        await self._initial_load()
+        if loaded is None:
+            loaded = await self._load_ready()
+        if loaded:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._poller = asyncio.create_task(self._poll_bundles(), name="recsvc-bundle-poller")
         return self.port
 
-    async def _initial_load(self) -> None:
+    async def _load_ready(self) -> bool:
+        """Load what CURRENT names and the experiments' pinned versions; False (logged; the
+        poller keeps trying) when CURRENT cannot be loaded."""
         try:
             await asyncio.to_thread(self.models.reload)
         except Exception as exc:
             log.error("no bundle served yet (%s); polling %s/CURRENT", exc, self.config.bundles)
-            return
+            return False
         await self._pin_variant_versions()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        return True
 
     async def _pin_variant_versions(self) -> None:
         if self.router is None:
@@ -278,6 +319,8 @@ class RecsvcServer:
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            self.serving.set()
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING first, then let in-flight RPCs finish for up to `grace` seconds."""
@@ -335,7 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--experiments", help="experiments YAML file; enables A/B assignment and exposure logging"
     )
-    parser.add_argument("--workers", type=int, help="threads running the CPU-heavy recommendation work")
+    parser.add_argument(
+        "--workers", type=int, help="threads running the CPU-heavy recommendation work (per process)"
+    )
+    parser.add_argument(
+        "--processes",
+        help="server processes sharing the port (SO_REUSEPORT), each with its own models, workers "
+        "and max_in_flight; 'auto' or 0 = one per usable core; default 1 (no supervisor)",
+    )
     parser.add_argument(
         "--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING; default INFO)"
     )
@@ -364,6 +414,18 @@ async def serve(config: ServeConfig) -> None:
     await server.stop()
 
 
+def _processes_flag(raw: str | None) -> int | None:
+    """`--processes`: an integer >= 0 or 'auto' (= 0, one per usable core)."""
+    if raw is None:
+        return None
+    if raw.strip().lower() == "auto":
+        return 0
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"--processes must be an integer or 'auto', got {raw!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
@@ -377,11 +439,20 @@ def main(argv: list[str] | None = None) -> int:
         "workers": args.workers,
     }
     try:
+        overrides["processes"] = _processes_flag(args.processes)
         config = load_config(args.config, overrides=overrides)
         if not Path(config.bundles).is_dir():
             raise ConfigError(
                 f"bundles directory {config.bundles} does not exist (train a model or pass --bundles)"
             )
+        if config.processes != 1:
+            from recsvc.server_processes import SupervisorError, supervise
+
+            try:
+                return supervise(config, log_level=args.log_level)
+            except SupervisorError as exc:
+                print(f"recsvc-serve: error: {exc}", file=sys.stderr)
+                return 2
         asyncio.run(serve(config))
     except (ConfigError, EventStoreError, ExposureLogError, ExperimentConfigError, OSError) as exc:
         print(f"recsvc-serve: error: {exc}", file=sys.stderr)

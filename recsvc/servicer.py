@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 import uuid
@@ -38,6 +39,8 @@ from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
 log = logging.getLogger("recsvc.access")
+
+SERVER_PID_METADATA = "recsvc-server-pid"  # GetModelInfo trailing metadata: the answering process
 
 T = TypeVar("T")
 
@@ -124,12 +127,16 @@ class RecommendBatcher:
         respond: Callable[[RecommendPlan, RecommendResult], pb.RecommendResponse],
         sizes: Any,
         linger_s: float = 0.0,
+        before_batch: Callable[[], None] | None = None,
     ) -> None:
+        """`before_batch` runs on the worker before each batch (catching up on other processes'
+        events), so every answer reflects every event acknowledged before it was computed."""
         self._executor = executor
         self._n_dispatchers = dispatchers
         self._max_batch = max_batch
         self._respond = respond
         self._sizes = sizes  # histogram of batch sizes
+        self._before_batch = before_batch
         self.linger_s = linger_s  # read per batch, so a benchmark may change it while serving
         self._last_done = -float("inf")  # perf_counter when the latest batch was answered
         self._last_size = 0  # requests in the latest batch
@@ -200,6 +207,8 @@ class RecommendBatcher:
     def _run_batch(self, jobs: list[_Job]) -> list[pb.RecommendResponse | BaseException]:
         """Worker thread: drop expired/abandoned jobs, one recommend_many per (model, policy)."""
         started = time.perf_counter()
+        if self._before_batch is not None:
+            self._before_batch()
         outcomes: list[pb.RecommendResponse | BaseException | None] = [None] * len(jobs)
         groups: dict[tuple[int, RankingPolicy], list[int]] = {}
         for i, job in enumerate(jobs):
@@ -267,6 +276,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 self._respond,
                 metrics.batch_size,
                 linger_s=config.batch_linger_ms / 1000.0,
+                before_batch=models.sync_events if models.shared_events else None,
             )
             if config.max_batch > 1
             else None
@@ -356,6 +366,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         rid = uuid.uuid4().hex
+        # Which process answered (several share the port): names the logs to read when one
+        # process disagrees with the others.
+        context.set_trailing_metadata(((SERVER_PID_METADATA, str(os.getpid())),))
         return await self._run("GetModelInfo", context, rid, lambda _t: self._model_info(), offload=False)
 
     async def ReloadModel(
@@ -369,6 +382,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 model = await asyncio.to_thread(self._models.rollback)
             else:
                 model = await asyncio.to_thread(self._models.reload, request.version or None)
+            if self._config.processes != 1 and (request.rollback or request.version):
+                # Several processes: this one swapped; CURRENT makes the others follow within
+                # reload_poll_s (each loads, verifies and warms it itself, or refuses it).
+                await asyncio.to_thread(self._models.publish_current)
         except UnknownVersionError as exc:
             code, message = grpc.StatusCode.NOT_FOUND, str(exc)
         except BundleError as exc:
@@ -529,6 +546,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self, request: pb.RecommendRequest, rid: str, timings: dict[str, float], field: str = ""
     ) -> pb.RecommendResponse:
         plan = self._plan(request, rid, timings, field)
+        self._models.sync_events()
         return self._respond(plan, plan.model.recommender.recommend(plan.req, plan.policy))
 
     def _plan(
@@ -668,6 +686,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self, request: pb.SimilarItemsRequest, rid: str, timings: dict[str, float]
     ) -> pb.RecommendResponse:
         t0 = time.perf_counter()
+        self._models.sync_events()
         model = self._models.active
         query = validation.similar_request(request, self._limits, model.attributes)
         timings["validate"] = (time.perf_counter() - t0) * 1000.0

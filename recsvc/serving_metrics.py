@@ -2,6 +2,12 @@
 
 A private `CollectorRegistry` (not the global default) lets several servers live in one
 process (tests, benchmarks) without duplicate-metric errors.
+
+Several server processes (ServeConfig.processes > 1): prometheus_client's multiprocess mode
+(PROMETHEUS_MULTIPROC_DIR, set by the supervisor) writes every value to shared files and the
+supervisor serves the aggregate. Counters and histograms sum over processes; each gauge says how
+it combines (`multiprocess_mode`, ignored in a single process): in-flight requests sum over live
+processes, the bundle gauges keep one series per process (`pid` label).
 """
 
 from __future__ import annotations
@@ -54,10 +60,23 @@ class ServingMetrics:
         self.results = Histogram(
             "recsvc_results", "Items returned per request", buckets=_CANDIDATE_BUCKETS, registry=r
         )
-        self.in_flight = Gauge("recsvc_in_flight", "Requests admitted and not yet answered", registry=r)
+        self.in_flight = Gauge(
+            "recsvc_in_flight",
+            "Requests admitted and not yet answered",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.events = Counter("recsvc_events_recorded", "Events durably recorded", registry=r)
-        self.bundle = Gauge("recsvc_bundle_info", "1 for the active bundle version", ["version"], registry=r)
-        self.loaded_bundles = Gauge("recsvc_loaded_bundles", "Bundle versions held in memory", registry=r)
+        self.bundle = Gauge(
+            "recsvc_bundle_info",
+            "1 for the active bundle version",
+            ["version"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.loaded_bundles = Gauge(
+            "recsvc_loaded_bundles", "Bundle versions held in memory", registry=r, multiprocess_mode="liveall"
+        )
         self.reloads = Counter("recsvc_reloads", "Bundle reload attempts by outcome", ["outcome"], registry=r)
         self.exposures = Counter(
             "recsvc_exposures",

@@ -101,6 +101,7 @@ def test_cli_help_explains_every_flag(capsys) -> None:
         "--events-db",
         "--experiments",
         "--workers",
+        "--processes",
     ):
         assert flag in out
 
@@ -124,3 +125,31 @@ def test_switch_interval_is_set_in_milliseconds_and_zero_leaves_it() -> None:
 def test_negative_batch_linger_is_a_config_error_naming_the_field() -> None:
     with pytest.raises(ConfigError, match="batch_linger_ms"):
         load_config(None, env={"RECSVC_BATCH_LINGER_MS": "-0.5"})
+
+
+def test_processes_defaults_to_one_and_auto_means_zero_from_env_and_file(tmp_path: Path) -> None:
+    assert load_config(None, env={}).processes == 1
+    assert load_config(None, env={"RECSVC_PROCESSES": "auto"}).processes == 0
+    path = tmp_path / "serve.yaml"
+    path.write_text("serve:\n  processes: auto\n", encoding="utf-8")
+    assert load_config(path, env={}).processes == 0
+    assert load_config(None, env={"RECSVC_PROCESSES": "3"}).processes == 3
+
+
+def test_negative_processes_is_a_config_error_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"ServeConfig\.processes"):
+        load_config(None, env={"RECSVC_PROCESSES": "-1"})
+
+
+def test_cli_processes_flag_rejects_words_other_than_auto(tmp_path: Path, capsys) -> None:
+    (tmp_path / "bundles").mkdir()
+    code = main(["--bundles", str(tmp_path / "bundles"), "--processes", "many", "--metrics-port", "0"])
+    assert code == 2
+    assert "--processes must be an integer or 'auto'" in capsys.readouterr().err
+
+
+def test_processes_zero_resolves_to_the_usable_cores() -> None:
+    from recsvc.server_processes import resolve_processes, usable_cores
+
+    assert resolve_processes(0) == usable_cores() >= 1
+    assert resolve_processes(3) == 3
