@@ -23,3 +23,22 @@ def limit_compute_threads(threads: int) -> None:
     set_threads(threads)
     torch.set_num_threads(threads)
     threadpool_limits(limits=threads)
+
+
+def limit_this_thread(threads: int) -> None:
+    """The OpenMP part of `limit_compute_threads` again, for the calling thread: a ThreadPool
+    initializer.
+
+    Why: OpenMP keeps its thread count per calling thread, and a thread Python starts later gets
+    the runtime's default (every core), not the cap set on the main thread. The server's workers
+    ran each FAISS search with all cores and burned the rest spin-waiting: on the 2-core box a
+    lone 10k-item Recommend cost the server ~3-4 ms CPU while the same call in one thread took 1.5.
+    """
+    if threads <= 0:
+        return
+    from threadpoolctl import threadpool_limits
+
+    from recsvc.retrieval import set_threads
+
+    set_threads(threads)
+    threadpool_limits(limits=threads, user_api="openmp")

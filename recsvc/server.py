@@ -33,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from recsvc.compute_threads import limit_compute_threads
+from recsvc.compute_threads import limit_compute_threads, limit_this_thread
 from recsvc.config import ServeConfig, from_dict
 from recsvc.events import EventStore, EventStoreError
 from recsvc.experiments import ExperimentConfigError, ExperimentRouter
@@ -196,7 +196,12 @@ class RecsvcServer:
         """
         self.config = config
         self.metrics = ServingMetrics()
-        self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="recsvc-worker")
+        self.executor = ThreadPoolExecutor(
+            max_workers=config.workers,
+            thread_name_prefix="recsvc-worker",
+            initializer=limit_this_thread,
+            initargs=(config.compute_threads,),
+        )
         self.events = EventStore(config.events_db)
         self.models = ModelManager(
             config.bundles,
