@@ -226,6 +226,15 @@ class RecsvcServer:
         One of several processes (`processes` != 1) loads first and binds after, when it can.
         """
         limit_compute_threads(self.config.compute_threads)
+        # Bundle loads, warm-ups and admin reloads run in asyncio.to_thread: the same per-thread
+        # FAISS cap as the request workers, so a hot swap does not oversubscribe a busy server.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(
+                thread_name_prefix="recsvc-admin",
+                initializer=limit_this_thread,
+                initargs=(self.config.compute_threads,),
+            )
+        )
         set_switch_interval(self.config.switch_interval_ms)
         server = grpc.aio.server(
             options=[

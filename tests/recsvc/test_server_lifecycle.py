@@ -3,10 +3,12 @@ corrupt bundles, rollback, deadlines and overload. Each test runs its own real s
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
 
+import faiss
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
@@ -285,3 +287,9 @@ def test_a_lingering_batcher_answers_every_request_with_the_same_items(root: Pat
     assert together == alone
     # 1 taken at once, two full batches of 4, then the last one after the dispatcher lingered
     assert batches <= 4
+
+
+def test_bundle_loading_threads_run_faiss_with_the_configured_cap(root: Path, tmp_path: Path) -> None:
+    with RunningServer(serve_config(root, tmp_path, compute_threads=1)) as server:
+        seen = server.call(asyncio.to_thread(faiss.omp_get_max_threads))
+    assert seen == 1
