@@ -22,8 +22,9 @@ from recsvc.retrieval import ItemIndex
 # Neighbours kept per item: the cold slots of the longest allowed list (5% of max_k 200 = 10)
 # plus room for a few excluded never-seen items; deeper needs search uncached.
 COLD_NEIGHBOURS_DEPTH = 16
-# Items whose lists are kept at most (16 ids each: 64 MB at this cap); the cache restarts beyond it.
-MAX_CACHED_ITEMS = 1_000_000
+# Items whose lists are kept at most (~260 bytes each with the array and dict overhead: ~52 MB);
+# the cache restarts beyond it. Popular history items, the ones asked for again, come back first.
+MAX_CACHED_ITEMS = 200_000
 
 
 @dataclass
@@ -48,7 +49,7 @@ class ColdNeighbours:
         self._state = _Lists(np.zeros(0, dtype=bool))
 
     def lists(self, items: np.ndarray, never_seen: np.ndarray) -> dict[int, np.ndarray]:
-        """{item: its nearest never-seen items (int64 ids, at most COLD_NEIGHBOURS_DEPTH)} for
+        """{item: its nearest never-seen items (int32 ids, at most COLD_NEIGHBOURS_DEPTH)} for
         every distinct item in `items`; one FAISS search for those not cached yet."""
         state = self._state
         if state.mask is not never_seen:
@@ -66,5 +67,5 @@ class ColdNeighbours:
                 effort=self.effort,
             )
             for item, row in zip(missing, np.asarray(ids)):
-                found[item] = state.by_item[item] = row[row >= 0]
+                found[item] = state.by_item[item] = row[row >= 0].astype(np.int32)
         return found  # type: ignore[return-value]  # every None was filled above

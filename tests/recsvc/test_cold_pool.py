@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from recsvc import cold_pool
 from recsvc.cold_pool import COLD_NEIGHBOURS_DEPTH, ColdNeighbours
 from recsvc.config import IndexConfig
 from recsvc.retrieval import ItemIndex
@@ -42,3 +44,15 @@ def test_cached_lists_are_reused_until_the_mask_changes() -> None:
     changed = _mask(len(emb), [0, 1, gone])  # that item got its first event
     fresh = cold.lists(np.array([5]), changed)[5]
     assert gone not in fresh.tolist() and fresh is not first
+
+
+def test_a_full_cache_restarts_and_still_answers_every_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cold_pool, "MAX_CACHED_ITEMS", 2)
+    index, emb = _catalogue()
+    never_seen = _mask(len(emb), [0])
+    cold = ColdNeighbours(index, emb, effort=1.0)
+    first = cold.lists(np.array([1, 2]), never_seen)
+    again = cold.lists(np.array([1, 2, 3]), never_seen)  # 2 cached + 1 new > cap
+    assert sorted(again) == [1, 2, 3]
+    assert all(again[i].tolist() == first[i].tolist() for i in (1, 2))
+    assert len(again[3]) == COLD_NEIGHBOURS_DEPTH and again[3].dtype == np.int32
