@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -140,3 +141,13 @@ def rpc_error(fn: Any, *args: Any, **kwargs: Any) -> Any:
     except grpc.RpcError as exc:
         return exc
     raise AssertionError(f"{getattr(fn, '__name__', fn)} succeeded but an RPC error was expected")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll `predicate` every 50 ms; AssertionError when it is still false after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"condition not reached in {timeout} s")

@@ -11,12 +11,7 @@ import pytest
 from recsvc import bundle as bundle_store
 from recsvc.client import _attr_pairs, event, filters, main
 from recsvc.v1 import recommender_pb2 as pb
-from tests.helpers.running_server import RunningServer, copy_root, serve_config, shared_bundle_root
-
-
-@pytest.fixture(scope="session")
-def bundle_root(tmp_path_factory: pytest.TempPathFactory, synth_loaded) -> Path:
-    return shared_bundle_root(tmp_path_factory, synth_loaded.interactions, synth_loaded.items)
+from tests.helpers.running_server import RunningServer, copy_root, serve_config
 
 
 @pytest.fixture(scope="module")

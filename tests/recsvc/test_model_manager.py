@@ -12,20 +12,10 @@ from recsvc.events import EventStore
 from recsvc.history import Event
 from recsvc.model_manager import ModelManager, NoModelError, UnknownVersionError
 from recsvc.recommender import RecommendRequest
-from tests.helpers.running_server import FIRST_VERSION, add_version, copy_root, shared_bundle_root
+from tests.helpers.running_server import FIRST_VERSION, add_version
 
 SECOND = "20240102T000000Z"
 THIRD = "20240103T000000Z"
-
-
-@pytest.fixture(scope="session")
-def bundle_root(tmp_path_factory: pytest.TempPathFactory, synth_loaded) -> Path:
-    return shared_bundle_root(tmp_path_factory, synth_loaded.interactions, synth_loaded.items)
-
-
-@pytest.fixture()
-def root(bundle_root: Path, tmp_path: Path) -> Path:
-    return copy_root(bundle_root, tmp_path / "bundles")
 
 
 @pytest.fixture()

@@ -6,25 +6,13 @@ from __future__ import annotations
 import multiprocessing
 from pathlib import Path
 
-import pytest
-
 from recsvc.events import EventStore
 from recsvc.history import Event
 from recsvc.model_manager import ModelManager
 from recsvc.server_processes import SharedSeq
-from tests.helpers.running_server import add_version, copy_root, shared_bundle_root
+from tests.helpers.running_server import add_version
 
 SECOND = "20240102T000000Z"
-
-
-@pytest.fixture(scope="session")
-def bundle_root(tmp_path_factory: pytest.TempPathFactory, synth_loaded) -> Path:
-    return shared_bundle_root(tmp_path_factory, synth_loaded.interactions, synth_loaded.items)
-
-
-@pytest.fixture()
-def root(bundle_root: Path, tmp_path: Path) -> Path:
-    return copy_root(bundle_root, tmp_path / "bundles")
 
 
 def _pair(root: Path, db: Path) -> tuple[ModelManager, ModelManager, SharedSeq]:

@@ -20,13 +20,7 @@ from tests.helpers.running_server import (
     copy_root,
     rpc_error,
     serve_config,
-    shared_bundle_root,
 )
-
-
-@pytest.fixture(scope="session")
-def bundle_root(tmp_path_factory: pytest.TempPathFactory, synth_loaded) -> Path:
-    return shared_bundle_root(tmp_path_factory, synth_loaded.interactions, synth_loaded.items)
 
 
 @pytest.fixture(scope="module")

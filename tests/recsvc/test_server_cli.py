@@ -12,17 +12,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from recsvc.client import RecsvcClient
-from tests.helpers.running_server import FIRST_VERSION, copy_root, shared_bundle_root
+from tests.helpers.running_server import FIRST_VERSION, copy_root
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def bundle_root(tmp_path_factory: pytest.TempPathFactory, synth_loaded) -> Path:
-    return shared_bundle_root(tmp_path_factory, synth_loaded.interactions, synth_loaded.items)
 
 
 def _free_port() -> int:

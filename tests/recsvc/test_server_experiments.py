@@ -17,7 +17,6 @@ from tests.helpers.running_server import (
     copy_root,
     rpc_error,
     serve_config,
-    shared_bundle_root,
 )
 
 SECOND_VERSION = "20240102T000000Z"
@@ -41,11 +40,6 @@ experiments:
       - {name: treatment, share: 0.5, policy: {use_ranker: true}}
     interleave: [control, treatment]
 """
-
-
-@pytest.fixture(scope="session")
-def bundle_root(tmp_path_factory: pytest.TempPathFactory, synth_loaded) -> Path:
-    return shared_bundle_root(tmp_path_factory, synth_loaded.interactions, synth_loaded.items)
 
 
 def _start(bundle_root: Path, work: Path, yaml_text: str) -> RunningServer:

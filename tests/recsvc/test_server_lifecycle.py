@@ -24,33 +24,14 @@ from tests.helpers.running_server import (
     copy_root,
     rpc_error,
     serve_config,
-    shared_bundle_root,
+    wait_until,
 )
 
 SECOND_VERSION = "20240102T000000Z"
 
 
-@pytest.fixture(scope="session")
-def bundle_root(tmp_path_factory: pytest.TempPathFactory, synth_loaded) -> Path:
-    return shared_bundle_root(tmp_path_factory, synth_loaded.interactions, synth_loaded.items)
-
-
-@pytest.fixture()
-def root(bundle_root: Path, tmp_path: Path) -> Path:
-    return copy_root(bundle_root, tmp_path / "bundles")
-
-
 def _some_item(root: Path) -> str:
     return str(bundle_store.load(root, verify=False).catalog.item_ids[4])
-
-
-def _wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def test_health_is_not_serving_until_a_bundle_appears_then_serving(tmp_path: Path, bundle_root: Path) -> None:
@@ -107,11 +88,11 @@ def test_hot_swap_under_concurrent_load_fails_no_request(root: Path, tmp_path: P
         threads = [threading.Thread(target=hammer, args=(n,)) for n in range(4)]
         for t in threads:
             t.start()
-        _wait_for(lambda: FIRST_VERSION in versions and min(counts) > 0)
+        wait_until(lambda: FIRST_VERSION in versions and min(counts) > 0)
         add_version(root, SECOND_VERSION, make_current=True)
-        _wait_for(lambda: server.server.models.active.version == SECOND_VERSION)
+        wait_until(lambda: server.server.models.active.version == SECOND_VERSION)
         swapped_at = list(counts)
-        _wait_for(lambda: SECOND_VERSION in versions and all(c > s for c, s in zip(counts, swapped_at)))
+        wait_until(lambda: SECOND_VERSION in versions and all(c > s for c, s in zip(counts, swapped_at)))
         stop.set()
         for t in threads:
             t.join(timeout=30)
@@ -123,7 +104,7 @@ def test_hot_swap_under_concurrent_load_fails_no_request(root: Path, tmp_path: P
 def test_corrupt_bundle_is_refused_and_the_old_one_keeps_serving(root: Path, tmp_path: Path) -> None:
     with RunningServer(serve_config(root, tmp_path)) as server, server.client() as c:
         add_version(root, SECOND_VERSION, corrupt=True, make_current=True)
-        _wait_for(
+        wait_until(
             lambda: server.server.metrics.registry.get_sample_value(
                 "recsvc_reloads_total", {"outcome": "refused"}
             )
@@ -197,7 +178,7 @@ def test_requests_beyond_max_in_flight_get_resource_exhausted_at_once(root: Path
         release = threading.Event()
         server.server.executor.submit(release.wait, 10)
         admitted = c.stub.Recommend.future(pb.RecommendRequest(user_id="first", num_results=3), timeout=20)
-        _wait_for(lambda: server.server.servicer.in_flight == 1)
+        wait_until(lambda: server.server.servicer.in_flight == 1)
         started = time.monotonic()
         err = rpc_error(c.recommend, "second", 3)
         answered_in = time.monotonic() - started
@@ -254,7 +235,7 @@ def _piled_up_behind_a_busy_worker(
         futures = [
             c.stub.Recommend.future(pb.RecommendRequest(user_id=u, num_results=5), timeout=20) for u in users
         ]
-        _wait_for(lambda: server.server.servicer.in_flight == len(users))
+        wait_until(lambda: server.server.servicer.in_flight == len(users))
         release.set()
         together = {u: [it.item_id for it in f.result().items] for u, f in zip(users, futures)}
         batches = (sizes.get_sample_value("recsvc_batch_size_count") or 0.0) - batches_before

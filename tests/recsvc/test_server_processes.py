@@ -23,15 +23,10 @@ from recsvc.client import event, recommend_request
 from recsvc.servicer import SERVER_PID_METADATA
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
-from tests.helpers.running_server import FIRST_VERSION, add_version, copy_root, shared_bundle_root
+from tests.helpers.running_server import FIRST_VERSION, add_version, copy_root, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SECOND_VERSION = "20240102T000000Z"
-
-
-@pytest.fixture(scope="session")
-def bundle_root(tmp_path_factory: pytest.TempPathFactory, synth_loaded) -> Path:
-    return shared_bundle_root(tmp_path_factory, synth_loaded.interactions, synth_loaded.items)
 
 
 def _free_port() -> int:
@@ -251,15 +246,6 @@ def _versions(stubs: dict[int, pb_grpc.RecommenderStub]) -> set[str]:
     return {s.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).version for s in stubs.values()}
 
 
-def _wait_for(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
-
-
 def test_reload_and_rollback_through_one_process_reach_every_process(pair) -> None:
     _sup, root, channels, _ = pair
     stubs = _stubs(channels)
@@ -267,11 +253,11 @@ def test_reload_and_rollback_through_one_process_reach_every_process(pair) -> No
     swapped = admin.ReloadModel(pb.ReloadModelRequest(version=SECOND_VERSION), timeout=120)
     assert swapped.active_version == SECOND_VERSION  # answered once its own process swapped
     assert bundle_store.current_version(root) == SECOND_VERSION
-    _wait_for(lambda: _versions(stubs) == {SECOND_VERSION})
+    wait_until(lambda: _versions(stubs) == {SECOND_VERSION}, timeout=30.0)
     back = admin.ReloadModel(pb.ReloadModelRequest(rollback=True), timeout=120)
     assert back.active_version == FIRST_VERSION
     assert bundle_store.current_version(root) == FIRST_VERSION
-    _wait_for(lambda: _versions(stubs) == {FIRST_VERSION})
+    wait_until(lambda: _versions(stubs) == {FIRST_VERSION}, timeout=30.0)
     assert all(_recommend(s, "after-rollback").model_version == FIRST_VERSION for s in stubs.values())
 
 
