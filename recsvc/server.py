@@ -71,8 +71,8 @@ def load_config(
         cfg = from_dict(ServeConfig, data)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config file {path}: {exc}") from exc
-    if isinstance(cfg.processes, str) and cfg.processes.strip().lower() == "auto":
-        cfg = replace(cfg, processes=0)
+    if isinstance(cfg.processes, str):
+        cfg = replace(cfg, processes=parse_processes(cfg.processes, f"config file {path}: processes"))
     env_values = _env_overrides(os.environ if env is None else env)
     cfg = replace(cfg, **env_values)
     cfg = replace(cfg, **{k: v for k, v in (overrides or {}).items() if v is not None})
@@ -106,11 +106,22 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     for f in fields(ServeConfig):
         name = ENV_PREFIX + f.name.upper()
         if name in env:
-            if f.name == "processes" and env[name].strip().lower() == "auto":
-                out[f.name] = 0
-                continue
-            out[f.name] = _coerce(name, env[name], str(f.type))
+            if f.name == "processes":
+                out[f.name] = parse_processes(env[name], f"environment variable {name}")
+            else:
+                out[f.name] = _coerce(name, env[name], str(f.type))
     return out
+
+
+def parse_processes(raw: str, where: str) -> int:
+    """ServeConfig.processes as written in a config file, variable or flag (`where`): an integer,
+    or 'auto' (= 0, one per usable core)."""
+    if raw.strip().lower() == "auto":
+        return 0
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{where} must be an integer or 'auto', got {raw!r}") from None
 
 
 def _coerce(name: str, raw: str, annotation: str) -> Any:
@@ -428,18 +439,6 @@ async def serve(config: ServeConfig) -> None:
     await server.stop()
 
 
-def _processes_flag(raw: str | None) -> int | None:
-    """`--processes`: an integer >= 0 or 'auto' (= 0, one per usable core)."""
-    if raw is None:
-        return None
-    if raw.strip().lower() == "auto":
-        return 0
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"--processes must be an integer or 'auto', got {raw!r}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
@@ -453,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         "workers": args.workers,
     }
     try:
-        overrides["processes"] = _processes_flag(args.processes)
+        if args.processes is not None:
+            overrides["processes"] = parse_processes(args.processes, "--processes")
         config = load_config(args.config, overrides=overrides)
         if not Path(config.bundles).is_dir():
             raise ConfigError(
