@@ -73,10 +73,6 @@ class Candidates:
         """Names of the sources that proposed candidate `i`."""
         return NAMES_BY_BITS[int(self.sources[i])]
 
-    def source_names_of(self, rows: np.ndarray) -> list[tuple[str, ...]]:
-        """`source_names` for many candidates (the k returned ones) in one pass."""
-        return [NAMES_BY_BITS[bits] for bits in self.sources[rows].tolist()]
-
     def take(self, keep: np.ndarray) -> Candidates:
         """Subset by boolean mask or index array (filters keep evidence aligned)."""
         return Candidates(

@@ -41,7 +41,7 @@ from recsvc.cold_slots import cold_slot_count, with_cold_slots
 from recsvc.config import CandidateConfig, RecommenderConfig
 from recsvc.features import HISTORY_COS_ITEMS, build_features_many, feature_index, pairwise_dot, tower_inputs
 from recsvc.history import Event, UserHistory
-from recsvc.retrieval import ranked_search
+from recsvc.retrieval import best_first, ranked_search, rescored
 from recsvc.user_tower import user_vector
 
 if TYPE_CHECKING:
@@ -214,6 +214,11 @@ class _Prepared:
     # items the request may not get: its exclusions, plus everything it has under repeat_policy=exclude
     blocked: np.ndarray
 
+    @property
+    def ranking_vec(self) -> np.ndarray | None:
+        """The vector text interest is measured against: the user's, else the query's."""
+        return self.user_vec if self.user_vec is not None else self.query_vec
+
 
 def _anonymous(p: _Prepared) -> bool:
     """No history, no session items, no query: nothing personal to rank on.
@@ -340,7 +345,7 @@ class Recommender:
         features = build_features_many(
             [p.history for p in prepared],
             cands,
-            [p.user_vec if p.user_vec is not None else p.query_vec for p in prepared],
+            [p.ranking_vec for p in prepared],
             self.item_emb,
             self.catalog,
             self.bundle.item_stats,
@@ -368,9 +373,9 @@ class Recommender:
 
         t = time.perf_counter()
         cold_interest = _cold_interest(features)
-        first_ts = self.bundle.item_stats.first_ts
+        never_seen = self.bundle.item_stats.never_seen()
         results = [
-            self._finish(p, c, s, policy, np.where(np.isnan(first_ts[c.items]), cold_interest[r], np.nan))
+            self._finish(p, c, s, policy, np.where(never_seen[c.items], cold_interest[r], np.nan))
             for p, c, s, r in zip(prepared, cands, per_request, rows)
         ]
         timings["filters"] += _ms(t)
@@ -429,7 +434,7 @@ class Recommender:
             cands = self._fill(k, cands, allowed, blocked)
         cos = self.item_emb[cands.items] @ query
         score = cos + np.nan_to_num(cands.cooc_score, nan=0.0)
-        order = _order(score, cands.items)[:k]
+        order = best_first(score, cands.items)[:k]
         out = [
             ScoredItem(str(self.catalog.item_ids[cands.items[i]]), float(score[i]), cands.source_names(i))
             for i in order
@@ -524,79 +529,91 @@ class Recommender:
         the slots see exactly the catalogue's best. Why history items rather than the user vector
         alone: a pooled vector blurs the single item a new arrival resembles (the pool used to
         search by the user vector only, and on H&M's held-out never-seen purchases the pipeline's
-        cold recall stayed 0). Requests without attribute filters take their history items' lists
-        from `ColdNeighbours` (searched once per item at a fixed depth, cached until the mask
-        changes), or share one FAISS search when they have no history or exclude more never-seen
-        items than a cached list can spare (over-fetching by those, removed afterwards); requests
-        with attribute filters search their own allowed set. Either way a request's pool depends on
-        that request only, so batched and single answers agree. The never-seen mask is read per block, so items
-        that get events while serving leave the pool at once. Added rows carry the `ann` source
-        with their cosine to the ranking vector and no ANN rank.
+        cold recall stayed 0). Where the pools come from (`_cold_pools`) never makes a request's
+        pool depend on the others, so batched and single answers agree. The never-seen mask is read
+        per block, so items that get events while serving leave the pool at once. Added rows carry
+        the `ann` source with their cosine to the ranking vector and no ANN rank.
         """
         if not self.config.cold_pool:
             return cands
         slots = {i: self._cold_slots(p) for i, p in enumerate(prepared)}
-        queries = {i: self._cold_queries(p) for i, p in enumerate(prepared) if slots[i] > 0}
-        todo = [i for i, q in queries.items() if q is not None]
-        if not todo:
+        todo = [
+            i
+            for i, p in enumerate(prepared)
+            if slots[i] > 0 and (len(p.history) or p.ranking_vec is not None)
+        ]
+        never_seen = self.bundle.item_stats.never_seen()
+        if not todo or not never_seen.any():
             return cands
         t = time.perf_counter()
-        never_seen = self.bundle.item_stats.never_seen()
         out = list(cands)
-        shared = [i for i in todo if prepared[i].allowed is None]
-        found: dict[int, np.ndarray] = {}
-        if shared and never_seen.any():
-            extras = {i: int(never_seen[prepared[i].blocked].sum()) for i in shared}
-            cached = [
-                i
-                for i in shared
-                if len(prepared[i].history) and slots[i] + extras[i] <= COLD_NEIGHBOURS_DEPTH
-            ]
-            found.update(self._cached_cold_pools(prepared, cached, slots, never_seen))
-            shared = [i for i in shared if i not in found]
-        if shared and never_seen.any():
-            extra = max(extras[i] for i in shared)
-            depth = min(max(slots[i] for i in shared) + extra, MAX_FILTERED_DEPTH)
-            _, ids = self.bundle.index.search_with_filter(
-                np.vstack([queries[i] for i in shared]),
-                depth,
-                allowed=never_seen,
-                effort=self.config.cold_pool_effort,
-            )
-            bounds = np.cumsum([0] + [len(queries[i]) for i in shared])
-            for i, a, b in zip(shared, bounds[:-1], bounds[1:]):
-                rows = np.asarray(ids)[a:b]
-                keep = (rows >= 0) & ~np.isin(rows, prepared[i].blocked)
-                found[i] = np.concatenate([row[k][: slots[i]] for row, k in zip(rows, keep)])
-        for i in todo:
-            p = prepared[i]
-            if p.allowed is None or not (allowed := never_seen & p.allowed).any():
-                continue
-            _, ids = self.bundle.index.search_with_filter(
-                queries[i],
-                min(slots[i], MAX_FILTERED_DEPTH),
-                allowed=allowed,
-                excluded=p.blocked.tolist(),
-                effort=self.config.cold_pool_effort,
-            )
-            found[i] = np.asarray(ids).ravel()
-        for i, items in found.items():
+        for i, items in self._cold_pools(prepared, todo, slots, never_seen).items():
             p, c = prepared[i], cands[i]
             # every pool item is never-seen, so only the never-seen candidates can repeat one
             items = np.unique(items[items >= 0]).astype(np.int32)
             cold_cands = c.items[never_seen[c.items]]
             if len(cold_cands):
                 items = items[~np.isin(items, cold_cands)]
-            vector = p.user_vec if p.user_vec is not None else p.query_vec
-            if vector is None:
+            if p.ranking_vec is None:
                 scores = np.full(len(items), np.nan, np.float32)
             else:
-                scores = self.item_emb[items] @ np.asarray(vector, dtype=np.float32)
-                order = _order(scores, items)
-                items, scores = items[order], scores[order]
-            out[i] = _appended(c, items, SOURCE_BITS["ann"], scores.astype(np.float32))
+                items, scores = rescored(self.item_emb, items, p.ranking_vec)
+            out[i] = _appended(c, items, SOURCE_BITS["ann"], scores)
         timings["retrieval"] += _ms(t)
         return out
+
+    def _cold_pools(
+        self,
+        prepared: Sequence[_Prepared],
+        todo: Sequence[int],
+        slots: dict[int, int],
+        never_seen: np.ndarray,
+    ) -> dict[int, np.ndarray]:
+        """Request -> the never-seen items nearest to its cold queries (may repeat; -1 = none).
+
+        Three sources, by what the request needs:
+        - no attribute filter, with history: the cached lists of `ColdNeighbours` (searched once per
+          item at a fixed depth), unless it excludes more never-seen items than a list can spare;
+        - no attribute filter otherwise: one FAISS search shared by all of them, over-fetching by
+          the most excluded never-seen items among them (removed afterwards);
+        - attribute filters: a search of its own allowed never-seen set.
+        """
+        unfiltered = [i for i in todo if prepared[i].allowed is None]
+        extras = {i: int(never_seen[prepared[i].blocked].sum()) for i in unfiltered}
+        cached = [
+            i
+            for i in unfiltered
+            if len(prepared[i].history) and slots[i] + extras[i] <= COLD_NEIGHBOURS_DEPTH
+        ]
+        pools = self._cached_cold_pools(prepared, cached, slots, never_seen)
+        shared = [i for i in unfiltered if i not in pools]
+        if shared:
+            queries = {i: self._cold_queries(prepared[i]) for i in shared}
+            depth = min(max(slots[i] for i in shared) + max(extras[i] for i in shared), MAX_FILTERED_DEPTH)
+            _, ids = self.bundle.index.search_with_filter(
+                np.vstack(list(queries.values())),
+                depth,
+                allowed=never_seen,
+                effort=self.config.cold_pool_effort,
+            )
+            bounds = np.cumsum([0] + [len(q) for q in queries.values()])
+            for i, a, b in zip(shared, bounds[:-1], bounds[1:]):
+                rows = np.asarray(ids)[a:b]
+                keep = (rows >= 0) & ~np.isin(rows, prepared[i].blocked)
+                pools[i] = np.concatenate([row[k][: slots[i]] for row, k in zip(rows, keep)])
+        for i in todo:
+            p = prepared[i]
+            if p.allowed is None or not (allowed := never_seen & p.allowed).any():
+                continue
+            _, ids = self.bundle.index.search_with_filter(
+                self._cold_queries(p),
+                min(slots[i], MAX_FILTERED_DEPTH),
+                allowed=allowed,
+                excluded=p.blocked.tolist(),
+                effort=self.config.cold_pool_effort,
+            )
+            pools[i] = np.asarray(ids).ravel()
+        return pools
 
     def _cached_cold_pools(
         self,
@@ -619,12 +636,12 @@ class Recommender:
             pools[i] = np.concatenate([row[: slots[i]] for row in rows])
         return pools
 
-    def _cold_queries(self, p: _Prepared) -> np.ndarray | None:
+    def _cold_queries(self, p: _Prepared) -> np.ndarray:
         """The vectors the cold pool searches with: recent history items, else the ranking vector."""
         if len(p.history):
             return self.item_emb[_cold_query_items(p.history)]
-        vector = p.user_vec if p.user_vec is not None else p.query_vec
-        return None if vector is None else np.asarray(vector, dtype=np.float32)[None, :]
+        assert p.ranking_vec is not None  # `_with_cold_pool` only asks for requests that have one
+        return np.asarray(p.ranking_vec, dtype=np.float32)[None, :]
 
     def _candidates(
         self,
@@ -635,8 +652,8 @@ class Recommender:
         cf: tuple[np.ndarray, np.ndarray],
         timings: dict[str, float],
     ) -> Candidates:
-        """Sources (`generated` by `_generate_many`) -> hard filters -> cold pool (features are
-        built for the whole batch afterwards).
+        """Sources (`generated` by `_generate_many`) -> hard filters (the cold pool and the
+        features are added for the whole block afterwards).
 
         When the filters leave fewer than k items, ANN is searched again INSIDE the allowed set
         (FAISS filtered search), and if the catalogue still has allowed items left, the most popular
@@ -761,10 +778,7 @@ class Recommender:
             np.asarray(vector, dtype=np.float32)[None, :], depth, allowed=allowed, excluded=blocked.tolist()
         )
         found = np.asarray(ids)[0]
-        found = found[found >= 0].astype(np.int32)
-        exact = self.item_emb[found] @ np.asarray(vector, dtype=np.float32)
-        order = _order(exact, found)
-        return found[order], exact[order].astype(np.float32)
+        return rescored(self.item_emb, found[found >= 0], vector)
 
     def _fill(self, k: int, cands: Candidates, allowed: np.ndarray | None, blocked: np.ndarray) -> Candidates:
         """Last resort when filters are very selective: the most popular allowed items (then by index)."""
@@ -785,7 +799,7 @@ class Recommender:
     ) -> RecommendResult:
         """Order by score, give the reserved cold-start slots to never-seen candidates
         (`cold_score`: their text interest, nan for the rest), apply the diversity cap, take k."""
-        order = _order(np.asarray(scores, dtype=np.float64), cands.items)
+        order = best_first(np.asarray(scores, dtype=np.float64), cands.items)
         order = with_cold_slots(
             order, cold_score, p.req.k, self.config.cold_item_share, self.config.cold_first_position
         )
@@ -912,11 +926,6 @@ def _blocks(n_requests: int, rows_per_request: int) -> list[range]:
     """
     size = max(1, RANK_BLOCK_ROWS // max(rows_per_request, 1))
     return [range(a, min(a + size, n_requests)) for a in range(0, n_requests, size)]
-
-
-def _order(scores: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Descending score, ties broken by item index (deterministic across batch sizes)."""
-    return np.lexsort((items, -np.asarray(scores, dtype=np.float64)))
 
 
 def _widened(cfg: CandidateConfig, depth: int) -> CandidateConfig:

@@ -438,6 +438,19 @@ class ItemIndex:
         return out
 
 
+def best_first(scores: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """The order of `items` by descending score, ties by item index: the same whatever the batch."""
+    return np.lexsort((items, -np.asarray(scores, dtype=np.float64)))
+
+
+def rescored(item_emb: np.ndarray, items: np.ndarray, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`items` (int32) and their exact inner products with `vector` (float32), best first."""
+    items = np.asarray(items).astype(np.int32)
+    exact = item_emb[items] @ np.asarray(vector, dtype=np.float32)
+    order = best_first(exact, items)
+    return items[order], exact[order].astype(np.float32)
+
+
 # Queries per FAISS call in `ranked_search` (bounds the [queries, depth] result matrices).
 SEARCH_BATCH = 1024
 
@@ -467,10 +480,7 @@ def ranked_search(
         scores, ids = index.search(queries, depth)
         if not index.scores_per_query:
             for row, found in zip(chunk, ids):
-                found = found[found >= 0].astype(np.int32)
-                exact = item_emb[found] @ np.asarray(vectors[row], dtype=np.float32)
-                order = np.lexsort((found, -exact.astype(np.float64)))
-                out[row] = (found[order], exact[order].astype(np.float32))
+                out[row] = rescored(item_emb, found[found >= 0], vectors[row])  # type: ignore[arg-type]
             continue
         ids32 = ids.astype(np.int32)
         # FAISS returns each row best first; only rows holding equal scores need the item tie-break
@@ -481,6 +491,6 @@ def ranked_search(
                 continue
             keep = ids32[j] >= 0
             found, found_scores = ids32[j][keep], scores[j][keep]
-            order = np.lexsort((found, -found_scores.astype(np.float64)))
+            order = best_first(found_scores, found)
             out[row] = (found[order], found_scores[order])
     return out

@@ -5,6 +5,7 @@ import pytest
 
 from recsvc.behaviour import CoOccurrence, ItemStats
 from recsvc.candidates import (
+    NAMES_BY_BITS,
     SOURCE_BITS,
     Candidates,
     SourceList,
@@ -136,10 +137,9 @@ def test_focus_on_query_keeps_popular_items_when_too_few_remain() -> None:
     assert sorted(focused.items.tolist()) == [1, 2, 3, 4]
 
 
-def test_source_names_of_many_rows_match_one_row_at_a_time() -> None:
+def test_source_names_name_the_sources_of_each_row_by_bitmask() -> None:
     c = merge([_sl("ann", [5, 3]), _sl("popular", [3, 7]), _sl("cooc", [7, 5]), _sl("session", [1])], 10)
-    rows = np.array([3, 0, 2, 1])
-    assert c.source_names_of(rows) == [c.source_names(int(i)) for i in rows]
+    assert [NAMES_BY_BITS[int(b)] for b in c.sources] == [c.source_names(i) for i in range(len(c))]
     assert c.source_names(c.items.tolist().index(1)) == ("session",)
 
 
