@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,10 +23,11 @@ import polars as pl
 from tqdm import tqdm
 
 from recsvc.behaviour import CoOccurrence, ItemStats
+from recsvc.bundle import LoadedBundle
 from recsvc.candidates import SOURCE_NAMES, Candidates, generate
 from recsvc.catalog import Catalog
 from recsvc.collaborative import CFModel
-from recsvc.config import CandidateConfig, CollaborativeConfig, RankerConfig, TrainConfig
+from recsvc.config import CandidateConfig, CollaborativeConfig, RankerConfig, TrainConfig, to_dict
 from recsvc.features import FEATURE_NAMES, build_features, tower_inputs
 from recsvc.history import HistoryStore, item_indices
 from recsvc.retrieval import ranked_search
@@ -43,6 +45,44 @@ class ServingState:
     stats: ItemStats
     cooc: CoOccurrence
     cf: CFModel | None = None  # ALS item factors fitted on the same rows; None when disabled
+
+    def bundle(
+        self,
+        *,
+        path: Path,
+        version: str,
+        config: TrainConfig,
+        catalog: Catalog,
+        item_emb: np.ndarray,
+        index: Any,
+        tower: TowerParams,
+        ranker: Any,
+        encoder_dir: Path,
+        novel_ranker: Any | None = None,
+        manifest: dict[str, Any] | None = None,
+    ) -> LoadedBundle:
+        """An in-memory bundle serving this state with the given model parts, as if loaded from a
+        bundle published at `cutoff` (validation, tests and benchmarks that never write one)."""
+        return LoadedBundle(
+            path=Path(path),
+            version=version,
+            manifest={"data_end_ts": self.cutoff, "config": to_dict(config)}
+            if manifest is None
+            else manifest,
+            config=config,
+            catalog=catalog,
+            item_embeddings=item_emb,
+            index=index,
+            tower=tower,
+            ranker=ranker,
+            history=self.history,
+            item_stats=self.stats,
+            cooccurrence=self.cooc,
+            encoder_dir=Path(encoder_dir),
+            data_end_ts=self.cutoff,
+            cf=self.cf,
+            novel_ranker=novel_ranker,
+        )
 
 
 @dataclass

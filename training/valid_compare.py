@@ -30,7 +30,7 @@ import polars as pl
 
 from recsvc.bundle import LoadedBundle
 from recsvc.catalog import Catalog
-from recsvc.config import TrainConfig, to_dict
+from recsvc.config import TrainConfig
 from training.baselines import CandidateGenerator
 from training.evaluate import MODES, EvaluationTable, evaluate_systems
 from training.train_ranker import state_at
@@ -53,23 +53,16 @@ def validation_bundle(
 ) -> LoadedBundle:
     """What the bundle would have been at T1: the trained rankers over serving state from data < T1
     (rows at or after `t1` are ignored)."""
-    state = state_at(interactions, catalog, t1, config.candidates, config.collaborative)
-    return LoadedBundle(
+    return state_at(interactions, catalog, t1, config.candidates, config.collaborative).bundle(
         path=Path(encoder_dir).parent,
         version=f"validation@{t1}",
-        manifest={"data_end_ts": t1, "config": to_dict(config)},
         config=config,
         catalog=catalog,
-        item_embeddings=item_emb,
+        item_emb=item_emb,
         index=index,
         tower=tower,
         ranker=ranker,
-        history=state.history,
-        item_stats=state.stats,
-        cooccurrence=state.cooc,
-        encoder_dir=Path(encoder_dir),
-        data_end_ts=t1,
-        cf=state.cf,
+        encoder_dir=encoder_dir,
         novel_ranker=novel_ranker,
     )
 

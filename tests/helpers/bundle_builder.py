@@ -97,8 +97,6 @@ def build_loaded_bundle(
     fast_path: bool = False,
 ) -> Any:
     """A `recsvc.bundle.LoadedBundle` assembled in memory from real parts (see module doc)."""
-    from recsvc.bundle import LoadedBundle
-
     cfg = config or TrainConfig()
     catalog = Catalog.from_items(items, cfg.text.attribute_columns)
     emb = category_embeddings(items, seed=seed)
@@ -122,22 +120,16 @@ def build_loaded_bundle(
     ranker = train_small_ranker(train.features, relevance_grades(train.labels), train.groups, fast_path)
     state = state_at(interactions, catalog, end, cfg.candidates, cfg.collaborative)
     encoder_dir = make_tiny_bert(Path(workdir) / "encoder", hidden=EMBED_DIM)
-    return LoadedBundle(
+    return state.bundle(
         path=Path(workdir),
         version="test-bundle",
-        manifest={"data_end_ts": end, "config": to_dict(cfg)},
         config=cfg,
         catalog=catalog,
-        item_embeddings=emb,
+        item_emb=emb,
         index=index,
         tower=tower,
         ranker=ranker,
-        history=state.history,
-        item_stats=state.stats,
-        cooccurrence=state.cooc,
         encoder_dir=encoder_dir,
-        data_end_ts=end,
-        cf=state.cf,
     )
 
 
