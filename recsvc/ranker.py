@@ -442,6 +442,9 @@ def forest_ir(trees: Sequence[Tree], n_features: int) -> str:
 
 _LLVM_LOCK = threading.Lock()
 _llvm_initialised = False
+# The code generator's identity in the cache key: this module's source as imported, so a process
+# still running old code never files its objects under the key of a newer source on disk.
+_GENERATOR_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
 def _target_machine() -> tuple[Any, str]:
@@ -528,11 +531,10 @@ def compile_forest(model_text: str, cache_dir: Path | None) -> CompiledForest:
     import llvmlite.binding as llvm
 
     n_features, trees = parse_forest(model_text)
-    generator = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
     with _LLVM_LOCK:  # llvmlite's global context is not safe for concurrent compiles
         machine, target = _target_machine()
         key = hashlib.sha256(
-            f"{generator}\n{llvmlite.__version__}\n{target}\n{model_text}".encode()
+            f"{_GENERATOR_DIGEST}\n{llvmlite.__version__}\n{target}\n{model_text}".encode()
         ).hexdigest()
         cached: bytes | None = None
         obj = digest_file = None
