@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+from recsvc.batch import usable_cores
 from recsvc.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -49,16 +50,9 @@ class SupervisorError(RuntimeError):
     """The server processes cannot be started (the message says why)."""
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (the affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def resolve_processes(processes: int) -> int:
-    """ServeConfig.processes: 0 means one per usable core."""
+    """ServeConfig.processes: 0 means one per usable core (the same count `recsvc-batch
+    --workers` defaults to: affinity mask capped by a cgroup CPU quota)."""
     return processes if processes > 0 else usable_cores()
 
 
