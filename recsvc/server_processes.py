@@ -79,9 +79,6 @@ class SharedSeq:
             if seq > self._value.value:
                 self._value.value = seq
 
-    def __reduce__(self) -> Any:  # travels to spawned children as their start arguments
-        return (SharedSeq, (self._value, self._lock))
-
 
 # ----------------------------------------------------------------------------- port
 
