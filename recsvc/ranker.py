@@ -520,50 +520,67 @@ class CompiledForest:
         return out[:n]
 
 
+def _model_width(model_text: str) -> int:
+    """Number of features, read from the model header alone (the trees are not parsed)."""
+    header, _ = _model_sections(model_text.partition("\nTree=")[0])
+    return int(header["max_feature_idx"]) + 1
+
+
+def _read_cached_object(cache_dir: Path, key: str) -> bytes | None:
+    """The object filed under `key` if its checksum holds (a missing cache folder is a miss)."""
+    obj, digest_file = cache_dir / f"{key}.o", cache_dir / f"{key}.sha256"
+    if not (obj.is_file() and digest_file.is_file()):
+        return None
+    data = obj.read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest_file.read_text().strip():
+        log.warning("compiled ranker cache %s fails its checksum; recompiling", obj)
+        return None
+    log.info("loaded compiled ranker from cache %s", obj)
+    return data
+
+
+def _write_cached_object(cache_dir: Path, key: str, data: bytes) -> None:
+    """File `data` under `key` atomically, then its checksum (readers need both)."""
+    obj = cache_dir / f"{key}.o"
+    staged = obj.with_name(f"{obj.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    staged.write_bytes(data)
+    os.replace(staged, obj)
+    (cache_dir / f"{key}.sha256").write_text(hashlib.sha256(data).hexdigest())
+
+
 def compile_forest(model_text: str, cache_dir: Path | None) -> CompiledForest:
     """Compile `forest_ir` for this CPU, reusing a checksummed object from `cache_dir` when present.
 
     The cache key is the model text, this module's source (the code generator) and the target, so
-    a changed model or generator compiles afresh while a cache hit skips generating the IR (seconds
-    for 300 trees of 63 leaves).
+    a changed model or generator compiles afresh while a cache hit skips parsing the trees and
+    generating the IR (seconds for 300 trees of 63 leaves): only a model `parse_forest` accepted
+    was ever filed under its key.
     """
     import llvmlite
     import llvmlite.binding as llvm
 
-    n_features, trees = parse_forest(model_text)
     with _LLVM_LOCK:  # llvmlite's global context is not safe for concurrent compiles
         machine, target = _target_machine()
         key = hashlib.sha256(
             f"{_GENERATOR_DIGEST}\n{llvmlite.__version__}\n{target}\n{model_text}".encode()
         ).hexdigest()
-        cached: bytes | None = None
-        obj = digest_file = None
-        if cache_dir is not None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            obj, digest_file = cache_dir / f"{key}.o", cache_dir / f"{key}.sha256"
-            if obj.is_file() and digest_file.is_file():
-                data = obj.read_bytes()
-                if hashlib.sha256(data).hexdigest() == digest_file.read_text().strip():
-                    cached = data
-                else:
-                    log.warning("compiled ranker cache %s fails its checksum; recompiling", obj)
+        cached = _read_cached_object(cache_dir, key) if cache_dir is not None else None
         if cached is not None:
             engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), machine)
             engine.set_object_cache(getbuffer_func=lambda _module: cached)
             engine.finalize_object()
-            log.info("loaded compiled ranker from cache %s", obj)
-            return CompiledForest(engine, n_features)
+            return CompiledForest(engine, _model_width(model_text))
+        n_features, trees = parse_forest(model_text)
+        if cache_dir is not None:  # an unusable cache folder fails here, before the long compile
+            cache_dir.mkdir(parents=True, exist_ok=True)
         module = llvm.parse_assembly(forest_ir(trees, n_features))
         module.verify()
         emitted: list[bytes] = []
         engine = llvm.create_mcjit_compiler(module, machine)
         engine.set_object_cache(notify_func=lambda _module, buffer: emitted.append(bytes(buffer)))
         engine.finalize_object()
-    if obj is not None and digest_file is not None and emitted:
-        staged = obj.with_name(f"{obj.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        staged.write_bytes(emitted[0])
-        os.replace(staged, obj)
-        digest_file.write_text(hashlib.sha256(emitted[0]).hexdigest())
+    if cache_dir is not None and emitted:
+        _write_cached_object(cache_dir, key, emitted[0])
     return CompiledForest(engine, n_features)
 
 
