@@ -14,7 +14,7 @@ import numpy as np
 
 from recsvc.behaviour import CoOccurrence, ItemStats, decay
 from recsvc.config import CandidateConfig
-from recsvc.history import UserHistory
+from recsvc.history import HistoryRows, UserHistory
 
 SOURCE_BITS: dict[str, int] = {
     "ann": 1,
@@ -287,7 +287,7 @@ def generate_many(
     if n_users == 0:
         return []
     stride = np.int64(max(stats.n_items, cooc.n_items, 1))
-    events = _EventRows.of(histories, nows)
+    events = HistoryRows.of(histories, nows)
     repeat = _repeat_many(events, n_users, stride, cfg.repeat, cfg.cooc_half_life_days)
     seeds = _recent_seeds_many(events, stride, cfg.cooc_half_life_days)
     cooc_lists = _cooc_many(seeds, n_users, cooc, stride, cfg.cooccurrence)
@@ -305,30 +305,6 @@ def generate_many(
         lists += [repeat[u], cooc_lists[u], popular]
         per_user.append(lists)
     return merge_many(per_user, cfg.max_candidates)
-
-
-@dataclass(frozen=True)
-class _EventRows:
-    """Every user's history concatenated (user u's events at offsets[u]:offsets[u + 1])."""
-
-    offsets: np.ndarray  # int64 [n_users + 1]
-    seg: np.ndarray  # int64 [n_events] user of each event
-    items: np.ndarray  # int64 [n_events]
-    timestamps: np.ndarray  # int64 [n_events]
-    weights: np.ndarray  # float32 [n_events]
-    now: np.ndarray  # int64 [n_events] the request time of the event's user
-
-    @classmethod
-    def of(cls, histories: Sequence[UserHistory], nows: Sequence[int]) -> _EventRows:
-        lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
-        return cls(
-            np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            np.repeat(np.arange(len(histories), dtype=np.int64), lengths),
-            np.concatenate([h.items for h in histories]).astype(np.int64),
-            np.concatenate([h.timestamps for h in histories]).astype(np.int64),
-            np.concatenate([h.weights for h in histories]).astype(np.float32),
-            np.repeat(np.asarray(nows, dtype=np.int64), lengths),
-        )
 
 
 def _ranked_within_user(seg: np.ndarray, order: np.ndarray, limit: int) -> np.ndarray:
@@ -364,7 +340,7 @@ def _top_per_user(
 
 
 def _repeat_many(
-    events: _EventRows, n_users: int, stride: np.int64, n: int, half_life_days: float
+    events: HistoryRows, n_users: int, stride: np.int64, n: int, half_life_days: float
 ) -> list[SourceList]:
     """`repeat_source` for every user."""
     w = events.weights * decay(events.now - events.timestamps, half_life_days)
@@ -378,7 +354,7 @@ class _Seeds:
     weights: np.ndarray  # float32
 
 
-def _recent_seeds_many(events: _EventRows, stride: np.int64, half_life_days: float) -> _Seeds:
+def _recent_seeds_many(events: HistoryRows, stride: np.int64, half_life_days: float) -> _Seeds:
     """`recent_seeds` for every user, concatenated in user order."""
     lengths = np.diff(events.offsets)
     tail = np.minimum(lengths, 4 * COOC_RECENT_ITEMS)

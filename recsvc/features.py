@@ -8,7 +8,6 @@ Changing a feature means changing it here only, so offline and online can never 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,7 +16,7 @@ from recsvc.behaviour import USER_FEATURE_NAMES, ItemStats, decay, user_behaviou
 from recsvc.candidates import SOURCE_BITS, SOURCE_NAMES, Candidates
 from recsvc.catalog import Catalog
 from recsvc.config import DAY, CandidateConfig
-from recsvc.history import UserHistory
+from recsvc.history import HistoryRows, UserHistory
 
 if TYPE_CHECKING:
     from recsvc.collaborative import CFModel
@@ -177,38 +176,9 @@ def build_features_many(
     user_rows = np.vstack([user_behaviour(h, int(t), diversity_codes) for h, t in zip(histories, nows)])
     first = _COL["user_n_events"]
     out[:, first : first + len(USER_FEATURE_NAMES)] = user_rows[seg]
-    history_rows = _HistoryRows.of(histories, nows)
-    _affinity_features(out, history_rows, seg, items, row_now, catalog, cfg)
+    _affinity_features(out, HistoryRows.of(histories, nows), histories, seg, items, row_now, catalog, cfg)
     _price_features(out, histories, seg, items, catalog)
     return out
-
-
-@dataclass(frozen=True)
-class _HistoryRows:
-    """All users' histories concatenated, each event tagged with its user's segment and `now`."""
-
-    seg: np.ndarray  # int64 [n_events]
-    items: np.ndarray  # int64 [n_events]
-    timestamps: np.ndarray  # int64 [n_events]
-    weights: np.ndarray  # float64 [n_events]
-    now: np.ndarray  # int64 [n_events]
-    weight_total: np.ndarray  # float64 [n_users] sum of each user's weights (numpy's own sum)
-    empty: np.ndarray  # bool [n_users]
-
-    @classmethod
-    def of(cls, histories: Sequence[UserHistory], nows: Sequence[int]) -> _HistoryRows:
-        lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
-        weights = [h.weights.astype(np.float64) for h in histories]
-        return cls(
-            np.repeat(np.arange(len(histories)), lengths),
-            np.concatenate([h.items for h in histories]).astype(np.int64),
-            np.concatenate([h.timestamps for h in histories]).astype(np.int64),
-            np.concatenate(weights),
-            np.repeat(np.asarray(nows, dtype=np.int64), lengths),
-            # per-user .sum() (pairwise summation) so totals match the one-user definition exactly
-            np.fromiter((w.sum() for w in weights), dtype=np.float64, count=len(weights)),
-            lengths == 0,
-        )
 
 
 def _text_features(
@@ -309,15 +279,21 @@ def _segment_lookup(
 
 def _affinity_features(
     out: np.ndarray,
-    hist: _HistoryRows,
+    hist: HistoryRows,
+    histories: Sequence[UserHistory],
     seg: np.ndarray,
     items: np.ndarray,
     row_now: np.ndarray,
     catalog: Catalog,
     cfg: CandidateConfig,
 ) -> None:
-    cand_empty = hist.empty[seg]
-    total = hist.weight_total
+    user_empty = np.diff(hist.offsets) == 0
+    cand_empty = user_empty[seg]
+    weights = hist.weights.astype(np.float64)
+    # per-user .sum() (pairwise summation) so totals match the one-user definition exactly
+    total = np.fromiter(
+        (h.weights.astype(np.float64).sum() for h in histories), dtype=np.float64, count=len(histories)
+    )
     divisor = np.where(total > 0, total, 1.0)[seg]  # x / 1.0 == x: "no division" when total <= 0
     attributes = list(catalog.attributes.items())
     if attributes:
@@ -330,9 +306,9 @@ def _affinity_features(
         cand_codes = np.stack([codes[items] for _, codes in attributes])  # [A, n]
         known = hist_codes >= 0
         hist_keys = (hist.seg[None, :] * span + offsets + hist_codes)[known]
-        hist_weights = np.broadcast_to(hist.weights, hist_codes.shape)[known]
+        hist_weights = np.broadcast_to(weights, hist_codes.shape)[known]
         cand_keys = (seg[None, :] * span + offsets + np.maximum(cand_codes, 0)).ravel()
-        n_keys = int(span) * len(hist.empty)
+        n_keys = int(span) * len(user_empty)
         if n_keys <= DENSE_KEYS_MAX:  # small key space: one dense bincount, then a gather
             per_value = np.bincount(hist_keys, hist_weights, minlength=n_keys)[cand_keys]
         else:
@@ -360,13 +336,13 @@ def _affinity_features(
     stride = np.int64(len(catalog))
     cand_keys = seg * stride + items
     uniq, inverse = np.unique(hist.seg * stride + hist.items, return_inverse=True)
-    decayed = hist.weights * decay(hist.now - hist.timestamps, cfg.cooc_half_life_days)
+    decayed = weights * decay(hist.now - hist.timestamps, cfg.cooc_half_life_days)
     last = np.full(len(uniq), -np.inf)
     np.maximum.at(last, inverse, hist.timestamps.astype(np.float64))
     pos = np.minimum(np.searchsorted(uniq, cand_keys), len(uniq) - 1)
     had = uniq[pos] == cand_keys
     # bincount sums (float64, input order) then float32, as the one-user definition stores them
-    for name, values in (("ui_count", None), ("ui_weight", hist.weights), ("ui_decayed", decayed)):
+    for name, values in (("ui_count", None), ("ui_weight", weights), ("ui_decayed", decayed)):
         sums = np.bincount(inverse, values, minlength=len(uniq)).astype(np.float32)
         out[:, _COL[name]] = np.where(had, sums[pos], 0.0)
     out[:, _COL["ui_days_since_last"]] = np.where(had, (row_now - last[pos]) / DAY, np.nan)

@@ -8,6 +8,7 @@ reads from gRPC threads safe while the recommender appends under its lock.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,35 @@ class UserHistory:
 
 
 _EMPTY = UserHistory(np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+
+@dataclass(frozen=True)
+class HistoryRows:
+    """Many users' histories concatenated: user u's events at offsets[u]:offsets[u + 1], each
+    tagged with its user (`seg`) and that user's request time (`now`).
+
+    Why: the batched request path (candidates.generate_many, features.build_features_many) works
+    on every user's events at once, keyed by (user, item), instead of one small array per user.
+    """
+
+    offsets: np.ndarray  # int64 [n_users + 1]
+    seg: np.ndarray  # int64 [n_events] user of each event
+    items: np.ndarray  # int64 [n_events]
+    timestamps: np.ndarray  # int64 [n_events]
+    weights: np.ndarray  # float32 [n_events], as stored
+    now: np.ndarray  # int64 [n_events]
+
+    @classmethod
+    def of(cls, histories: Sequence[UserHistory], nows: Sequence[int]) -> HistoryRows:
+        lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+        return cls(
+            np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            np.repeat(np.arange(len(histories), dtype=np.int64), lengths),
+            np.concatenate([h.items for h in histories]).astype(np.int64),
+            np.concatenate([h.timestamps for h in histories]).astype(np.int64),
+            np.concatenate([h.weights for h in histories]).astype(np.float32),
+            np.repeat(np.asarray(nows, dtype=np.int64), lengths),
+        )
 
 
 class HistoryStore:
