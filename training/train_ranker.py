@@ -175,6 +175,7 @@ def build_ranking_dataset(
     progress: bool = False,
     cf_cfg: CollaborativeConfig | None = None,
     exclude_owned: bool = False,
+    state: ServingState | None = None,
 ) -> RankingDataset:
     """Candidates + features + labels for users active in [cutoff, label_end).
 
@@ -184,8 +185,14 @@ def build_ranking_dataset(
     `interactions` may contain rows at/after `cutoff`: they are ignored for state (the test
     `test_features_ignore_interactions_at_or_after_cutoff` proves it). `index` is an
     `recsvc.retrieval.ItemIndex` (anything with `search(queries, k) -> (scores, ids)`).
+
+    `state`, when given, is `state_at(interactions, catalog, cutoff, cand_cfg, cf_cfg)` already
+    built (one ALS fit and co-occurrence count serve several sets at the same cutoff).
     """
-    state = state_at(interactions, catalog, cutoff, cand_cfg, cf_cfg)
+    if state is None:
+        state = state_at(interactions, catalog, cutoff, cand_cfg, cf_cfg)
+    elif state.cutoff != cutoff:
+        raise ValueError(f"state is at {state.cutoff}, not at the ranking set's cutoff {cutoff}")
     table = label_table(labels, catalog, cutoff, label_end)
     if exclude_owned:
         table = _without_owned(table, state.history)
@@ -399,17 +406,19 @@ def train_ranker(
     )
     start = data["timestamp"].min()
     windows = training_windows(t2, t1, t2 if start is None else int(start), config.ranker.train_label_windows)
-    train = concat_datasets(
-        [
-            build_ranking_dataset(
-                data, data, cutoff=c, label_end=e, max_users=config.ranker.max_train_users, **common
-            )
-            for c, e in windows
-        ]
-    )
-    valid = build_ranking_dataset(
-        data, data, cutoff=t1, label_end=t_end, max_users=_valid_users(config.ranker), **common
-    )
+    novel = config.ranker.novel_ranker
+
+    def sets_at(cutoff: int, end: int, max_users: int) -> tuple[RankingDataset, RankingDataset | None]:
+        """The ranking set at `cutoff` and, for the novel ranker, its owned-items-excluded twin,
+        both from one serving state (state_at fits ALS and counts co-occurrence: done once)."""
+        state = state_at(data, catalog, cutoff, config.candidates, config.collaborative)
+        kw = dict(cutoff=cutoff, label_end=end, max_users=max_users, state=state, **common)
+        owned_excluded = build_ranking_dataset(data, data, exclude_owned=True, **kw) if novel else None
+        return build_ranking_dataset(data, data, **kw), owned_excluded
+
+    train_sets = [sets_at(c, e, config.ranker.max_train_users) for c, e in windows]
+    train = concat_datasets([main for main, _ in train_sets])
+    valid, novel_valid = sets_at(t1, t_end, _valid_users(config.ranker))
     if train.n_rows == 0:
         raise ValueError(
             f"no ranker training rows: no user with a candidate hit in labels [{t2}, {t1}); "
@@ -426,8 +435,10 @@ def train_ranker(
         feature_names=list(FEATURE_NAMES),
     )
     novel_ranker, novel_metrics = (
-        _train_novel_ranker(data, windows, t1, t_end, ranker, config, common)
-        if config.ranker.novel_ranker
+        _train_novel_ranker(
+            concat_datasets([n for _, n in train_sets if n is not None]), novel_valid, ranker, config
+        )
+        if novel_valid is not None
         else (None, {})
     )
     metrics = {
@@ -451,25 +462,13 @@ def train_ranker(
 
 
 def _train_novel_ranker(
-    data: pl.DataFrame,
-    windows: Sequence[tuple[int, int]],
-    t1: int,
-    t_end: int,
-    main: Any,
-    config: TrainConfig,
-    common: dict[str, Any],
+    train: RankingDataset, valid: RankingDataset, main: Any, config: TrainConfig
 ) -> tuple[Any | None, dict[str, Any]]:
-    """A ranker for requests that exclude owned items, kept only if it beats the main ranker on
-    the validation window's owned-items-excluded set (the main ranker never saw that task)."""
+    """A ranker for requests that exclude owned items (trained on the owned-items-excluded sets),
+    kept only if it beats the main ranker on the validation window's owned-items-excluded set
+    (the main ranker never saw that task)."""
     from recsvc.ranker import Ranker
 
-    def owned_excluded(cutoff: int, end: int, max_users: int) -> RankingDataset:
-        return build_ranking_dataset(
-            data, data, cutoff=cutoff, label_end=end, max_users=max_users, exclude_owned=True, **common
-        )
-
-    train = concat_datasets([owned_excluded(c, e, config.ranker.max_train_users) for c, e in windows])
-    valid = owned_excluded(t1, t_end, _valid_users(config.ranker))
     if train.n_rows == 0 or valid.n_rows == 0:
         log.info(
             "novel ranker skipped: no rows without owned items (train %d, valid %d)",

@@ -327,3 +327,18 @@ def test_train_ranker_with_two_label_windows_trains_on_both(synth_loaded: Any, p
     np.testing.assert_array_equal(two.train.features[: one.train.n_rows], one.train.features)
     np.testing.assert_array_equal(two.train.labels[one.train.n_rows :], earlier.labels)
     assert two.train.cutoff == t2
+
+
+def test_a_prebuilt_state_gives_the_same_set_and_must_match_the_cutoff(
+    synth_loaded: Any, parts: dict[str, Any]
+) -> None:
+    inter = synth_loaded.interactions
+    end = _end(synth_loaded)
+    cutoff = end - 2 * DAY
+    state = state_at(inter, parts["catalog"], cutoff, parts["cand_cfg"], parts["cf_cfg"])
+    built = _dataset(inter, inter, cutoff, end, parts)
+    given = _dataset(inter, inter, cutoff, end, parts, state=state)
+    np.testing.assert_array_equal(given.features, built.features)
+    np.testing.assert_array_equal(given.labels, built.labels)
+    with pytest.raises(ValueError, match="cutoff"):
+        _dataset(inter, inter, cutoff - DAY, end, parts, state=state)
