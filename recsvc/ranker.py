@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -592,18 +592,23 @@ class FastPath:
     max_abs_diff: float | None = None
     compile_seconds: float | None = None
     reason: str = ""
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def enabled(self) -> bool:
         return self.model is not None
 
+    @property
+    def bit_identical(self) -> bool:
+        """Whether the verified kernel reproduced the probe's scores exactly (by construction it
+        does; False means a kernel bug worth reporting, though within FAST_PATH_RTOL)."""
+        return self.enabled and self.max_abs_diff == 0.0
+
 
 def build_fast_path(booster: lgb.Booster, cache_dir: Path | None) -> FastPath:
     """Compile the SIMD kernel and accept it only if it reproduces `Booster.predict` on a threshold probe.
 
-    The acceptance bar is FAST_PATH_RTOL; `info["bit_identical"]` records whether the probe scores
-    were exactly equal (they are by construction; a False would mean a kernel bug worth reporting).
+    The acceptance bar is FAST_PATH_RTOL; `FastPath.bit_identical` says whether the probe scores
+    were exactly equal.
     """
     start = time.perf_counter()
     model_text = booster.model_to_string()
@@ -630,13 +635,7 @@ def build_fast_path(booster: lgb.Booster, cache_dir: Path | None) -> FastPath:
         )
         return FastPath(max_abs_diff=diff, compile_seconds=seconds, reason="probe mismatch")
     log.info("ranker fast path ready in %.1fs (max |diff| %.2g on %d probe rows)", seconds, diff, len(probe))
-    return FastPath(
-        model=model,
-        max_abs_diff=diff,
-        compile_seconds=seconds,
-        reason="verified",
-        info={"bit_identical": bool(np.array_equal(stock, fast))},
-    )
+    return FastPath(model=model, max_abs_diff=diff, compile_seconds=seconds, reason="verified")
 
 
 # ------------------------------------------------------------------ the ranker

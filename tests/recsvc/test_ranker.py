@@ -356,7 +356,7 @@ def test_concurrent_calls_with_different_inputs_each_get_their_own_scores(
 def test_fast_path_probe_is_bit_identical(trained: Ranker, cache_dir: Path) -> None:
     fast = trained.enable_fast_path(cache_dir)
     assert fast.max_abs_diff == 0.0
-    assert fast.info["bit_identical"] is True
+    assert fast.bit_identical is True
 
 
 @pytest.mark.parametrize("threshold", [-1.0, -K_ZERO_THRESHOLD, -1e-36, 0.0, 1e-36, K_ZERO_THRESHOLD, 0.5])
