@@ -90,7 +90,7 @@ def fit_cf(
     factors = np.zeros((n_items, cfg.factors), np.float32)
     if len(active) and matrix.shape[0]:
         _, item_factors = als_factors(
-            sp.csr_matrix(matrix[:, active]),
+            matrix[:, active],
             factors=cfg.factors,
             regularization=cfg.regularization,
             iterations=cfg.iterations,

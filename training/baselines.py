@@ -445,7 +445,7 @@ class ALSBaseline(PopularityFilled):
         self._active = np.unique(data.item_idx)
         confidence = data.user_item_matrix(data.weights)[: data.n_users][:, self._active]
         user_factors, self._item_factors = als_factors(
-            sp.csr_matrix(confidence),
+            confidence,
             factors=self.factors,
             regularization=self.regularization,
             iterations=self.iterations,
