@@ -18,16 +18,14 @@ def limit_compute_threads(threads: int) -> None:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from recsvc.retrieval import set_threads
-
-    set_threads(threads)
+    limit_this_thread(threads)  # OpenMP (FAISS included): per calling thread
     torch.set_num_threads(threads)
-    threadpool_limits(limits=threads)
+    threadpool_limits(limits=threads, user_api="blas")
 
 
 def limit_this_thread(threads: int) -> None:
-    """The OpenMP part of `limit_compute_threads` again, for the calling thread: a ThreadPool
-    initializer.
+    """The OpenMP part of `limit_compute_threads` (FAISS and every OpenMP runtime), for the calling
+    thread only: the initializer of thread pools that run FAISS.
 
     Why: OpenMP keeps its thread count per calling thread, and a thread Python starts later gets
     the runtime's default (every core), not the cap set on the main thread. The server's workers
