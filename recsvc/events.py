@@ -82,12 +82,6 @@ class EventStore:
     def since(self, ts: int, after_seq: int = 0, up_to_seq: int | None = None) -> list[Event]:
         """Events with `timestamp >= ts`, `seq > after_seq` (and `seq <= up_to_seq`), chronological,
         ties by arrival."""
-        return [e for _, e in self.since_with_seq(ts, after_seq, up_to_seq)]
-
-    def since_with_seq(
-        self, ts: int, after_seq: int = 0, up_to_seq: int | None = None
-    ) -> list[tuple[int, Event]]:
-        """Like `since`, paired with each event's sequence number."""
         upper = 2**62 if up_to_seq is None else int(up_to_seq)
         with self._lock:
             cur = self._conn.execute(
@@ -96,7 +90,7 @@ class EventStore:
                 (int(ts), int(after_seq), upper),
             )
             rows = cur.fetchall()
-        return [(int(r[0]), _from_row(r)) for r in rows]
+        return [_from_row(r) for r in rows]
 
     def after(self, seq: int) -> list[tuple[int, Event]]:
         """Every event with a sequence number above `seq`, in arrival (seq) order.

@@ -334,8 +334,7 @@ class ModelManager:
         model_seq = 0
         if self._events is not None:
             model_seq = self._events.last_seq()
-            pairs = self._events.since_with_seq(model.bundle.data_end_ts)
-            events = [e for seq, e in pairs if seq <= model_seq]
+            events = self._events.since(model.bundle.data_end_ts, up_to_seq=model_seq)
             if events:
                 applied = _apply(model, events)
                 log.info("replayed %d/%d stored events into bundle %s", applied, len(events), model.version)
