@@ -113,14 +113,15 @@ def train_models(args: argparse.Namespace) -> dict[str, Ranker]:
     return models
 
 
-def lleaves_predict(booster: Any, cache: Path) -> Callable[[np.ndarray], np.ndarray]:
+def lleaves_predict(booster: Any) -> Callable[[np.ndarray], np.ndarray]:
     """The previous fast path (lleaves, rows zeroed at kZeroThreshold), for comparison only."""
     import lleaves
 
-    model_file = cache / f"lleaves-{os.getpid()}-{id(booster)}.txt"
-    model_file.write_text(booster.model_to_string())
-    model = lleaves.Model(model_file=str(model_file))
-    model.compile()
+    with tempfile.TemporaryDirectory(prefix="bench-ranker-lleaves-") as tmp:  # read by init and compile
+        model_file = Path(tmp) / "model.txt"
+        model_file.write_text(booster.model_to_string())
+        model = lleaves.Model(model_file=str(model_file))
+        model.compile()
 
     def predict(x: np.ndarray) -> np.ndarray:
         rows = np.array(x, dtype=np.float64, order="C")
@@ -152,7 +153,7 @@ def bench_model(
         "fast_predict": lambda: served.predict(rows),
     }
     if args.lleaves:
-        previous = lleaves_predict(booster, cache)
+        previous = lleaves_predict(booster)
         methods["lleaves_previous"] = lambda: previous(rows)
     times = time_interleaved(methods, args.repeats, desc=f"timing {name}")
     stock = booster.predict(rows)
