@@ -88,6 +88,35 @@ def train_small_ranker(
     return ranker
 
 
+def ranker_on_window(
+    interactions: pl.DataFrame,
+    *,
+    cutoff: int,
+    label_end: int,
+    catalog: Catalog,
+    item_emb: np.ndarray,
+    index: Any,
+    tower: TowerParams,
+    config: TrainConfig,
+    fast_path: bool = False,
+) -> Any:
+    """`train_small_ranker` on the leak-free ranking set with state < `cutoff`, labels [cutoff, label_end)."""
+    train = build_ranking_dataset(
+        interactions,
+        interactions,
+        cutoff=cutoff,
+        label_end=label_end,
+        catalog=catalog,
+        item_emb=item_emb,
+        index=index,
+        tower=tower,
+        cand_cfg=config.candidates,
+        max_users=config.ranker.max_train_users,
+        cf_cfg=config.collaborative,
+    )
+    return train_small_ranker(train.features, relevance_grades(train.labels), train.groups, fast_path)
+
+
 def build_loaded_bundle(
     interactions: pl.DataFrame,
     items: pl.DataFrame,
@@ -103,21 +132,17 @@ def build_loaded_bundle(
     index = build_index(emb, cfg)
     tower = untrained_tower(EMBED_DIM, cfg.encoder.history_len)
     end = int(interactions["timestamp"].max()) + 1
-    label_start = end - 2 * DAY
-    train = build_ranking_dataset(
+    ranker = ranker_on_window(
         interactions,
-        interactions,
-        cutoff=label_start,
+        cutoff=end - 2 * DAY,
         label_end=end,
         catalog=catalog,
         item_emb=emb,
         index=index,
         tower=tower,
-        cand_cfg=cfg.candidates,
-        max_users=cfg.ranker.max_train_users,
-        cf_cfg=cfg.collaborative,
+        config=cfg,
+        fast_path=fast_path,
     )
-    ranker = train_small_ranker(train.features, relevance_grades(train.labels), train.groups, fast_path)
     state = state_at(interactions, catalog, end, cfg.candidates, cfg.collaborative)
     encoder_dir = make_tiny_bert(Path(workdir) / "encoder", hidden=EMBED_DIM)
     return state.bundle(

@@ -13,12 +13,11 @@ from tests.helpers.bundle_builder import (
     EMBED_DIM,
     build_index,
     category_embeddings,
-    train_small_ranker,
+    ranker_on_window,
     untrained_tower,
 )
 from training.baselines import PopularityBaseline
 from training.evaluate import EvaluationTable
-from training.train_ranker import build_ranking_dataset, relevance_grades
 from training.valid_compare import compare_on_validation, main, ratio_lines, validation_bundle
 
 
@@ -32,20 +31,9 @@ def setup(synth_loaded: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     emb = category_embeddings(items)
     index = build_index(emb, cfg)
     tower = untrained_tower(EMBED_DIM, cfg.encoder.history_len)
-    train = build_ranking_dataset(
-        inter,
-        inter,
-        cutoff=t2,
-        label_end=t1,
-        catalog=catalog,
-        item_emb=emb,
-        index=index,
-        tower=tower,
-        cand_cfg=cfg.candidates,
-        max_users=10_000,
-        cf_cfg=cfg.collaborative,
+    ranker = ranker_on_window(
+        inter, cutoff=t2, label_end=t1, catalog=catalog, item_emb=emb, index=index, tower=tower, config=cfg
     )
-    ranker = train_small_ranker(train.features, relevance_grades(train.labels), train.groups)
     parts = dict(
         catalog=catalog,
         item_emb=emb,
