@@ -195,11 +195,12 @@ def run_server_child(args: argparse.Namespace) -> int:
     async def serve() -> None:
         server = RecsvcServer(config, loader=loader)
         if profiles is not None:
-            server.executor = ProfilingExecutor(profiles, config.workers)
+            server.executor = ProfilingExecutor(profiles, config.workers, config.compute_threads)
         await server.start()
         print(f"READY {server.port}", flush=True)
         # Control lines from the parent: PROFILE-ON before the Recommend phases (after Echo),
-        # SWITCH <ms> for the interleaved switch-interval comparison; EOF stops the server.
+        # SET <setting> <value> for the interleaved --ab-setting comparison, STATS for the CPU and
+        # batch counters; EOF stops the server.
         while line := await asyncio.to_thread(sys.stdin.readline):
             command, *rest = line.split() or [""]
             if command == "PROFILE-ON" and profiles is not None:
@@ -274,10 +275,21 @@ class ThreadProfiles:
 
 
 class ProfilingExecutor(ThreadPoolExecutor):
-    """The server's worker pool, each thread profiled from its first task after PROFILE-ON."""
+    """The server's worker pool, each thread profiled from its first task after PROFILE-ON.
 
-    def __init__(self, profiles: ThreadProfiles, workers: int) -> None:
-        super().__init__(max_workers=workers, thread_name_prefix="recsvc-worker")
+    Same thread set-up as `RecsvcServer`'s pool (per-thread OpenMP cap), so a profiled run
+    measures the served configuration.
+    """
+
+    def __init__(self, profiles: ThreadProfiles, workers: int, compute_threads: int) -> None:
+        from recsvc.compute_threads import limit_this_thread
+
+        super().__init__(
+            max_workers=workers,
+            thread_name_prefix="recsvc-worker",
+            initializer=limit_this_thread,
+            initargs=(compute_threads,),
+        )
         self._profiles = profiles
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
