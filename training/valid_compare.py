@@ -37,6 +37,8 @@ from training.train_ranker import state_at
 
 log = logging.getLogger(__name__)
 
+NEEDED_STAGES = ("load", "split", "state", "embed", "index", "finetune", "ranker")  # of the work dir
+
 
 def validation_bundle(
     interactions: pl.DataFrame,
@@ -168,9 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = from_dict(TrainConfig, load_config_file(args.config))
         cfg = budgeted_config(cfg, plan_budget(cfg, "cpu"))
         work = WorkDir(args.work_dir)
-        loaded_dir = work.require("load", "valid_compare")
-        windows = Windows.from_dict(read_json(work.require("split", "valid_compare") / "windows.json"))
-        ranker_dir = work.require("ranker", "valid_compare")
+        # every stage it reads, checked up front so a missing one is an exit-2 message, not a traceback
+        dirs = {s: work.require(s, "valid_compare") for s in NEEDED_STAGES}
+        windows = Windows.from_dict(read_json(dirs["split"] / "windows.json"))
     except (PipelineError, ConfigFileError, TypeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -180,22 +182,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from recsvc.retrieval import ItemIndex
     from recsvc.user_tower import load_params
 
-    interactions = pl.read_parquet(loaded_dir / "interactions.parquet")
-    items = pl.read_parquet(loaded_dir / "items.parquet")
+    interactions = pl.read_parquet(dirs["load"] / "interactions.parquet")
+    items = pl.read_parquet(dirs["load"] / "items.parquet")
     before_t = interactions.filter(pl.col("timestamp") < windows.T)
-    novel_dir = ranker_dir / bundle_mod.NOVEL_RANKER_DIR
-    finetune_dir = work.require("finetune", "valid_compare")
+    novel_dir = dirs["ranker"] / bundle_mod.NOVEL_RANKER_DIR
     bundle = validation_bundle(
         before_t,
         t1=windows.T1,
-        catalog=Catalog.load(work.require("state", "valid_compare") / "catalog.parquet"),
-        item_emb=np.load(work.require("embed", "valid_compare") / "item_embeddings.npy"),
-        index=ItemIndex.load(work.require("index", "valid_compare")),
-        tower=load_params(finetune_dir / "user_tower.npz"),
-        ranker=Ranker.load(ranker_dir / "ranker"),
+        catalog=Catalog.load(dirs["state"] / "catalog.parquet"),
+        item_emb=np.load(dirs["embed"] / "item_embeddings.npy"),
+        index=ItemIndex.load(dirs["index"]),
+        tower=load_params(dirs["finetune"] / "user_tower.npz"),
+        ranker=Ranker.load(dirs["ranker"] / "ranker"),
         novel_ranker=Ranker.load(novel_dir) if novel_dir.exists() else None,
         config=cfg,
-        encoder_dir=finetune_dir / "encoder",
+        encoder_dir=dirs["finetune"] / "encoder",
     )
     baselines, _ = build_systems(
         [s for s in BASELINE_SYSTEMS if s in cfg.eval.systems],

@@ -100,3 +100,16 @@ def test_cli_without_a_finished_run_exits_2_naming_the_missing_stage(
 ) -> None:
     assert main(["--work-dir", str(tmp_path / "empty")]) == 2
     assert "stage 'load'" in capsys.readouterr().err
+
+
+def test_cli_names_a_missing_later_stage_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.pipeline import WorkDir
+
+    work = WorkDir(tmp_path / "work")
+    for stage in ("load", "split", "state", "embed", "index"):
+        work.begin(stage)
+        work.finish(stage, "test", {})
+    assert main(["--work-dir", str(tmp_path / "work")]) == 2
+    assert "stage 'finetune'" in capsys.readouterr().err
