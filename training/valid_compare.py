@@ -33,6 +33,7 @@ from recsvc.catalog import Catalog
 from recsvc.config import TrainConfig
 from training.baselines import CandidateGenerator
 from training.evaluate import MODES, EvaluationTable, evaluate_systems
+from training.report import PIPELINE_SYSTEM, best_baseline
 from training.train_ranker import state_at
 
 log = logging.getLogger(__name__)
@@ -107,21 +108,19 @@ def compare_on_validation(
     )
 
 
-def ratio_lines(table: EvaluationTable, metric: str = "ndcg@12", system: str = "full_pipeline") -> list[str]:
-    """Per mode: `system`'s `metric` over the best other system's, the issue's headline ratio."""
+def ratio_lines(table: EvaluationTable, metric: str = "ndcg@12") -> list[str]:
+    """Per mode: the pipeline's `metric` over the best baseline's, the issue's headline ratio (the
+    baseline picked by `training.report.best_baseline`, as in the run's own report)."""
     lines = []
     for mode in table.modes:
-        scores = {
-            r["system"]: r["modes"][mode]["metrics"][metric] for r in table.results if mode in r["modes"]
-        }
-        others = {name: value for name, value in scores.items() if name != system}
-        if system not in scores or not others:
+        scores = {r["system"]: r["modes"][mode]["metrics"] for r in table.results if mode in r["modes"]}
+        ours = scores.get(PIPELINE_SYSTEM, {}).get(metric)
+        name, best = best_baseline(scores, metric)
+        if ours is None or name is None or best is None:
             continue
-        best = max(others, key=lambda name: others[name])
-        ratio = scores[system] / others[best] if others[best] > 0 else float("nan")
+        ratio = ours / best if best > 0 else float("nan")
         lines.append(
-            f"{mode}: {system} {metric} {scores[system]:.5f} vs best baseline {best} "
-            f"{others[best]:.5f} (x{ratio:.3f})"
+            f"{mode}: {PIPELINE_SYSTEM} {metric} {ours:.5f} vs best baseline {name} {best:.5f} (x{ratio:.3f})"
         )
     return lines
 
