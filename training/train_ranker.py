@@ -305,6 +305,7 @@ def concat_datasets(sets: Sequence[RankingDataset]) -> RankingDataset:
     latest window's, `recall` that window's too (the one closest to what serving sees)."""
     if len(sets) == 1:
         return sets[0]
+    latest = max(sets, key=lambda s: s.cutoff)
     return RankingDataset(
         features=np.vstack([s.features for s in sets]),
         labels=np.concatenate([s.labels for s in sets]),
@@ -312,8 +313,8 @@ def concat_datasets(sets: Sequence[RankingDataset]) -> RankingDataset:
         user_ids=[u for s in sets for u in s.user_ids],
         items=np.concatenate([s.items for s in sets]),
         sources=np.concatenate([s.sources for s in sets]),
-        cutoff=max(s.cutoff for s in sets),
-        recall=max(sets, key=lambda s: s.cutoff).recall,
+        cutoff=latest.cutoff,
+        recall=latest.recall,
     )
 
 
