@@ -60,16 +60,19 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def config_from_file(path: str | Path) -> TrainConfig:
+    """TrainConfig defaults overridden by a YAML/JSON file; ConfigFileError names the file."""
+    try:
+        return from_dict(TrainConfig, load_config_file(path))
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigFileError):
+            raise
+        raise ConfigFileError(f"config file {path}: {exc}") from exc
+
+
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig defaults <- --config file <- individual flags."""
-    cfg = TrainConfig()
-    if args.config:
-        try:
-            cfg = from_dict(TrainConfig, load_config_file(args.config))
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, ConfigFileError):
-                raise
-            raise ConfigFileError(f"config file {args.config}: {exc}") from exc
+    cfg = config_from_file(args.config) if args.config else TrainConfig()
     enc = cfg.encoder
     if args.model_dir is not None:
         enc = replace(enc, model_dir=str(args.model_dir))

@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from recsvc import bundle as bundle_mod
     from recsvc.ranker import Ranker
-    from training.cli import ConfigFileError, load_config_file
+    from training.cli import ConfigFileError, config_from_file
     from training.eval_cli import build_systems
     from training.pipeline import (
         BASELINE_SYSTEMS,
@@ -162,11 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     try:
-        cfg = TrainConfig()
-        if args.config:
-            from recsvc.config import from_dict
-
-            cfg = from_dict(TrainConfig, load_config_file(args.config))
+        cfg = config_from_file(args.config) if args.config else TrainConfig()
         cfg = budgeted_config(cfg, plan_budget(cfg, "cpu"))
         work = WorkDir(args.work_dir)
         # every stage it reads, checked up front so a missing one is an exit-2 message, not a traceback
