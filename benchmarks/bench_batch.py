@@ -33,7 +33,6 @@ import logging
 import os
 import random
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,27 +50,23 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from recsvc import bundle as bundle_mod  # noqa: E402
-from recsvc.batch import run_batch, thread_budget, usable_cores  # noqa: E402
+from recsvc.batch import run_batch, thread_budget  # noqa: E402
 from recsvc.client import RecsvcClient  # noqa: E402
+from recsvc.compute_threads import usable_cores  # noqa: E402
 from recsvc.config import ServeConfig, to_dict  # noqa: E402
 from recsvc.recommender import Recommender, RecommendRequest  # noqa: E402
+from recsvc.server import free_port  # noqa: E402
 
 DEFAULT_BUNDLE = REPO / "bench-out" / "pipeline" / "bundles"
 TARGET_RATIO = 5.0
 log = logging.getLogger("bench_batch")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class ServerProcess:
     """`python -m recsvc.server` on loopback in a child process (its own GIL and CPU share)."""
 
     def __init__(self, bundles_root: Path, workdir: Path, workers: int | None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         cmd = [
             sys.executable,
             "-m",

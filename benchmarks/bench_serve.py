@@ -587,14 +587,6 @@ def start_child(n_items: int, args: argparse.Namespace, workdir: Path) -> tuple[
     raise TimeoutError(f"server for {n_items} items not ready after {args.build_timeout} s")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _scrape(metrics_port: int) -> str:
     import urllib.request
 
@@ -652,7 +644,9 @@ def start_cli_server(
     started = time.perf_counter()
     publish_synthetic_bundle(root, n_items, args.dim)
     log.info("published a %d-item synthetic bundle in %.1f s", n_items, time.perf_counter() - started)
-    port, metrics_port = _free_port(), _free_port()
+    from recsvc.server import free_port
+
+    port, metrics_port = free_port(), free_port()
     env = {
         **os.environ,
         "RECSVC_EVENTS_DB": str(workdir / "events.sqlite"),

@@ -36,7 +36,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import os
 import shutil
@@ -56,7 +55,7 @@ import polars as pl
 from tqdm import tqdm
 
 from recsvc.candidates import NAMES_BY_BITS
-from recsvc.compute_threads import limit_compute_threads
+from recsvc.compute_threads import limit_compute_threads, usable_cores
 from recsvc.config import BatchConfig, ServeConfig
 from recsvc.experiments import unit_hash
 
@@ -366,25 +365,6 @@ def run_batch(
         reused,
     )
     return summary
-
-
-def usable_cores() -> int:
-    """CPUs this process may use: its affinity set, capped by a cgroup v2 CPU quota (containers).
-
-    Why not os.cpu_count(): in a container or under taskset it counts the host's CPUs, and more
-    worker processes than usable CPUs only add memory and context switches.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores)
 
 
 def forking_available() -> bool:

@@ -9,6 +9,10 @@ Kept free of grpc so a batch worker can call it without importing the server sta
 
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
+
 
 def limit_compute_threads(threads: int) -> None:
     """Cap FAISS OpenMP, every BLAS/OpenMP runtime and torch intra-op threads at `threads`
@@ -40,3 +44,22 @@ def limit_this_thread(threads: int) -> None:
 
     set_threads(threads)
     threadpool_limits(limits=threads, user_api="openmp")
+
+
+def usable_cores() -> int:
+    """CPUs this process may use: its affinity set, capped by a cgroup v2 CPU quota (containers).
+
+    Why not os.cpu_count(): in a container or under taskset it counts the host's CPUs, and more
+    worker processes than usable CPUs only add memory and context switches.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,14 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 ENV_PREFIX = "RECSVC_"
 _MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now, for callers that start recsvc-serve as a process and
+    must name its --port (demo, benchmarks, tests); `--port 0` lets a server pick one itself."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 class ConfigError(ValueError):

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from recsvc.batch import usable_cores
+from recsvc.compute_threads import usable_cores
 from recsvc.config import ServeConfig
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +27,6 @@ log = logging.getLogger("recsvc.demo")
 def _run(cmd: list[str]) -> None:
     print(f"\n$ {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, check=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _bin(name: str) -> str:
@@ -62,6 +55,7 @@ def _show(title: str, response: object, titles: dict[str, str]) -> None:
 
 def query_server(workdir: Path, data_dir: Path, bundles: Path) -> None:
     from recsvc.client import RecsvcClient, event
+    from recsvc.server import free_port
 
     items = pl.read_parquet(data_dir / "items.parquet")
     titles = dict(zip(items["item_id"].to_list(), items["title"].to_list()))
@@ -71,7 +65,7 @@ def query_server(workdir: Path, data_dir: Path, bundles: Path) -> None:
     )
     history = inter.filter(pl.col("user_id") == known_user).sort("timestamp")["item_id"].to_list()
 
-    port = _free_port()
+    port = free_port()
     cmd = [
         _bin("recsvc-serve"),
         "--bundles",

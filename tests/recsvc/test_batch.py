@@ -22,8 +22,8 @@ from recsvc.batch import (
     read_users,
     results_frame,
     run_batch,
-    usable_cores,
 )
+from recsvc.compute_threads import usable_cores
 from recsvc.recommender import RankingPolicy, Recommender, RecommendRequest, RecommendResult, ScoredItem
 from tests.helpers.bundle_builder import write_bundle
 

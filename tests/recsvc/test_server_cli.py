@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,10 @@ import urllib.request
 from pathlib import Path
 
 from recsvc.client import RecsvcClient
+from recsvc.server import free_port
 from tests.helpers.running_server import FIRST_VERSION, copy_root
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float) -> re.Match[str]:
@@ -43,7 +37,7 @@ def test_serve_answers_exposes_metrics_and_exits_cleanly_on_sigterm(
     bundle_root: Path, tmp_path: Path
 ) -> None:
     root = copy_root(bundle_root, tmp_path / "bundles")
-    metrics_port = _free_port()
+    metrics_port = free_port()
     env = {
         **os.environ,
         "RECSVC_EVENTS_DB": str(tmp_path / "events.sqlite"),

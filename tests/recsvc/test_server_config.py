@@ -149,7 +149,8 @@ def test_cli_processes_flag_rejects_words_other_than_auto(tmp_path: Path, capsys
 
 
 def test_processes_zero_resolves_to_the_usable_cores() -> None:
-    from recsvc.server_processes import resolve_processes, usable_cores
+    from recsvc.compute_threads import usable_cores
+    from recsvc.server_processes import resolve_processes
 
     assert resolve_processes(0) == usable_cores() >= 1
     assert resolve_processes(3) == 3

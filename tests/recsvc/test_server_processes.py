@@ -20,6 +20,7 @@ import pytest
 
 from recsvc import bundle as bundle_store
 from recsvc.client import event, recommend_request
+from recsvc.server import free_port
 from recsvc.servicer import SERVER_PID_METADATA
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
@@ -27,12 +28,6 @@ from tests.helpers.running_server import FIRST_VERSION, add_version, copy_root, 
 
 REPO = Path(__file__).resolve().parents[2]
 SECOND_VERSION = "20240102T000000Z"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Supervised:
@@ -183,7 +178,7 @@ def pair(bundle_root: Path, tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("pair")
     root = copy_root(bundle_root, work / "bundles")
     add_version(root, SECOND_VERSION)
-    metrics_port = _free_port()
+    metrics_port = free_port()
     sup = Supervised(root, work, RECSVC_METRICS_PORT=str(metrics_port))
     channels: dict[int, grpc.Channel] = {}
     try:
