@@ -73,7 +73,6 @@ def synthetic_bundle(n_items: int, dim: int, n_users: int, candidates: int, seed
     """A LoadedBundle of real serving parts over a random catalogue (see module docstring)."""
     import polars as pl
 
-    from recsvc.bundle import LoadedBundle
     from recsvc.catalog import Catalog
     from recsvc.config import DAY, CandidateConfig, IndexConfig, RankerConfig, TrainConfig
     from recsvc.features import FEATURE_NAMES
@@ -139,21 +138,17 @@ def synthetic_bundle(n_items: int, dim: int, n_users: int, candidates: int, seed
         features, grades, groups, None, None, None, ranker_cfg, feature_names=list(FEATURE_NAMES)
     )
     log.info("bundle with %d items ready in %.1f s", n_items, time.perf_counter() - t0)
-    return LoadedBundle(
+    return state.bundle(
         path=workdir,
         version=VERSION,
-        manifest={"data_end_ts": end, "metrics": {}, "created_at": "synthetic"},
         config=cfg,
         catalog=catalog,
-        item_embeddings=emb,
+        item_emb=emb,
         index=index,
         tower=tower,
         ranker=ranker,
-        history=state.history,
-        item_stats=state.stats,
-        cooccurrence=state.cooc,
         encoder_dir=workdir / "no-encoder",
-        data_end_ts=end,
+        manifest={"data_end_ts": end, "metrics": {}, "created_at": "synthetic"},
     )
 
 
