@@ -751,15 +751,11 @@ class Ranker:
 
     # ------------------------------------------------------------ prediction
 
-    def enable_fast_path(
-        self, cache_dir: str | os.PathLike[str] | None = None, *, cache: bool = True
-    ) -> FastPath:
+    def enable_fast_path(self, cache_dir: str | os.PathLike[str] | None = None) -> FastPath:
         """Compile and verify the fast path once (later calls return the same result)."""
         with self._fast_lock:
             if self._fast is None:
-                folder = (
-                    (Path(cache_dir) if cache_dir is not None else default_cache_dir()) if cache else None
-                )
+                folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
                 self._fast = build_fast_path(self.booster, folder)
             return self._fast
 
