@@ -21,7 +21,7 @@ from typing import Any
 
 from recsvc import bundle
 from recsvc.bundle import BundleError
-from recsvc.config import TrainConfig, from_dict
+from recsvc.config import ConfigValueError, TrainConfig, check_train_config, from_dict
 
 log = logging.getLogger("recsvc-train")
 
@@ -61,9 +61,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def config_from_file(path: str | Path) -> TrainConfig:
-    """TrainConfig defaults overridden by a YAML/JSON file; ConfigFileError names the file."""
+    """TrainConfig defaults overridden by a YAML/JSON file, every value range-checked;
+    ConfigFileError names the file and the field."""
     try:
-        return from_dict(TrainConfig, load_config_file(path))
+        cfg = from_dict(TrainConfig, load_config_file(path))
+        check_train_config(cfg)
+        return cfg
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigFileError):
             raise
@@ -71,7 +74,7 @@ def config_from_file(path: str | Path) -> TrainConfig:
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig defaults <- --config file <- individual flags."""
+    """TrainConfig defaults <- --config file <- individual flags; ConfigValueError names a bad field."""
     cfg = config_from_file(args.config) if args.config else TrainConfig()
     enc = cfg.encoder
     if args.model_dir is not None:
@@ -83,7 +86,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.seed is not None:
         enc = replace(enc, seed=args.seed)
         cfg = replace(cfg, ranker=replace(cfg.ranker, seed=args.seed))
-    return replace(cfg, encoder=enc)
+    cfg = replace(cfg, encoder=enc)
+    check_train_config(cfg)  # the flags' values too, so every user value is checked before any work
+    return cfg
 
 
 # ----------------------------------------------------------------------------- parsers
@@ -228,6 +233,9 @@ def cmd_train(argv: Sequence[str]) -> int:
         return _fail(f"--model-dir {args.model_dir} is not a BERT checkpoint directory (no config.json)")
     try:
         cfg = build_config(args)
+        model_dir = cfg.encoder.model_dir
+        if model_dir and not args.model_dir and not (Path(model_dir) / "config.json").is_file():
+            return _fail(f"encoder.model_dir {model_dir} is not a BERT checkpoint directory (no config.json)")
         result = run_training(
             args.data,
             args.out,
@@ -241,6 +249,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     except (
         DataValidationError,
         ConfigFileError,
+        ConfigValueError,
         BundleError,
         PipelineError,
         EncoderError,

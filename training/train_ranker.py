@@ -288,11 +288,13 @@ def training_windows(t2: int, t1: int, data_start: int, n: int) -> list[tuple[in
 
     Every window is as long as [T2, T1) and keeps at least that much history before its cutoff.
     """
+    if n < 1:
+        raise ValueError(f"the number of training label windows must be >= 1, got {n}")
     width = t1 - t2
     if width <= 0:
         raise ValueError(f"T2 ({t2}) must be before T1 ({t1})")
     out = []
-    for i in range(max(n, 1)):
+    for i in range(n):
         cutoff = t2 - i * width
         if i > 0 and cutoff - width < data_start:
             break

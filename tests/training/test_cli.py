@@ -156,3 +156,53 @@ def test_too_short_data_exits_2_explaining_the_time_windows(
     err = capsys.readouterr().err
     assert code == 2
     assert "valid_days" in err and "Traceback" not in err
+
+
+def test_out_of_range_config_value_exits_2_naming_field_and_file_before_reading_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text("ranker:\n  train_label_windows: 0\n")
+    # The data folder does not exist: had the run started, the error would be about it.
+    code = cli.main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "b"), "--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "ranker.train_label_windows must be >= 1, got 0" in err
+    assert str(config) in err
+    assert "does not exist" not in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_config_from_file_names_the_file_and_the_out_of_range_field(tmp_path: Path) -> None:
+    config = tmp_path / "cfg.json"
+    config.write_text('{"index": {"ivf_nprobe": 0}}')
+    with pytest.raises(cli.ConfigFileError, match=r"cfg\.json: index\.ivf_nprobe must be >= 1, got 0"):
+        cli.config_from_file(config)
+
+
+def test_out_of_range_flag_value_exits_2_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "b"), "--seed", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "encoder.seed must be in [0, 2147483647], got -1" in err and "Traceback" not in err
+
+
+def test_config_model_dir_that_is_not_a_checkpoint_exits_2_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "not_bert").mkdir()
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"encoder:\n  model_dir: {tmp_path / 'not_bert'}\n")
+    code = cli.main(["--data", str(tmp_path), "--out", str(tmp_path / "b"), "--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "encoder.model_dir" in err and "config.json" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_demo_training_command_builds_a_config_that_passes_the_check() -> None:
+    # training/demo.py runs `recsvc-train --data D --out B --max-steps 150` (its default).
+    args = cli.train_parser().parse_args(["--data", "d", "--out", "o", "--max-steps", "150"])
+    assert cli.build_config(args).encoder.max_steps == 150
