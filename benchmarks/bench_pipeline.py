@@ -22,9 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from recsvc.config import TrainConfig, from_dict  # noqa: E402
+from recsvc.config import TrainConfig  # noqa: E402
 from training import report  # noqa: E402
-from training.cli import ConfigFileError, load_config_file  # noqa: E402
+from training.cli import ConfigFileError, config_from_file  # noqa: E402
 from training.data import DataValidationError  # noqa: E402
 from training.pipeline import PipelineError, run_training  # noqa: E402
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_pipeline: data folder {data} not found; nothing to benchmark (pass --data DIR).")
         return 0
     try:
-        cfg = from_dict(TrainConfig, load_config_file(args.config)) if args.config else TrainConfig()
+        cfg = config_from_file(args.config) if args.config else TrainConfig()
     except (ConfigFileError, TypeError, ValueError) as exc:
         print(f"bench_pipeline: error: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,8 @@ from typing import Any
 
 from recsvc import bundle
 from recsvc.bundle import BundleError
-from recsvc.config import ConfigValueError, TrainConfig, check_train_config, from_dict
+from recsvc.config import TrainConfig, from_dict
+from recsvc.config_checks import ConfigValueError, check_train_config
 
 log = logging.getLogger("recsvc-train")
 

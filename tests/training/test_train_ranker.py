@@ -307,6 +307,13 @@ def test_training_windows_step_back_one_width_and_keep_a_width_of_history() -> N
         training_windows(t2=110, t1=110, data_start=0, n=2)
 
 
+def test_training_windows_refuses_fewer_than_one_window() -> None:
+    from training.train_ranker import training_windows
+
+    with pytest.raises(ValueError, match="must be >= 1, got 0"):
+        training_windows(t2=100, t1=110, data_start=60, n=0)
+
+
 def test_train_ranker_with_two_label_windows_trains_on_both(synth_loaded: Any, parts: dict[str, Any]) -> None:
     from recsvc.config import RankerConfig, TrainConfig
     from training.train_ranker import train_ranker

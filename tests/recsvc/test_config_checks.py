@@ -7,16 +7,8 @@ from typing import Any
 import pytest
 import yaml
 
-from recsvc.config import (
-    BaselineConfig,
-    ConfigValueError,
-    EncoderConfig,
-    RecommenderConfig,
-    TrainConfig,
-    check_config_section,
-    check_train_config,
-    from_dict,
-)
+from recsvc.config import BaselineConfig, EncoderConfig, RecommenderConfig, TrainConfig, from_dict
+from recsvc.config_checks import ConfigValueError, check_config_section, check_train_config
 
 
 def _with(cfg: Any, path: str, value: Any) -> Any:
