@@ -265,6 +265,8 @@ class TrainConfig:
     candidates: CandidateConfig = field(default_factory=CandidateConfig)
     collaborative: CollaborativeConfig = field(default_factory=CollaborativeConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
+    # Unused: the cut-offs are eval.ks. Kept so bundle manifests written before still load; a config
+    # file's top-level eval_k is moved into eval.ks (training.cli.config_from_file).
     eval_k: tuple[int, ...] = (12, 50, 100, 200)
     # Defined further down the file, hence the lambdas (resolved when a TrainConfig is made).
     baselines: BaselineConfig = field(default_factory=lambda: BaselineConfig())

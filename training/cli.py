@@ -65,13 +65,29 @@ def config_from_file(path: str | Path) -> TrainConfig:
     """TrainConfig defaults overridden by a YAML/JSON file, every value range-checked;
     ConfigFileError names the file and the field."""
     try:
-        cfg = from_dict(TrainConfig, load_config_file(path))
+        cfg = from_dict(TrainConfig, _moved_eval_k(load_config_file(path)))
         check_train_config(cfg)
         return cfg
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigFileError):
             raise
         raise ConfigFileError(f"config file {path}: {exc}") from exc
+
+
+def _moved_eval_k(data: dict[str, Any]) -> dict[str, Any]:
+    """A file's top-level `eval_k` (the older name, which the pipeline no longer reads) as `eval.ks`,
+    so it is not silently ignored; both given and different is an error."""
+    if "eval_k" not in data:
+        return data
+    data = dict(data)
+    ks = data.pop("eval_k")
+    section = dict(data.get("eval") or {})
+    if "ks" in section and list(section["ks"]) != list(ks):
+        raise ConfigValueError(f"eval_k {ks} and eval.ks {section['ks']} disagree; set eval.ks only")
+    log.warning("config: eval_k is the older name of eval.ks; using it as eval.ks")
+    section["ks"] = ks
+    data["eval"] = section
+    return data
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:

@@ -49,7 +49,7 @@ STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "index": (("embed",), ("index",)),
     "state": (("split",), ("text", "candidates", "collaborative")),
     "ranker": (("index", "state"), ("candidates", "collaborative", "ranker")),
-    "evaluate": (("ranker",), ("text", "candidates", "eval_k", "baselines", "eval")),
+    "evaluate": (("ranker",), ("text", "candidates", "baselines", "eval")),
     "publish": (("ranker", "evaluate"), ()),
 }
 STAGE_FILE = "stage.json"
@@ -1047,7 +1047,7 @@ def stage_evaluate(ctx: RunContext, out: Path) -> None:
         train,
         test,
         items,
-        ks=cfg.eval_k,
+        ks=cfg.eval.ks,
         modes=cfg.eval.modes,
         max_users=ctx.budget.eval_max_users,
         seed=cfg.eval.seed,
@@ -1059,7 +1059,7 @@ def stage_evaluate(ctx: RunContext, out: Path) -> None:
     )
     table.to_json(out / "evaluation.json")
     log.info("evaluation on the test period:\n%s", table.to_console())
-    summary = summarise_evaluation(table, cfg.eval_k)
+    summary = summarise_evaluation(table, cfg.eval.ks)
     summary["tuning"] = tuning
     write_json(out / "metrics.json", summary)
     shutil.rmtree(staged)  # hard links; the published bundle is re-assembled from the same files

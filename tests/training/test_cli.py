@@ -206,3 +206,16 @@ def test_the_demo_training_command_builds_a_config_that_passes_the_check() -> No
     # training/demo.py runs `recsvc-train --data D --out B --max-steps 150` (its default).
     args = cli.train_parser().parse_args(["--data", "d", "--out", "o", "--max-steps", "150"])
     assert cli.build_config(args).encoder.max_steps == 150
+
+
+def test_config_file_eval_k_is_used_as_eval_ks(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("eval_k: [5, 10]\n")
+    assert cli.config_from_file(path).eval.ks == (5, 10)
+
+
+def test_config_file_with_eval_k_and_a_different_eval_ks_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("eval_k: [5, 10]\neval:\n  ks: [12]\n")
+    with pytest.raises(cli.ConfigFileError, match=r"eval_k \[5, 10\] and eval.ks \[12\] disagree"):
+        cli.config_from_file(path)
