@@ -63,6 +63,15 @@ def load_raw_encoder(
     )
 
 
+def _is_encoder_error(exc: BaseException) -> bool:
+    """A bad --encoder-dir (no config, no weights), raised when the raw encoder first loads.
+
+    Imported here, not at the top: recsvc.encoder imports torch, which only raw_encoder needs."""
+    from recsvc.encoder import EncoderError
+
+    return isinstance(exc, EncoderError)
+
+
 def _tune_record(
     name: str,
     config: BaselineConfig,
@@ -154,7 +163,10 @@ def run_evaluation(
     eval_config = eval_config or EvalConfig()
     baseline_config = baseline_config or BaselineConfig()
     dataset = load_dataset(data_dir)
-    cutoff = holdout_cutoff(dataset.interactions, test_days)
+    try:
+        cutoff = holdout_cutoff(dataset.interactions, test_days)
+    except ValueError as exc:
+        raise EvaluationError(f"--test-days {test_days:g}: {exc}") from None
     split = time_split(dataset.interactions, cutoff)
     if split.train.height == 0 or split.test.height == 0:
         raise EvaluationError(
@@ -192,16 +204,26 @@ def run_evaluation(
         results=[], ks=tuple(sorted(eval_config.ks)), modes=tuple(eval_config.modes), protocol=protocol
     )
     for system in tqdm(built, desc="evaluating systems", unit="system"):
-        result = evaluate_system(
-            system,
-            split.train,
-            split.test,
-            dataset.items,
-            eval_config.ks,
-            eval_config.modes,
-            max_users=eval_config.max_users,
-            seed=eval_config.seed,
-        )
+        try:
+            result = evaluate_system(
+                system,
+                split.train,
+                split.test,
+                dataset.items,
+                eval_config.ks,
+                eval_config.modes,
+                max_users=eval_config.max_users,
+                seed=eval_config.seed,
+            )
+        except ValueError as exc:
+            if system.name != RAW_ENCODER or not _is_encoder_error(exc):
+                raise
+            kept = (
+                f"; the systems evaluated before it are in {checkpoint}"
+                if checkpoint and table.results
+                else ""
+            )
+            raise EvaluationError(f"raw_encoder: {exc}{kept}") from None
         if system.name in tuning:
             result["tuning"] = tuning[system.name]
         table.results.append(result)
@@ -319,6 +341,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     for flag, value in (("--max-users", args.max_users), ("--tune-max-users", args.tune_max_users)):
         if value is not None and value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")
+    if args.encoder_dir is not None and not Path(args.encoder_dir).is_dir():
+        raise UsageError(f"--encoder-dir {args.encoder_dir} does not exist or is not a directory")
     return EvalConfig(
         ks=tuple(sorted(set(args.k))),
         modes=modes,

@@ -130,3 +130,36 @@ def test_help_explains_every_flag(capsys) -> None:
         "--encoder-dir",
     ):
         assert flag in text
+
+
+def test_test_days_longer_than_the_data_exits_2_without_writing_results(
+    synth_dataset: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "m.json"
+    code = main(
+        ["--data", str(synth_dataset), "--systems", "popularity", "--test-days", "10000", "--out", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--test-days" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_missing_encoder_dir_exits_2_before_any_work(synth_dataset: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "m.json"
+    args = ["--data", str(synth_dataset), "--systems", "popularity,raw_encoder", "--out", str(out)]
+    code = main([*args, "--encoder-dir", str(tmp_path / "no-bert")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--encoder-dir" in err and "no-bert" in err
+    assert not out.exists()  # refused up front: not even the popularity row was written
+
+
+def test_encoder_dir_without_a_model_exits_2_naming_it(synth_dataset: Path, tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty-bert"
+    empty.mkdir()
+    args = ["--data", str(synth_dataset), "--systems", "raw_encoder", "--no-tune", "--k", "10"]
+    code = main([*args, "--encoder-dir", str(empty), "--out", str(tmp_path / "m.json")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "empty-bert" in err and "Traceback" not in err
