@@ -173,16 +173,28 @@ def read_amazon_meta(path: Path, report: ConversionReport) -> pl.DataFrame:
 
 def read_json_lines(path: Path, unit: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) per non-blank line; JSON or Python dict literals (2014 metadata)."""
+    if path.is_dir():
+        raise ConversionError(f"{path}: is a directory, not a file")
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
-    with _open_text(path) as handle:
-        for line_no, line in enumerate(
-            tqdm(handle, desc=f"reading {path.name}", unit=" lines", disable=None), 1
-        ):
-            text = line.strip()
-            if not text:
-                continue
-            yield line_no, _parse_object(text, path, line_no)
+    line_no = 0
+    try:
+        with _open_text(path) as handle:
+            for line_no, line in enumerate(
+                tqdm(handle, desc=f"reading {path.name}", unit=" lines", disable=None), 1
+            ):
+                text = line.strip()
+                if not text:
+                    continue
+                yield line_no, _parse_object(text, path, line_no)
+    except UnicodeDecodeError as exc:
+        # Text is decoded in blocks, so the bad byte is on the next line or a little further on.
+        raise ConversionError(
+            f"{path.name}: not UTF-8 text at or after line {line_no + 1} ({exc.reason}); "
+            f"expected JSON lines{' (gzip-compressed)' if path.suffix == '.gz' else ''}"
+        ) from None
+    except gzip.BadGzipFile:
+        raise ConversionError(f"{path.name}: not a gzip file (its name ends in .gz)") from None
 
 
 def _parse_object(text: str, path: Path, line_no: int) -> dict[str, Any]:

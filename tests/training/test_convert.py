@@ -203,3 +203,34 @@ def test_cli_reports_missing_file(tmp_path: Path, capsys) -> None:
     )
     assert code == 2
     assert "absent.json: file not found" in capsys.readouterr().err
+
+
+def test_binary_reviews_file_is_reported_as_not_utf8_text(tmp_path: Path) -> None:
+    reviews = tmp_path / "reviews.parquet"  # a common slip: the canonical output passed as input
+    reviews.write_bytes(b"PAR1\x15\x04\x15\x80\xff\xfe" + bytes(range(256)))
+    meta = write_lines(tmp_path / "meta.json", META_2018)
+    with pytest.raises(ConversionError, match=r"reviews\.parquet: not UTF-8 text at or after line 1"):
+        convert_amazon(reviews, meta, tmp_path / "out")
+
+
+def test_gz_file_that_is_not_gzip_names_the_file(tmp_path: Path) -> None:
+    meta = tmp_path / "meta.json.gz"
+    meta.write_text("plain text, not gzip\n")
+    reviews = write_lines(tmp_path / "reviews.json", REVIEWS)
+    with pytest.raises(ConversionError, match=r"meta\.json\.gz: not a gzip file"):
+        convert_amazon(reviews, meta, tmp_path / "out")
+
+
+def test_directory_given_as_a_file_is_named_as_a_directory(tmp_path: Path) -> None:
+    meta = write_lines(tmp_path / "meta.json", META_2018)
+    with pytest.raises(ConversionError, match="is a directory, not a file"):
+        convert_amazon(tmp_path, meta, tmp_path / "out")
+
+
+def test_cli_exits_2_on_a_binary_file(tmp_path: Path, capsys) -> None:
+    reviews = tmp_path / "reviews.json"
+    reviews.write_bytes(bytes(range(128, 256)))
+    meta = write_lines(tmp_path / "meta.json", META_2018)
+    code = main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "reviews.json" in capsys.readouterr().err
