@@ -197,13 +197,29 @@ def _attr_pairs(values: Sequence[str] | None, flag: str) -> dict[str, list[str]]
     return out
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type for --timeout: a deadline of 0 or less makes every call fail at once."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recsvc-client", description="Query a running recsvc-serve.")
+    parser = argparse.ArgumentParser(
+        prog="recsvc-client",
+        description="Query a running recsvc-serve and print each answer as JSON. Exit status: 0 ok, "
+        "2 when the server rejects the request or cannot be reached, or on bad input (one line on "
+        "stderr); `health` exits 1 when the server answers but is not SERVING.",
+    )
     parser.add_argument(
         "--target", default=DEFAULT_TARGET, help=f"server host:port (default {DEFAULT_TARGET})"
     )
     parser.add_argument(
-        "--timeout", type=float, default=10.0, help="deadline per call in seconds (default 10)"
+        "--timeout", type=_positive_seconds, default=10.0, help="deadline per call in seconds (default 10)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -235,10 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--value", type=float, help="optional value (e.g. a rating)")
 
     sub.add_parser("info", help="model version, item count, metrics and loaded versions")
-    sub.add_parser("health", help="health status of the server (exit 1 unless SERVING)")
+    sub.add_parser(
+        "health",
+        help="health status of the server (exit 1 if it answers but is not SERVING, 2 if unreachable)",
+    )
     rl = sub.add_parser("reload", help="admin: load a bundle version (default: CURRENT) or roll back")
-    rl.add_argument("--version", default="", help="bundle version to load")
-    rl.add_argument("--rollback", action="store_true", help="go back to the previously active version")
+    which = rl.add_mutually_exclusive_group()
+    which.add_argument(
+        "--version", default="", help="bundle version to load (default: the one CURRENT names)"
+    )
+    which.add_argument("--rollback", action="store_true", help="go back to the previously active version")
     return parser
 
 
@@ -263,31 +285,55 @@ def _filters_from(args: argparse.Namespace) -> pb.Filters:
     )
 
 
+_EVENT_FIELDS = ("user_id", "item_id", "event_type")
+
+
+def _event_from_line(text: str, where: str) -> pb.Event:
+    """One JSON-lines event; `where` ("FILE line N") starts every error message."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [f for f in _EVENT_FIELDS if row.get(f) in (None, "")]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)} (need {', '.join(_EVENT_FIELDS)})")
+    timestamp, value = row.get("timestamp", 0), row.get("value")
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int):
+        raise ValueError(f"{where}: timestamp must be epoch seconds (an integer), got {timestamp!r}")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{where}: value must be a number, got {value!r}")
+    return event(
+        str(row["user_id"]),
+        str(row["item_id"]),
+        str(row["event_type"]),
+        timestamp,
+        value,
+        str(row.get("request_id", "")),
+    )
+
+
 def _read_events(args: argparse.Namespace) -> list[pb.Event]:
+    if args.file and (args.user or args.item):
+        raise ValueError("events takes either --file or --user/--item, not both")
     if args.file:
+        name = "stdin" if args.file == "-" else args.file
         fh = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
-        with fh:
-            out = []
-            for n, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    out.append(
-                        event(
-                            str(row["user_id"]),
-                            str(row["item_id"]),
-                            str(row["event_type"]),
-                            int(row.get("timestamp", 0)),
-                            row.get("value"),
-                            str(row.get("request_id", "")),
-                        )
-                    )
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                    raise ValueError(
-                        f"{args.file} line {n}: {exc!r} (need user_id, item_id, event_type)"
-                    ) from exc
-            return out
+        out: list[pb.Event] = []
+        n = 0
+        try:
+            with fh:
+                for n, line in enumerate(fh, start=1):
+                    if line.strip():
+                        out.append(_event_from_line(line, f"{name} line {n}"))
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"{name}: not UTF-8 text at or after line {n + 1}; expected JSON lines"
+            ) from None
+        if not out:
+            raise ValueError(f"{name} has no events")
+        return out
     if not args.user or not args.item:
         raise ValueError("events needs --file or both --user and --item")
     return [event(args.user, args.item, args.type, 0, args.value)]
@@ -295,6 +341,13 @@ def _read_events(args: argparse.Namespace) -> list[pb.Event]:
 
 def _print(msg: Any) -> None:
     print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True), indent=2))
+
+
+def _unreachable(exc: grpc.RpcError) -> bool:
+    """No server answered (refused, unresolvable host), as opposed to a server that answers
+    UNAVAILABLE itself (no bundle loaded yet): only the first needs the --target hint."""
+    details = (exc.details() or "").lower()
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and ("connect" in details or "resolv" in details)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,7 +379,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(status)
                 return 0 if status == "SERVING" else 1
     except grpc.RpcError as exc:
-        print(f"recsvc-client: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        hint = ""
+        if _unreachable(exc):
+            hint = f"cannot reach recsvc-serve at {args.target} (is it running? is --target right?): "
+        print(f"recsvc-client: {exc.code().name}: {hint}{exc.details()}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:
         print(f"recsvc-client: error: {exc}", file=sys.stderr)

@@ -131,3 +131,80 @@ def test_cli_unreachable_server_exits_2(capsys) -> None:
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("recsvc-client: UNAVAILABLE") or err.startswith("recsvc-client: DEADLINE_EXCEEDED")
+
+
+def test_cli_unreachable_server_names_the_target_and_how_to_fix_it(capsys) -> None:
+    code = main(["--target", "127.0.0.1:1", "--timeout", "0.5", "info"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "cannot reach recsvc-serve at 127.0.0.1:1" in err and "--target" in err
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "soon"])
+def test_cli_rejects_a_timeout_that_is_not_positive(timeout: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--timeout", timeout, "health"])
+    assert exit_info.value.code == 2
+    assert "--timeout" in capsys.readouterr().err
+
+
+def test_cli_reload_refuses_a_version_together_with_rollback(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reload", "--version", "v1", "--rollback"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_cli_events_refuses_a_file_together_with_a_single_event(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps({"user_id": "u", "item_id": "i", "event_type": "click"}) + "\n")
+    code = main(["--target", "127.0.0.1:1", "events", "--file", str(path), "--user", "u", "--item", "i"])
+    assert code == 2
+    assert "either --file or --user/--item" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"user_id": "u", "item_id": "i"}', "line 2: missing field(s) event_type"),
+        ("[1, 2]", "line 2: expected a JSON object, got list"),
+        ("{not json", "line 2: not valid JSON"),
+        (
+            '{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": "yesterday"}',
+            "line 2: timestamp must be epoch seconds (an integer), got 'yesterday'",
+        ),
+        (
+            '{"user_id": "u", "item_id": "i", "event_type": "rating", "value": "five"}',
+            "line 2: value must be a number, got 'five'",
+        ),
+    ],
+)
+def test_cli_events_file_errors_name_the_line_and_the_problem(
+    line: str, message: str, tmp_path: Path, capsys
+) -> None:
+    path = tmp_path / "events.jsonl"
+    good = json.dumps({"user_id": "u", "item_id": "i", "event_type": "click"})
+    path.write_text(good + "\n" + line + "\n", encoding="utf-8")
+    code = main(["--target", "127.0.0.1:1", "events", "--file", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"events.jsonl {message}" in err
+    assert "Error(" not in err  # no Python exception reprs
+
+
+def test_cli_events_file_that_is_not_text_is_named(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "events.parquet"
+    path.write_bytes(b"PAR1" + bytes(range(128, 256)))
+    code = main(["--target", "127.0.0.1:1", "events", "--file", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "events.parquet" in err and "UTF-8" in err
+
+
+def test_cli_events_empty_file_says_so_without_calling_the_server(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n")
+    code = main(["--target", "127.0.0.1:1", "events", "--file", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "events.jsonl has no events" in err
