@@ -263,6 +263,44 @@ class BatchSummary:
         return self.users / self.seconds if self.seconds > 0 else float("inf")
 
 
+def check_options(*, k: int, chunk_size: int, workers: int) -> None:
+    """The numeric options, checked before a bundle is loaded (seconds) so a typo fails at once."""
+    if k < 1:
+        raise BatchError(f"--k must be >= 1, got {k}")
+    if chunk_size < 1:
+        raise BatchError(f"--chunk-size must be >= 1, got {chunk_size}")
+    if workers < 1:
+        raise BatchError(f"--workers must be >= 1, got {workers}")
+
+
+def check_out_path(out: str | Path, users_file: str | Path | None) -> None:
+    """Refuse an --out that is the --users file: the job would overwrite its own input."""
+    if users_file is not None and Path(out).resolve() == Path(users_file).resolve():
+        raise BatchError(f"--out {out} is the --users file; write the candidates to another file")
+
+
+def warn_about_users(users: Sequence[str], known: Callable[[str], bool], k: int, item_count: int) -> None:
+    """Say what a user would otherwise only find out from the output: ids the bundle has never
+    seen (wrong id format, typos) get the non-personalised answer, and k is capped by the catalogue."""
+    if not users:
+        log.warning("no user ids to rank: the output will have no rows")
+        return
+    unknown = [u for u in users if not known(u)]
+    if unknown:
+        examples = ", ".join(repr(u) for u in unknown[:5])
+        log.warning(
+            "%d of %d users have no history in the bundle and get the non-personalised answer "
+            "(e.g. %s); check that the ids match the training data",
+            len(unknown),
+            len(users),
+            examples,
+        )
+    if k > item_count:
+        log.info(
+            "--k %d is more than the %d catalogue items: each user gets at most %d", k, item_count, item_count
+        )
+
+
 def run_batch(
     recommender: Recommender,
     user_ids: Sequence[str],
@@ -283,12 +321,7 @@ def run_batch(
     """
     from recsvc.recommender import REPEAT_POLICIES, RecommendRequest
 
-    if k < 1:
-        raise BatchError(f"--k must be >= 1, got {k}")
-    if chunk_size < 1:
-        raise BatchError(f"--chunk-size must be >= 1, got {chunk_size}")
-    if workers < 1:
-        raise BatchError(f"--workers must be >= 1, got {workers}")
+    check_options(k=k, chunk_size=chunk_size, workers=workers)
     if repeat_policy not in REPEAT_POLICIES:
         raise BatchError(
             f"--repeat-policy must be one of {', '.join(REPEAT_POLICIES)}, got {repeat_policy!r}"
@@ -593,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if (args.variant is None) != (args.experiments is None):
             raise BatchError("--variant and --experiments go together (the variant is looked up in the file)")
+        check_options(k=args.k, chunk_size=args.chunk_size, workers=args.workers)
+        check_out_path(args.out, args.users)
         shard = parse_shard(args.shard) if args.shard else None
         policy, version = default_policy(), None
         if args.variant is not None:
@@ -608,6 +643,11 @@ def main(argv: list[str] | None = None) -> int:
         recommender = _load_recommender(args.bundle, version)
         if users is None:
             users = sorted(recommender.bundle.history.users())
+        else:
+            history = recommender.bundle.history
+            warn_about_users(
+                in_shard(users, shard), history.__contains__, args.k, len(recommender.bundle.catalog.item_ids)
+            )
         summary = run_batch(
             recommender,
             users,

@@ -392,3 +392,56 @@ def test_usable_cores_counts_at_least_one_and_at_most_the_cpus_this_process_may_
 def test_cli_default_workers_is_the_usable_core_count() -> None:
     args = build_parser().parse_args(["--bundle", "b", "--all-users", "--out", "o.parquet"])
     assert args.workers == usable_cores()
+
+
+def test_cli_refuses_an_out_path_that_is_the_users_file(bundles_root: Path, tmp_path: Path, capsys) -> None:
+    users_file = tmp_path / "users.csv"
+    users_file.write_text("user_id\na\nb\n")
+    code = main(["--bundle", str(bundles_root), "--users", str(users_file), "--out", str(users_file)])
+    assert code == 2
+    assert "--out" in capsys.readouterr().err
+    assert users_file.read_text() == "user_id\na\nb\n"  # the input is untouched
+
+
+def test_cli_bad_k_is_refused_before_the_bundle_is_loaded(tmp_path: Path, capsys) -> None:
+    # No bundle exists at all: the number is the first thing wrong, so it is what the user hears.
+    code = main(
+        [
+            "--bundle",
+            str(tmp_path / "nowhere"),
+            "--all-users",
+            "--k",
+            "0",
+            "--out",
+            str(tmp_path / "c.parquet"),
+        ]
+    )
+    assert code == 2
+    assert "--k must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_warns_how_many_users_the_bundle_does_not_know(
+    bundles_root: Path, users, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pl.DataFrame({"user_id": [users[0], "typo-1", "typo-2"]}).write_parquet(tmp_path / "u.parquet")
+    args = [
+        "--bundle",
+        str(bundles_root),
+        "--users",
+        str(tmp_path / "u.parquet"),
+        "--k",
+        "3",
+        "--no-progress",
+    ]
+    with caplog.at_level("WARNING", logger="recsvc.batch"):
+        assert main([*args, "--out", str(tmp_path / "c.parquet"), "--workers", "1"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("2 of 3 users" in w and "typo-1" in w and "non-personalised" in w for w in warnings)
+
+
+def test_cli_warns_when_the_users_file_is_empty(bundles_root: Path, tmp_path: Path, caplog) -> None:
+    pl.DataFrame({"user_id": []}, schema={"user_id": pl.Utf8}).write_parquet(tmp_path / "u.parquet")
+    args = ["--bundle", str(bundles_root), "--users", str(tmp_path / "u.parquet"), "--no-progress"]
+    with caplog.at_level("WARNING", logger="recsvc.batch"):
+        assert main([*args, "--out", str(tmp_path / "c.parquet"), "--workers", "1"]) == 0
+    assert any("no user ids" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
