@@ -272,6 +272,11 @@ def build_report(
         rows = outcomes.filter(pl.col("experiment") == experiment)
         split = rows.filter(~pl.col("interleaved"))
         names = sorted(split["variant"].unique().to_list())
+        if control is not None and names and control not in names:
+            raise ABReportError(
+                f"--control {control!r} is not a variant of experiment {experiment!r} "
+                f"(variants: {', '.join(names)}); pick one, or --experiment to report one experiment"
+            )
         wanted = control or config.control_variant
         chosen = wanted if wanted in names else (names[0] if names else None)
         interleaved_ids = set(rows.filter(pl.col("interleaved"))["request_id"].to_list())
@@ -486,25 +491,67 @@ def run_report(
 ) -> ABReport:
     """Read both logs, build the report, write the requested files; returns the report."""
     config = config or ExperimentsConfig()
+    _check_output(plot, "--plot", PLOT_SUFFIXES)
+    _check_output(out, "--out")
     exposures = read_exposures(exposures_path)
     if experiment is not None:
         exposures = exposures.filter(pl.col("experiment") == experiment)
         if exposures.is_empty():
             raise ABReportError(f"no exposures for experiment {experiment!r} in {exposures_path}")
     events = read_events(events_path, pseudonym_key)
+    _warn_absent_event_types(events, config, events_path)
     report = build_report(exposures, events, config, control)
-    if plot is not None:
-        plot_report(report, plot)
-        log.info("wrote plot %s", plot)
-    if out is not None:
-        out_path = Path(out)
-        if out_path.suffix.lower() in (".html", ".htm"):
-            rel = os.path.relpath(plot, out_path.parent) if plot is not None else None
-            out_path.write_text(format_html(report, rel))
-        else:
-            out_path.write_text(format_markdown(report))
-        log.info("wrote report %s", out_path)
+    try:
+        if plot is not None:
+            plot_report(report, plot)
+            log.info("wrote plot %s", plot)
+        if out is not None:
+            out_path = Path(out)
+            if out_path.suffix.lower() in (".html", ".htm"):
+                rel = os.path.relpath(plot, out_path.parent) if plot is not None else None
+                out_path.write_text(format_html(report, rel))
+            else:
+                out_path.write_text(format_markdown(report))
+            log.info("wrote report %s", out_path)
+    except OSError as exc:
+        raise ABReportError(f"cannot write the report: {exc}") from None
     return report
+
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def _check_output(path: str | Path | None, flag: str, suffixes: tuple[str, ...] = ()) -> None:
+    """Refuse an output that cannot be written before any work, so no half set of files is left."""
+    if path is None:
+        return
+    p = Path(path)
+    if suffixes and p.suffix.lower() not in suffixes:
+        names = ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}"
+        raise ABReportError(f"{flag} {path}: expected a {names} file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ABReportError(f"{flag} {path}: folder {parent} does not exist")
+    if p.is_dir():
+        raise ABReportError(f"{flag} {path} is a folder; give a file name")
+
+
+def _warn_absent_event_types(events: pl.DataFrame, config: ExperimentsConfig, path: str | Path) -> None:
+    """A misspelt --click-events type silently makes every CTR 0%: say so."""
+    present = set(events["event"].unique().to_list()) if events.height else set()
+    for flag, types in (
+        ("--click-events", config.click_events),
+        ("--conversion-events", config.conversion_events),
+    ):
+        absent = [t for t in types if t not in present]
+        if absent:
+            log.warning(
+                "%s: no events of type %s in %s (types there: %s)",
+                flag,
+                ", ".join(repr(t) for t in absent),
+                path,
+                ", ".join(sorted(present)) or "none",
+            )
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -530,12 +577,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--events", required=True, help="events: the server's SQLite event store, parquet or CSV"
     )
     rep.add_argument("--out", help="also write the report here: .html for HTML, anything else for markdown")
-    rep.add_argument("--plot", help="also write a PNG chart of the metrics per variant here")
+    rep.add_argument("--plot", help="also write a chart of the metrics per variant here (.png, .svg or .pdf)")
     rep.add_argument("--experiment", help="report only this experiment (default: all in the log)")
     rep.add_argument(
         "--control",
         help=f"variant the others are compared with (default: {defaults.control_variant!r}, "
-        "else the first variant by name)",
+        "else the first variant by name); a name that is not a variant is an error",
     )
     rep.add_argument(
         "--window-s",
@@ -566,11 +613,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _option_problem(args: argparse.Namespace) -> str | None:
+    """The first option value that makes no sense, as a message naming the flag; None if all do."""
+    if not 0.0 < args.confidence < 1.0:
+        return f"--confidence must be in (0, 1), got {args.confidence}"
+    if args.window_s < 0:
+        return f"--window-s must be >= 0, got {args.window_s}"
+    for flag, value in (
+        ("--click-events", args.click_events),
+        ("--conversion-events", args.conversion_events),
+    ):
+        if not _csv(value):
+            return f"{flag} needs at least one event type, got {value!r}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not 0.0 < args.confidence < 1.0:
-        print(f"recsvc-ab: error: --confidence must be in (0, 1), got {args.confidence}", file=sys.stderr)
+    problem = _option_problem(args)
+    if problem:
+        print(f"recsvc-ab: error: {problem}", file=sys.stderr)
         return 2
     config = ExperimentsConfig(
         attribution_window_s=args.window_s,

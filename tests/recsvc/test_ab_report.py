@@ -181,3 +181,51 @@ def test_control_falls_back_to_first_variant_by_name() -> None:
     exposures, events = _split_log(clicks={"a-arm": 5, "b-arm": 9})
     report = build_report(exposures_frame(exposures), _events_frame(events), ExperimentsConfig())
     assert report.experiments[0].control == "a-arm"
+
+
+def _write_logs(tmp_path: Path) -> list[str]:
+    exposures, events = _split_log()
+    exposures_frame(exposures).write_parquet(tmp_path / "e.parquet")
+    _events_frame(events).write_csv(tmp_path / "ev.csv")
+    return ["report", "--exposures", str(tmp_path / "e.parquet"), "--events", str(tmp_path / "ev.csv")]
+
+
+def test_an_explicit_control_that_is_not_a_variant_is_an_error_naming_the_variants() -> None:
+    exposures, events = _split_log()
+    with pytest.raises(ABReportError, match=r"--control 'contrl'.*exp.*control, treatment"):
+        build_report(exposures_frame(exposures), _events_frame(events), ExperimentsConfig(), control="contrl")
+
+
+def test_cli_unknown_control_exits_2(tmp_path: Path, capsys) -> None:
+    assert main([*_write_logs(tmp_path), "--control", "nope"]) == 2
+    assert "--control 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--window-s", "-5"], "--window-s must be >= 0"),
+        (["--click-events", ""], "--click-events needs at least one event type"),
+        (["--conversion-events", " , "], "--conversion-events needs at least one event type"),
+        (["--plot", "chart.txt"], "--plot chart.txt: expected a .png, .svg or .pdf file name"),
+    ],
+)
+def test_cli_bad_options_exit_2_naming_the_flag(
+    tmp_path: Path, capsys, extra: list[str], message: str
+) -> None:
+    assert main([*_write_logs(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_output_in_a_missing_folder_exits_2_before_writing_anything(tmp_path: Path, capsys) -> None:
+    args = [*_write_logs(tmp_path), "--plot", str(tmp_path / "r.png"), "--out", str(tmp_path / "no" / "r.md")]
+    assert main(args) == 2
+    assert "--out" in capsys.readouterr().err
+    assert not (tmp_path / "r.png").exists()  # no half set of outputs
+
+
+def test_event_types_absent_from_the_events_are_warned_about(tmp_path: Path, caplog) -> None:
+    with caplog.at_level("WARNING", logger="recsvc.ab_report"):
+        assert main([*_write_logs(tmp_path), "--click-events", "clik"]) == 0
+    assert any("'clik'" in r.getMessage() and "--click-events" in r.getMessage() for r in caplog.records)
