@@ -175,8 +175,16 @@ def test_cli_rejects_bad_sizes_with_exit_2_and_no_traceback(tmp_path: Path) -> N
         cwd=REPO,
     )
     assert proc.returncode == 2
-    assert "n_items must be a positive integer" in proc.stderr
+    assert "argument --items: must be a positive integer, got '0'" in proc.stderr  # the flag, not n_items
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--users", "--items", "--interactions", "--days"])
+def test_cli_size_errors_name_the_flag(flag: str, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path), flag, "-3"])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: must be a positive integer, got '-3'" in capsys.readouterr().err
 
 
 def test_cli_rejects_output_path_that_is_a_file(tmp_path: Path, capsys) -> None:
