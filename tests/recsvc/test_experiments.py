@@ -176,3 +176,15 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
 def test_example_config_is_valid() -> None:
     router = ExperimentRouter.from_file(REPO / "examples" / "experiments.yaml")
     assert router.experiments
+
+
+def test_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiments:\n  - name: a\n    variants: [ {name: x, share: 0.5\n")
+    with pytest.raises(ExperimentConfigError) as info:
+        load_experiments(bad)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{bad}: not valid YAML at line 4, column 1: expected ',' or '}}'")
+    assert message.endswith("(while parsing a flow mapping at line 3, column 17)")
+    assert "<unicode string>" not in message
