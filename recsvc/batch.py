@@ -632,9 +632,11 @@ def main(argv: list[str] | None = None) -> int:
         policy, version = default_policy(), None
         if args.variant is not None:
             try:
-                assignment = ExperimentRouter.from_file(args.experiments).assign(
-                    "", forced_variant=args.variant
-                )
+                router = ExperimentRouter.from_file(args.experiments)
+            except ExperimentConfigError as exc:
+                raise BatchError(f"--experiments: {exc}") from None
+            try:
+                assignment = router.assign("", forced_variant=args.variant)
             except ValueError as exc:
                 raise BatchError(f"--variant: {exc}") from None
             policy, version = assignment.policy, assignment.bundle_version

@@ -445,3 +445,18 @@ def test_cli_warns_when_the_users_file_is_empty(bundles_root: Path, tmp_path: Pa
     with caplog.at_level("WARNING", logger="recsvc.batch"):
         assert main([*args, "--out", str(tmp_path / "c.parquet"), "--workers", "1"]) == 0
     assert any("no user ids" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_cli_experiments_file_errors_name_experiments_not_variant(
+    bundles_root: Path, tmp_path: Path, capsys
+) -> None:
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("experiments: [unclosed\n")
+    args = ["--bundle", str(bundles_root), "--all-users", "--out", str(tmp_path / "c.parquet")]
+    assert main([*args, "--experiments", str(exp), "--variant", "control"]) == 2
+    assert "error: --experiments: " in capsys.readouterr().err
+    exp.write_text(
+        "experiments:\n  - name: e\n    salt: s\n    variants:\n      - {name: control, share: 1.0}\n"
+    )
+    assert main([*args, "--experiments", str(exp), "--variant", "contrl"]) == 2
+    assert "error: --variant: unknown variant 'contrl'" in capsys.readouterr().err
