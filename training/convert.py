@@ -75,6 +75,8 @@ def convert_amazon(
     if fmt not in ("parquet", "csv"):
         raise ConversionError(f"format must be 'parquet' or 'csv', got {fmt!r}")
     reviews, meta, out = Path(reviews), Path(meta), Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--out {out} exists and is not a folder")
     report = ConversionReport()
     items = read_amazon_meta(meta, report)
     interactions = read_amazon_reviews(reviews, report)

@@ -234,3 +234,12 @@ def test_cli_exits_2_on_a_binary_file(tmp_path: Path, capsys) -> None:
     code = main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / "o")])
     assert code == 2
     assert "reviews.json" in capsys.readouterr().err
+
+
+def test_out_path_that_is_a_file_is_refused_before_reading_the_inputs(tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    out.write_text("keep me")
+    # The inputs do not even exist: the --out problem is found first, without reading anything.
+    with pytest.raises(ConversionError, match=r"out\.txt exists and is not a folder"):
+        convert_amazon(tmp_path / "r.json", tmp_path / "m.json", out)
+    assert out.read_text() == "keep me"
