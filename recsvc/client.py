@@ -340,7 +340,9 @@ def _read_events(args: argparse.Namespace) -> list[pb.Event]:
 
 
 def _print(msg: Any) -> None:
-    print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True), indent=2))
+    # Every field, zero values included: an empty answer shows "items": [], not a missing key.
+    body = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    print(json.dumps(body, indent=2))
 
 
 def _unreachable(exc: grpc.RpcError) -> bool:

@@ -208,3 +208,13 @@ def test_cli_events_empty_file_says_so_without_calling_the_server(tmp_path: Path
     err = capsys.readouterr().err
     assert code == 2
     assert "events.jsonl has no events" in err
+
+
+def test_cli_empty_answer_prints_an_empty_items_list(running: RunningServer, capsys) -> None:
+    # A filter value no item has: the answer is empty, and the JSON must say so rather than omit it.
+    code, out, _ = _cli(
+        running, capsys, "recommend", "--user", "u", "--k", "3", "--include", "category=no-such-value"
+    )
+    body = json.loads(out)
+    assert code == 0
+    assert body["items"] == [] and body["personalised"] is False
