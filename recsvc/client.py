@@ -342,7 +342,8 @@ def _read_events(args: argparse.Namespace) -> list[pb.Event]:
 def _print(msg: Any) -> None:
     # Every field, zero values included: an empty answer shows "items": [], not a missing key.
     body = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    print(json.dumps(body, indent=2))
+    ordered = {f.name: body[f.name] for f in msg.DESCRIPTOR.fields if f.name in body}  # .proto order
+    print(json.dumps(ordered, indent=2))
 
 
 def _unreachable(exc: grpc.RpcError) -> bool:
