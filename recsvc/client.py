@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -387,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
             hint = f"cannot reach recsvc-serve at {args.target} (is it running? is --target right?): "
         print(f"recsvc-client: {exc.code().name}: {hint}{exc.details()}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader (`| head`) stopped early: not an error. Point stdout at /dev/null so the
+        # interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as exc:
         print(f"recsvc-client: error: {exc}", file=sys.stderr)
         return 2

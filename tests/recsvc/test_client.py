@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -218,3 +220,20 @@ def test_cli_empty_answer_prints_an_empty_items_list(running: RunningServer, cap
     body = json.loads(out)
     assert code == 0
     assert body["items"] == [] and body["personalised"] is False
+
+
+def test_cli_output_piped_into_head_ends_quietly(running: RunningServer) -> None:
+    # `recsvc-client info | head -1`: head closes the pipe early; that is not an error to report.
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        f"{sys.executable} -m recsvc.client --target {running.target} info | head -c 1 >/dev/null; "
+        "exit ${PIPESTATUS[0]}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        check=False,
+    )
+    assert "Broken pipe" not in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 0
