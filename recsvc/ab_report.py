@@ -301,12 +301,18 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def _points(x: float) -> str:
+    """A difference of two rates, in percentage points: 10% -> 30% is +20 pp, not +20% (which
+    reads as relative, i.e. 10% -> 12%)."""
+    return f"{100 * x:.2f} pp"
+
+
 def _test_cell(
     test: ab_stats.ProportionTest | ab_stats.MeanTest | None, alpha: float, pct: bool = True
 ) -> str:
     if test is None:
         return "—"
-    fmt = _pct if pct else (lambda v: f"{v:.4g}")
+    fmt = _points if pct else (lambda v: f"{v:.4g}")
     star = " *" if test.p_value < alpha else ""
     return f"{'+' if test.diff >= 0 else ''}{fmt(test.diff)} [{fmt(test.ci_low)}, {fmt(test.ci_high)}] p={test.p_value:.3g}{star}"
 
@@ -381,7 +387,8 @@ def _plain_table(header: list[str], rows: list[list[str]]) -> str:
 def _footer(report: ABReport) -> str:
     return (
         f"{report.attributed_events} of {report.total_events} events attributed to exposures; "
-        f"intervals at {100 * report.confidence:g}%; * = significant at p < {report.alpha:.3g}"
+        f"intervals at {100 * report.confidence:g}%; pp = percentage points; "
+        f"* = significant at p < {report.alpha:.3g}"
     )
 
 

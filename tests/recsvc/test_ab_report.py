@@ -229,3 +229,11 @@ def test_event_types_absent_from_the_events_are_warned_about(tmp_path: Path, cap
     with caplog.at_level("WARNING", logger="recsvc.ab_report"):
         assert main([*_write_logs(tmp_path), "--click-events", "clik"]) == 0
     assert any("'clik'" in r.getMessage() and "--click-events" in r.getMessage() for r in caplog.records)
+
+
+def test_rate_differences_are_printed_in_percentage_points_not_percent(tmp_path: Path, capsys) -> None:
+    # control 10% vs treatment 30% CTR: the difference is +20 points (a relative +200%), never "+20.00%".
+    assert main(_write_logs(tmp_path)) == 0
+    treatment = next(line for line in capsys.readouterr().out.splitlines() if "treatment" in line)
+    assert "+20.00 pp [" in treatment
+    assert "+20.00%" not in treatment
