@@ -319,7 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed for user sampling and ALS (default: %(default)s)",
     )
     parser.add_argument(
-        "--out", default="metrics.json", help="write all results as JSON here (default: %(default)s)"
+        "--out",
+        default="metrics.json",
+        help="write all results as JSON here (default: %(default)s); rewritten after each system, so "
+        "a run that fails part-way leaves the systems finished so far",
     )
     parser.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

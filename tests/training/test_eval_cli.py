@@ -163,3 +163,10 @@ def test_encoder_dir_without_a_model_exits_2_naming_it(synth_dataset: Path, tmp_
     err = capsys.readouterr().err
     assert code == 2
     assert "empty-bert" in err and "Traceback" not in err
+
+
+def test_help_says_out_is_rewritten_after_each_system(capsys) -> None:
+    # A half-finished run leaves a metrics.json with fewer systems; the help must say that can happen.
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "after each system" in " ".join(capsys.readouterr().out.split())
