@@ -173,6 +173,10 @@ def load_experiments(path: str | Path) -> ExperimentConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ExperimentConfigError(f"{p}: not valid YAML{_yaml_problem(exc)}") from None
+    if data is None:
+        raise ExperimentConfigError(
+            f"{p}: file is empty (no experiments); write 'experiments: []' to run none on purpose"
+        )
     return parse_experiments(data, str(p))
 
 

@@ -188,3 +188,14 @@ def test_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path: Pat
     assert message.startswith(f"{bad}: not valid YAML at line 4, column 1: expected ',' or '}}'")
     assert message.endswith("(while parsing a flow mapping at line 3, column 17)")
     assert "<unicode string>" not in message
+
+
+def test_an_empty_experiments_file_is_an_error_not_zero_experiments(tmp_path: Path) -> None:
+    # Serving with an empty file would run no A/B test while the operator believes one is on.
+    empty = tmp_path / "exp.yaml"
+    empty.write_text("# experiments to come\n")
+    with pytest.raises(ExperimentConfigError, match=r"exp\.yaml: file is empty.*experiments: \[\]"):
+        load_experiments(empty)
+    explicit = tmp_path / "none.yaml"
+    explicit.write_text("experiments: []\n")
+    assert load_experiments(explicit).experiments == []
