@@ -290,9 +290,13 @@ class RecsvcServer:
             # Several processes share the port and the kernel hands each new connection to any
             # listening one: a (re)starting process listens only once it can answer, if it can.
             loaded = await self._load_ready()
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpcio >= 1.60 raises where older versions returned port 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+            raise OSError(f"cannot bind {address}: the port is in use or the address is not local")
         await server.start()
         self._server = server
         log.info(
@@ -421,7 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and max_in_flight; 'auto' or 0 = one per usable core; default 1 (no supervisor)",
     )
     parser.add_argument(
-        "--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING; default INFO)"
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="logging level (default INFO)",
     )
     return parser
 

@@ -66,3 +66,43 @@ def test_serve_answers_exposes_metrics_and_exits_cleanly_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_on_a_port_in_use_exits_2_naming_the_address_without_a_traceback(
+    bundle_root: Path, tmp_path: Path
+) -> None:
+    import socket
+
+    root = copy_root(bundle_root, tmp_path / "bundles")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "recsvc.server", "--bundles", str(root), "--port", str(port)],
+            cwd=REPO,
+            env={
+                **os.environ,
+                "RECSVC_EVENTS_DB": str(tmp_path / "events.sqlite"),
+                "RECSVC_METRICS_PORT": "0",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 2
+    assert f"recsvc-serve: error: cannot bind 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_serve_refuses_an_unknown_log_level_with_usage_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "recsvc.server", "--bundles", str(tmp_path), "--log-level", "LOUD"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "--log-level: invalid choice: 'LOUD'" in proc.stderr
+    assert "Traceback" not in proc.stderr
