@@ -610,7 +610,7 @@ def _load_recommender(bundle_arg: str, bundle_version: str | None) -> Recommende
                 "pass the bundles root that holds it"
             )
     recommender = Recommender(bundle_mod.load(path))
-    recommender.warm()
+    recommender.warm(query_encoder=False)  # batch requests carry no free-text query
     return recommender
 
 

@@ -267,9 +267,13 @@ class Recommender:
         """max(bundle data end, newest event seen): replayed and live traffic share features."""
         return self._clock
 
-    def warm(self) -> None:
+    def warm(self, *, query_encoder: bool = True) -> None:
         """Run every stage once (compiles/verifies the ranker fast path, touches index pages) and
-        load the query encoder, so the first real request does not pay for any of it."""
+        load the query encoder, so the first real request does not pay for any of it.
+
+        `query_encoder=False` leaves the encoder to load on the first free-text query: recsvc-batch
+        never sends one, and loading BERT took ~4 s of every batch job's start.
+        """
         users = self.bundle.history.users()
         user = users[0] if users else "__warm__"
         reqs = [
@@ -278,10 +282,11 @@ class Recommender:
         ]
         self.recommend_many(reqs)
         self.recommend_many(reqs, RankingPolicy(use_ranker=False))
-        try:
-            self._encode_query("warm up")
-        except Exception as exc:  # a broken encoder fails query requests, not the whole model
-            log.warning("query encoder in %s could not be loaded: %s", self.bundle.encoder_dir, exc)
+        if query_encoder:
+            try:
+                self._encode_query("warm up")
+            except Exception as exc:  # a broken encoder fails query requests, not the whole model
+                log.warning("query encoder in %s could not be loaded: %s", self.bundle.encoder_dir, exc)
         # The bundle holds millions of long-lived Python objects (user and item ids); without this,
         # every full garbage collection that request results trigger rescans all of them (measured:
         # a third of recommend_many's per-user time). Frozen objects are still freed by refcount.

@@ -128,6 +128,15 @@ def test_free_text_query_personalises_a_cold_user_via_the_bundle_encoder(rec: Re
     assert all("query" in i.sources for i in result.items)
 
 
+def test_warm_without_the_query_encoder_leaves_it_to_the_first_query(bundle: Any) -> None:
+    cold = Recommender(bundle)
+    cold.warm(query_encoder=False)
+    assert cold._encoder is None
+    result = cold.recommend(RecommendRequest(user_id="stranger", k=5, query="warm wool jacket"))
+    assert cold._encoder is not None
+    assert all("query" in i.sources for i in result.items)
+
+
 def test_query_only_request_is_ordered_by_similarity_to_the_query(rec: Recommender) -> None:
     result = rec.recommend(RecommendRequest(user_id="stranger", k=5, query="warm wool jacket"))
     query_vec = rec._encode_query("warm wool jacket")
