@@ -393,7 +393,7 @@ def _apply_catalogue(
         raise DataValidationError(f"{file_name}: column item_id: no interaction is left, all {detail}")
     log.warning("dropping interactions with unknown items: %s", detail)
     report.dropped["unknown_item"] = n_unknown
-    report.notes.append(f"dropped {detail}")
+    report.notes.append(f"dropped rows with unknown items: {detail}")
     return interactions.filter(known)
 
 

@@ -95,7 +95,9 @@ def _final_rows(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
             if name not in systems:
                 systems.append(name)
     header = (
-        ["system"] + [f"{m.upper()} {mode}" for mode in MODES for m in HEADLINE_METRICS] + ["cold-start R"]
+        ["system"]
+        + [f"{m.upper()} {mode}" for mode in MODES for m in HEADLINE_METRICS]
+        + ["cold-start recall"]
     )
     cold = metrics.get("cold_start", {})
     rows = []
