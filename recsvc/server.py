@@ -71,8 +71,13 @@ def load_config(
     path: str | Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> ServeConfig:
-    """Defaults, then the file, then RECSVC_* variables, then explicit overrides."""
+    """Defaults, then the file, then RECSVC_* variables, then explicit overrides.
+
+    `flags` maps an override's field to the command-line flag it came from (`port` -> `--port`),
+    so a bad value is reported as the flag the user typed, not as a field they never saw.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         data.update(_read_config_file(Path(path)))
@@ -84,8 +89,9 @@ def load_config(
         cfg = replace(cfg, processes=parse_processes(cfg.processes, f"config file {path}: processes"))
     env_values = _env_overrides(os.environ if env is None else env)
     cfg = replace(cfg, **env_values)
-    cfg = replace(cfg, **{k: v for k, v in (overrides or {}).items() if v is not None})
-    _check(cfg)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cfg = replace(cfg, **given)
+    _check(cfg, {k: flag for k, flag in (flags or {}).items() if k in given})
     return cfg
 
 
@@ -156,7 +162,12 @@ def _coerce(name: str, raw: str, annotation: str) -> Any:
     return raw
 
 
-def _check(cfg: ServeConfig) -> None:
+def _check(cfg: ServeConfig, flags: Mapping[str, str]) -> None:
+    """Range checks; a field set by a flag is named as that flag (see load_config)."""
+
+    def name_of(field: str) -> str:
+        return flags.get(field, f"ServeConfig.{field}")
+
     positive = (
         "max_k",
         "default_k",
@@ -169,13 +180,13 @@ def _check(cfg: ServeConfig) -> None:
     )
     if not isinstance(cfg.processes, int) or cfg.processes < 0:
         raise ConfigError(
-            f"ServeConfig.processes must be >= 0 (0 = one per usable core), got {cfg.processes}"
+            f"{name_of('processes')} must be >= 0 (0 = one per usable core), got {cfg.processes}"
         )
     for name in positive:
         if getattr(cfg, name) < 1:
-            raise ConfigError(f"ServeConfig.{name} must be >= 1, got {getattr(cfg, name)}")
+            raise ConfigError(f"{name_of(name)} must be >= 1, got {getattr(cfg, name)}")
     if not 0 <= cfg.port <= 65535:
-        raise ConfigError(f"ServeConfig.port must be 0..65535, got {cfg.port}")
+        raise ConfigError(f"{name_of('port')} must be 0..65535, got {cfg.port}")
     if cfg.batch_linger_ms < 0:
         raise ConfigError(f"ServeConfig.batch_linger_ms must be >= 0, got {cfg.batch_linger_ms}")
     if cfg.switch_interval_ms < 0:
@@ -459,7 +470,7 @@ async def serve(config: ServeConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
-    overrides = {
+    overrides: dict[str, Any] = {
         "bundles": args.bundles,
         "port": args.port,
         "host": args.host,
@@ -471,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.processes is not None:
             overrides["processes"] = parse_processes(args.processes, "--processes")
-        config = load_config(args.config, overrides=overrides)
+        flags = {field: "--" + field.replace("_", "-") for field in overrides}
+        config = load_config(args.config, overrides=overrides, flags=flags)
         if not Path(config.bundles).is_dir():
             raise ConfigError(
                 f"bundles directory {config.bundles} does not exist (train a model or pass --bundles)"

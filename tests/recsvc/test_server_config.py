@@ -154,3 +154,26 @@ def test_processes_zero_resolves_to_the_usable_cores() -> None:
 
     assert resolve_processes(0) == usable_cores() >= 1
     assert resolve_processes(3) == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "-1"], "--port must be 0..65535, got -1"),
+        (["--workers", "0"], "--workers must be >= 1, got 0"),
+        (["--processes", "-2"], "--processes must be >= 0"),
+    ],
+)
+def test_cli_out_of_range_flag_is_named_as_the_flag_the_user_typed(
+    argv: list[str], message: str, tmp_path: Path, capsys
+) -> None:
+    (tmp_path / "bundles").mkdir()
+    code = main(["--bundles", str(tmp_path / "bundles"), "--metrics-port", "0", *argv])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "ServeConfig." not in err
+
+
+def test_out_of_range_value_from_the_environment_still_names_the_field_when_flags_are_given() -> None:
+    with pytest.raises(ConfigError, match=r"ServeConfig\.port must be 0\.\.65535"):
+        load_config(None, env={"RECSVC_PORT": "70000"}, overrides={"port": None}, flags={"port": "--port"})
