@@ -425,7 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--events-db", help="SQLite file for durable live events (default events.sqlite)")
     parser.add_argument(
-        "--experiments", help="experiments YAML file; enables A/B assignment and exposure logging"
+        "--experiments",
+        help="experiments YAML file; enables A/B assignment and exposure logging to the SQLite file "
+        "exposures.sqlite in the working directory (set another with RECSVC_EXPOSURES_DB or "
+        "exposures_db in --config)",
     )
     parser.add_argument(
         "--workers", type=int, help="threads running the CPU-heavy recommendation work (per process)"

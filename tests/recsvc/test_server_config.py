@@ -177,3 +177,10 @@ def test_cli_out_of_range_flag_is_named_as_the_flag_the_user_typed(
 def test_out_of_range_value_from_the_environment_still_names_the_field_when_flags_are_given() -> None:
     with pytest.raises(ConfigError, match=r"ServeConfig\.port must be 0\.\.65535"):
         load_config(None, env={"RECSVC_PORT": "70000"}, overrides={"port": None}, flags={"port": "--port"})
+
+
+def test_cli_help_says_where_the_exposure_log_is_written(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "exposures.sqlite" in out and "RECSVC_EXPOSURES_DB" in out
