@@ -38,11 +38,11 @@ class UsageError(ValueError):
 def parse_systems(text: str) -> list[str]:
     """Comma-separated system names, validated against the known ones (order kept, no repeats)."""
     names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise UsageError(f"--systems needs at least one system; choose from {', '.join(SYSTEM_NAMES)}")
     unknown = [n for n in names if n not in SYSTEM_NAMES]
-    if unknown or not names:
-        raise UsageError(
-            f"--systems: unknown system(s) {unknown or '[]'}; choose from {', '.join(SYSTEM_NAMES)}"
-        )
+    if unknown:
+        raise UsageError(f"--systems: unknown system(s) {unknown}; choose from {', '.join(SYSTEM_NAMES)}")
     return names
 
 

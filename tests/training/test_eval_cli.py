@@ -114,6 +114,16 @@ def test_parse_systems_keeps_order_and_drops_repeats() -> None:
     assert parse_systems("als, popularity,als") == ["als", "popularity"]
 
 
+@pytest.mark.parametrize("text", ["", " , ,"])
+def test_empty_systems_list_says_at_least_one_is_needed(
+    text: str, synth_dataset: Path, tmp_path: Path, capsys
+) -> None:
+    code = main(["--data", str(synth_dataset), "--systems", text, "--out", str(tmp_path / "m.json")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--systems needs at least one system" in err and "unknown" not in err
+
+
 def test_help_explains_every_flag(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
