@@ -291,6 +291,11 @@ def _parser() -> argparse.ArgumentParser:
         "--format", choices=("parquet", "csv"), default="parquet", help="file format (default parquet)"
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # Also after the subcommand (`recsvc-convert amazon ... -v`); SUPPRESS keeps an absent
+    # sub-level flag from resetting a `-v` given before the subcommand.
+    amazon.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+    )
     return p
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from training.convert import ConversionError, convert_amazon, main
+from training.convert import ConversionError, _parser, convert_amazon, main
 from training.data import load_dataset
 
 REPO = Path(__file__).resolve().parents[2]  # `python -m training...` runs from the repo root
@@ -159,6 +159,26 @@ def test_cli_converts_and_writes_the_folder(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert main(["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["interactions.parquet", "items.parquet"]
+
+
+def test_cli_accepts_verbose_after_the_subcommand(tmp_path: Path) -> None:
+    reviews = write_lines(tmp_path / "reviews.json", REVIEWS)
+    meta = write_lines(tmp_path / "meta.json", META_2018)
+    argv = ["amazon", "--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / "out"), "-v"]
+    assert main(argv) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "verbose"),
+    [
+        (["-v", "amazon"], True),
+        (["amazon", "--verbose"], True),
+        (["amazon"], False),
+    ],
+)
+def test_verbose_flag_is_read_before_or_after_the_subcommand(argv: list[str], verbose: bool) -> None:
+    files = ["--reviews", "r.json", "--meta", "m.json", "--out", "o"]
+    assert _parser().parse_args([*argv, *files]).verbose is verbose
 
 
 def test_cli_reports_bad_input_with_exit_2_and_no_traceback(tmp_path: Path) -> None:
