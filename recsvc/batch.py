@@ -643,13 +643,12 @@ def main(argv: list[str] | None = None) -> int:
             log.info("variant %s/%s: %s", assignment.experiment, assignment.variant, policy)
         users = read_users(args.users) if args.users else None
         recommender = _load_recommender(args.bundle, version)
+        history, item_count = recommender.bundle.history, len(recommender.bundle.catalog.item_ids)
         if users is None:
-            users = sorted(recommender.bundle.history.users())
+            users = sorted(history.users())
+            warn_about_users(users, lambda _user: True, args.k, item_count)  # all have a history
         else:
-            history = recommender.bundle.history
-            warn_about_users(
-                in_shard(users, shard), history.__contains__, args.k, len(recommender.bundle.catalog.item_ids)
-            )
+            warn_about_users(in_shard(users, shard), history.__contains__, args.k, item_count)
         summary = run_batch(
             recommender,
             users,

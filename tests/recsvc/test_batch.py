@@ -439,6 +439,19 @@ def test_cli_warns_how_many_users_the_bundle_does_not_know(
     assert any("2 of 3 users" in w and "typo-1" in w and "non-personalised" in w for w in warnings)
 
 
+@pytest.mark.parametrize("who", ["--users", "--all-users"])
+def test_cli_says_once_that_k_is_capped_by_the_catalogue(
+    who: str, bundles_root: Path, users, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pl.DataFrame({"user_id": users[:2]}).write_parquet(tmp_path / "u.parquet")
+    selection = ["--users", str(tmp_path / "u.parquet")] if who == "--users" else ["--all-users"]
+    args = ["--bundle", str(bundles_root), *selection, "--k", "100000", "--no-progress", "--workers", "1"]
+    with caplog.at_level("INFO", logger="recsvc.batch"):
+        assert main([*args, "--out", str(tmp_path / "c.parquet")]) == 0
+    capped = [r.getMessage() for r in caplog.records if "catalogue items" in r.getMessage()]
+    assert len(capped) == 1 and capped[0].startswith("--k 100000 is more than the")
+
+
 def test_cli_warns_when_the_users_file_is_empty(bundles_root: Path, tmp_path: Path, caplog) -> None:
     pl.DataFrame({"user_id": []}, schema={"user_id": pl.Utf8}).write_parquet(tmp_path / "u.parquet")
     args = ["--bundle", str(bundles_root), "--users", str(tmp_path / "u.parquet"), "--no-progress"]
