@@ -187,6 +187,8 @@ def _check(cfg: ServeConfig, flags: Mapping[str, str]) -> None:
             raise ConfigError(f"{name_of(name)} must be >= 1, got {getattr(cfg, name)}")
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"{name_of('port')} must be 0..65535, got {cfg.port}")
+    if not 0 <= cfg.metrics_port <= 65535:
+        raise ConfigError(f"{name_of('metrics_port')} must be 0..65535 (0 = off), got {cfg.metrics_port}")
     if cfg.batch_linger_ms < 0:
         raise ConfigError(f"ServeConfig.batch_linger_ms must be >= 0, got {cfg.batch_linger_ms}")
     if cfg.switch_interval_ms < 0:

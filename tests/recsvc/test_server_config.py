@@ -184,3 +184,9 @@ def test_cli_help_says_where_the_exposure_log_is_written(capsys) -> None:
         main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "exposures.sqlite" in out and "RECSVC_EXPOSURES_DB" in out
+
+
+def test_out_of_range_metrics_port_is_refused_naming_the_flag(tmp_path: Path, capsys) -> None:
+    (tmp_path / "bundles").mkdir()
+    assert main(["--bundles", str(tmp_path / "bundles"), "--metrics-port", "-1"]) == 2
+    assert "--metrics-port must be 0..65535 (0 = off), got -1" in capsys.readouterr().err
