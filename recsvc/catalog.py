@@ -37,6 +37,14 @@ class Catalog:
     attribute_values: dict[str, list[str]]  # name -> value per code
     price: np.ndarray  # float32 [n], nan when absent
     _mask_cache: dict[tuple[str, str], np.ndarray] = field(default_factory=dict, repr=False)
+    # name -> {value: code}, the inverse of attribute_values: a filter value is one dict lookup.
+    value_codes: dict[str, dict[str, int]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.value_codes = {
+            name: {value: code for code, value in enumerate(values)}
+            for name, values in self.attribute_values.items()
+        }
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -97,6 +105,25 @@ class Catalog:
             mask |= self._single_value_mask(attribute, codes, value)
         return mask
 
+    def unknown_values(
+        self,
+        include: Mapping[str, Iterable[str]] | None = None,
+        exclude: Mapping[str, Iterable[str]] | None = None,
+    ) -> list[str]:
+        """Filter values no catalogue item has, as sorted, distinct `attribute=value` strings.
+
+        Such a value matches nothing (see `value_mask`), which is on purpose but silent: a typo in
+        an include filter empties the answer, one in an exclude filter removes nothing. Serving
+        reports these so the caller can tell a typo from a genuinely empty selection.
+        """
+        unknown: set[str] = set()
+        for filters in (include or {}, exclude or {}):
+            for attribute, values in filters.items():
+                self._codes(attribute)  # an unknown attribute NAME is an error, not a report
+                codes = self.value_codes[attribute]
+                unknown.update(f"{attribute}={value}" for value in values if value not in codes)
+        return sorted(unknown)
+
     def filter_mask(
         self,
         include: Mapping[str, Iterable[str]] | None = None,
@@ -151,10 +178,7 @@ class Catalog:
         key = (attribute, value)
         mask = self._mask_cache.get(key)
         if mask is None:
-            try:
-                code = self.attribute_values[attribute].index(value)
-            except ValueError:
-                code = -2  # matches nothing
+            code = self.value_codes[attribute].get(value, -2)  # -2 matches nothing
             mask = codes == code
             if len(self._mask_cache) >= _MASK_CACHE_SIZE:
                 self._mask_cache.pop(next(iter(self._mask_cache)))

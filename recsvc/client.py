@@ -268,10 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_filter_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude-items", nargs="*", default=[], help="item ids never to return")
     p.add_argument(
-        "--include", action="append", metavar="ATTR=VALUE", help="only items with this attribute value"
+        "--include",
+        action="append",
+        metavar="ATTR=VALUE",
+        help="only items with this attribute value (repeatable; a value no item has matches "
+        "nothing and is listed in the answer's unknown_filter_values)",
     )
     p.add_argument(
-        "--exclude", action="append", metavar="ATTR=VALUE", help="drop items with this attribute value"
+        "--exclude",
+        action="append",
+        metavar="ATTR=VALUE",
+        help="drop items with this attribute value (repeatable; values no item has are listed "
+        "in unknown_filter_values)",
     )
     if p.prog.endswith("recommend"):
         p.add_argument("--exclude-seen", action="store_true", help="never return items the user already has")

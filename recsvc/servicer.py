@@ -574,6 +574,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             )
         t1 = time.perf_counter()
         response = _response(result, plan.rid, origins)
+        response.unknown_filter_values.extend(
+            plan.model.bundle.catalog.unknown_values(plan.req.include_attributes, plan.req.exclude_attributes)
+        )
         if assignment is not None:
             response.experiment = assignment.experiment
             response.variant = assignment.variant
@@ -699,6 +702,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         )
         _merge_timings(timings, result)
         response = _response(result, rid, None)
+        response.unknown_filter_values.extend(
+            model.bundle.catalog.unknown_values(query.include_attributes, query.exclude_attributes)
+        )
         response.timings_ms.update(timings)
         return response
 

@@ -88,3 +88,46 @@ def test_ids_to_indices_splits_known_and_unknown() -> None:
     cat = Catalog.from_items(_items())
     idx, unknown = cat.ids_to_indices(["c", "zz", "a"])
     assert idx.tolist() == [2, 0] and unknown == ["zz"]
+
+
+def test_unknown_values_lists_include_and_exclude_values_no_item_has_sorted_and_distinct() -> None:
+    cat = Catalog.from_items(_items())
+    unknown = cat.unknown_values(
+        {"category": ["shoes", "shoez"], "brand": ["acme"]},
+        {"brand": ["nope", "zeta"], "category": ["shoez"]},
+    )
+    assert unknown == ["brand=nope", "category=shoez"]
+
+
+def test_unknown_values_is_empty_for_known_values_and_for_no_filters() -> None:
+    cat = Catalog.from_items(_items())
+    assert cat.unknown_values({"category": ["kitchen"]}, {"material": ["wool", "leaf"]}) == []
+    assert cat.unknown_values() == []
+
+
+def test_unknown_values_counts_the_empty_string_as_unknown_because_it_means_missing() -> None:
+    cat = Catalog.from_items(_items())
+    assert cat.unknown_values({"category": [""]}) == ["category="]
+    assert not cat.value_mask("category", [""]).any()
+
+
+def test_unknown_values_on_unknown_attribute_names_it() -> None:
+    cat = Catalog.from_items(_items())
+    with pytest.raises(UnknownAttributeError, match="colour"):
+        cat.unknown_values(exclude={"colour": ["red"]})
+
+
+def test_value_mask_matches_items_with_any_listed_value_and_ignores_unknown_ones() -> None:
+    cat = Catalog.from_items(_items())
+    assert cat.value_mask("category", ["shoes"]).tolist() == [True, True, False, False]
+    assert cat.value_mask("category", ["kitchen", "shoez"]).tolist() == [False, False, True, False]
+    assert cat.value_mask("brand", ["acme", "zeta"]).tolist() == [True, True, True, True]
+
+
+def test_value_codes_invert_attribute_values_after_save_and_load(tmp_path: Path) -> None:
+    cat = Catalog.from_items(_items())
+    cat.save(tmp_path / "catalog.parquet")
+    back = Catalog.load(tmp_path / "catalog.parquet")
+    for catalog in (cat, back):
+        for name, values in catalog.attribute_values.items():
+            assert catalog.value_codes[name] == {v: code for code, v in enumerate(values)}

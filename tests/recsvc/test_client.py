@@ -222,6 +222,34 @@ def test_cli_empty_answer_prints_an_empty_items_list(running: RunningServer, cap
     assert body["items"] == [] and body["personalised"] is False
 
 
+def test_cli_recommend_and_similar_print_the_filter_values_no_item_has(
+    running: RunningServer, capsys, item_ids
+) -> None:
+    code, out, _ = _cli(
+        running, capsys, "recommend", "--user", "u", "--k", "3",
+        "--include", "category=no-such-value", "--exclude", "category=also-not-there",
+    )  # fmt: skip
+    assert code == 0
+    assert json.loads(out)["unknown_filter_values"] == ["category=also-not-there", "category=no-such-value"]
+    code, out, _ = _cli(running, capsys, "similar", "--item", item_ids[2], "--exclude", "category=typo")
+    assert code == 0
+    assert json.loads(out)["unknown_filter_values"] == ["category=typo"]
+
+
+def test_cli_recommend_without_filters_prints_an_empty_unknown_filter_values_list(
+    running: RunningServer, capsys
+) -> None:
+    code, out, _ = _cli(running, capsys, "recommend", "--user", "u", "--k", "2")
+    assert code == 0
+    assert json.loads(out)["unknown_filter_values"] == []
+
+
+def test_client_result_carries_unknown_filter_values(running: RunningServer) -> None:
+    with running.client() as client:
+        resp = client.recommend("u", 2, filters=filters(include={"category": ["jakcets"]}))
+    assert list(resp.unknown_filter_values) == ["category=jakcets"]
+
+
 def test_cli_output_piped_into_head_ends_quietly(running: RunningServer) -> None:
     # `recsvc-client info | head -1`: head closes the pipe early; that is not an error to report.
     repo = Path(__file__).resolve().parents[2]

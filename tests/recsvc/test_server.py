@@ -113,6 +113,57 @@ def test_excluded_items_and_attribute_values_never_appear(client: RecsvcClient, 
     assert all(values[int(codes[bundle.catalog.index[i]])] != banned_value for i in ids)
 
 
+def _category_of(bundle: LoadedBundle, item_id: str) -> str:
+    catalog = bundle.catalog
+    return catalog.attribute_values["category"][int(catalog.attributes["category"][catalog.index[item_id]])]
+
+
+def _ids(resp: pb.RecommendResponse) -> list[str]:
+    return [it.item_id for it in resp.items]
+
+
+def test_unknown_include_value_is_reported_and_the_known_one_still_filters(
+    client: RecsvcClient, bundle
+) -> None:
+    user = _known_user(bundle)
+    known = _category_of(bundle, _item(bundle, 0))
+    mixed = client.recommend(user, 5, filters=filters(include={"category": [known, "jakcets"]}))
+    alone = client.recommend(user, 5, filters=filters(include={"category": [known]}))
+    assert list(mixed.unknown_filter_values) == ["category=jakcets"]
+    assert list(alone.unknown_filter_values) == []
+    assert _ids(mixed) and _ids(mixed) == _ids(alone)
+
+
+def test_unknown_exclude_values_are_reported_and_remove_nothing(client: RecsvcClient, bundle) -> None:
+    user = _known_user(bundle)
+    banned = _category_of(bundle, client.recommend(user, 1).items[0].item_id)
+    mixed = client.recommend(
+        user, 8, filters=filters(exclude={"category": ["zz-typo", banned, "aa-typo", "zz-typo"]})
+    )
+    alone = client.recommend(user, 8, filters=filters(exclude={"category": [banned]}))
+    assert list(mixed.unknown_filter_values) == ["category=aa-typo", "category=zz-typo"]
+    assert _ids(mixed) == _ids(alone)
+
+
+def test_only_known_filter_values_report_nothing(client: RecsvcClient, bundle) -> None:
+    known = _category_of(bundle, _item(bundle, 0))
+    resp = client.recommend(
+        _known_user(bundle), 5, filters=filters(include={"category": [known]}, exclude={"category": [known]})
+    )
+    assert list(resp.unknown_filter_values) == []
+    assert list(client.recommend(_known_user(bundle), 5).unknown_filter_values) == []
+
+
+def test_similar_items_and_batch_report_unknown_filter_values_too(client: RecsvcClient, bundle) -> None:
+    typo = filters(include={"category": ["jakcets"]}, exclude={"category": ["shirtz"]})
+    similar = client.similar(_item(bundle, 5), 3, filters=typo)
+    assert list(similar.unknown_filter_values) == ["category=jakcets", "category=shirtz"]
+    reqs = [recommend_request("u-batch", 3, filters=typo), recommend_request("u-batch", 3)]
+    first, second = client.batch_recommend(reqs)
+    assert list(first.unknown_filter_values) == ["category=jakcets", "category=shirtz"]
+    assert list(second.unknown_filter_values) == []
+
+
 def test_repeat_policy_exclude_drops_items_the_user_already_has(client: RecsvcClient, bundle) -> None:
     user = _known_user(bundle)
     owned = {str(bundle.catalog.item_ids[i]) for i in bundle.history.get(user).items}
