@@ -453,21 +453,22 @@ def _completed(
         if item is not None:
             running.add(executor.submit(_run_chunk, item))
 
-    for _ in range(2 * processes):
-        submit_next()
-    while running:
-        done, _ = wait(running, return_when=FIRST_COMPLETED)
-        for future in done:
-            running.remove(future)
-            try:
-                result = future.result()
-            except BrokenProcessPool as exc:
-                raise BatchError(
-                    "a worker process died (killed, or out of memory?); the chunks already written "
-                    "are kept: re-run the same command to resume"
-                ) from exc
+    # A dead worker breaks the pool: the next result() or submit() (whichever comes first) raises.
+    try:
+        for _ in range(2 * processes):
             submit_next()
-            yield result
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                running.remove(future)
+                result = future.result()
+                submit_next()
+                yield result
+    except BrokenProcessPool as exc:
+        raise BatchError(
+            "a worker process died (killed, or out of memory?); the chunks already written "
+            "are kept: re-run the same command to resume"
+        ) from exc
 
 
 # Set in each forked worker by _start_worker: the chunk function (inherited, never pickled).
