@@ -329,6 +329,7 @@ def run_batch(
     policy = policy or default_policy()
     out_path = Path(out)
     users = in_shard(user_ids, shard)
+    warn_about_users(users, recommender.bundle.history.__contains__, k, len(recommender.bundle.catalog))
     job = BatchJob(
         bundle_version=recommender.model_version,
         k=k,
@@ -644,12 +645,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("variant %s/%s: %s", assignment.experiment, assignment.variant, policy)
         users = read_users(args.users) if args.users else None
         recommender = _load_recommender(args.bundle, version)
-        history, item_count = recommender.bundle.history, len(recommender.bundle.catalog.item_ids)
         if users is None:
-            users = sorted(history.users())
-            warn_about_users(users, lambda _user: True, args.k, item_count)  # all have a history
-        else:
-            warn_about_users(in_shard(users, shard), history.__contains__, args.k, item_count)
+            users = sorted(recommender.bundle.history.users())
         summary = run_batch(
             recommender,
             users,
