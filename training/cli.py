@@ -23,6 +23,7 @@ from recsvc import bundle
 from recsvc.bundle import BundleError
 from recsvc.config import TrainConfig, from_dict
 from recsvc.config_checks import ConfigValueError, check_train_config
+from training.argtypes import positive_int
 
 log = logging.getLogger("recsvc-train")
 
@@ -111,13 +112,6 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 # ----------------------------------------------------------------------------- parsers
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def train_parser() -> argparse.ArgumentParser:
     from training.pipeline import STAGES
 
@@ -146,9 +140,9 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model-dir", help="local BERT directory to fine-tune (default: bundled all-MiniLM-L6-v2)"
     )
-    parser.add_argument("--epochs", type=_positive_int, help="fine-tuning epochs (overrides encoder.epochs)")
+    parser.add_argument("--epochs", type=positive_int, help="fine-tuning epochs (overrides encoder.epochs)")
     parser.add_argument(
-        "--max-steps", type=_positive_int, help="cap on fine-tuning optimizer steps (encoder.max_steps)"
+        "--max-steps", type=positive_int, help="cap on fine-tuning optimizer steps (encoder.max_steps)"
     )
     parser.add_argument(
         "--no-eval",

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from training.argtypes import positive_int
+
 DAY = 86_400
 DEFAULT_START = 1_704_067_200  # 2024-01-01 00:00 UTC
 EVENTS = ("view", "click", "cart", "purchase")
@@ -741,17 +743,6 @@ def _check_sizes(**sizes: int) -> None:
 # CLI
 
 
-def _positive_int(text: str) -> int:
-    """argparse type for the sizes, so an error names the flag (--items) rather than n_items."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="recsvc-synth",
@@ -759,17 +750,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, type=Path, help="output folder (created; existing files replaced)")
     p.add_argument(
-        "--users", type=_positive_int, default=2_000, help="number of simulated shoppers (default 2000)"
+        "--users", type=positive_int, default=2_000, help="number of simulated shoppers (default 2000)"
     )
-    p.add_argument("--items", type=_positive_int, default=1_000, help="catalogue size (default 1000)")
+    p.add_argument("--items", type=positive_int, default=1_000, help="catalogue size (default 1000)")
     p.add_argument(
         "--interactions",
-        type=_positive_int,
+        type=positive_int,
         default=50_000,
         help="exact number of interaction rows (default 50000)",
     )
     p.add_argument(
-        "--days", type=_positive_int, default=30, help="length of the simulated window in days (default 30)"
+        "--days", type=positive_int, default=30, help="length of the simulated window in days (default 30)"
     )
     p.add_argument(
         "--seed", type=int, default=0, help="random seed (default 0); same seed and sizes give the same data"
