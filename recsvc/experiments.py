@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from recsvc.config_files import parse_problem
 from recsvc.recommender import RankingPolicy
 
 NO_EXPERIMENT = "none"
@@ -172,29 +173,12 @@ def load_experiments(path: str | Path) -> ExperimentConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ExperimentConfigError(f"{p}: not valid YAML{_yaml_problem(exc)}") from None
+        raise ExperimentConfigError(f"{p}: not valid YAML{parse_problem(exc)}") from None
     if data is None:
         raise ExperimentConfigError(
             f"{p}: file is empty (no experiments); write 'experiments: []' to run none on purpose"
         )
     return parse_experiments(data, str(p))
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """PyYAML's error as one line with 1-based positions (its str() spans several lines and quotes
-    the text as '<unicode string>')."""
-
-    def at(mark: Any) -> str:
-        return f"line {mark.line + 1}, column {mark.column + 1}"
-
-    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
-    if mark is None or not problem:
-        return ": " + " ".join(str(exc).split())
-    text = f" at {at(mark)}: {problem}"
-    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
-    if context and context_mark is not None:
-        text += f" ({context} at {at(context_mark)})"
-    return text
 
 
 def unit_hash(salt: str, user_id: str) -> float:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -36,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 
 from recsvc.compute_threads import limit_compute_threads, limit_this_thread
 from recsvc.config import ServeConfig, from_dict
+from recsvc.config_files import ConfigFileError, read_mapping
 from recsvc.events import EventStore, EventStoreError
 from recsvc.experiments import ExperimentConfigError, ExperimentRouter
 from recsvc.exposures import ExposureLog, ExposureLogError
@@ -96,20 +96,10 @@ def load_config(
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    except Exception as exc:
-        raise ConfigError(f"config file {path} cannot be parsed: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of ServeConfig fields")
+        data = read_mapping(path, "config file")
+    except ConfigFileError as exc:
+        raise ConfigError(str(exc)) from None
     data = data.get("serve", data)  # accept either a bare section or {"serve": {...}}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: 'serve' must be a mapping")

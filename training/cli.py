@@ -11,7 +11,6 @@ User mistakes (bad data, bad config, corrupted bundle) print one line and exit 2
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from recsvc import bundle
 from recsvc.bundle import BundleError
 from recsvc.config import TrainConfig, from_dict
 from recsvc.config_checks import ConfigValueError, check_train_config
+from recsvc.config_files import ConfigFileError, read_mapping
 from training.argtypes import positive_int
 
 log = logging.getLogger("recsvc-train")
@@ -31,42 +31,14 @@ EXIT_USAGE = 2
 SUBCOMMANDS = ("train", "rollback", "verify", "list")
 
 
-class ConfigFileError(ValueError):
-    """The --config file is missing, unparsable or names unknown options."""
-
-
 # ----------------------------------------------------------------------------- config
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON mapping of TrainConfig overrides."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigFileError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:  # yaml/json both have several error classes
-        raise ConfigFileError(
-            f"config file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}"
-        ) from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigFileError(f"config file {path} must hold a mapping of TrainConfig sections")
-    return data
 
 
 def config_from_file(path: str | Path) -> TrainConfig:
     """TrainConfig defaults overridden by a YAML/JSON file, every value range-checked;
     ConfigFileError names the file and the field."""
     try:
-        cfg = from_dict(TrainConfig, _moved_eval_k(load_config_file(path)))
+        cfg = from_dict(TrainConfig, _moved_eval_k(read_mapping(path, "config file")))
         check_train_config(cfg)
         return cfg
     except (TypeError, ValueError) as exc:
