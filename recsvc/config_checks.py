@@ -23,7 +23,6 @@ from recsvc.config import (
     IndexConfig,
     PipelineConfig,
     RankerConfig,
-    RecommenderConfig,
     SplitConfig,
     TextConfig,
     TrainConfig,
@@ -303,18 +302,6 @@ _RULES: dict[type, dict[str, Any]] = {
         "exact_max_items": _int(0),
         "ivf_nprobe": _int(1),
     },
-    RecommenderConfig: {
-        "session_event_weight": _real(0.0),
-        "session_neighbours": _int(0),
-        "query_candidates": _int(1),
-        "filtered_ann_factor": _int(1),
-        "explain_history_items": _int(1),  # history[-0:] would search the whole history
-        "query_precision": _one_of("auto", "fp32", "bf16"),  # queries run on CPU, where fp16 fails
-        "cold_item_share": _real(0.0, 1.0),
-        "cold_first_position": _int(0),
-        "cold_pool": _flag,
-        "cold_pool_effort": _real(0.0, 1.0, open_lo=True),
-    },
     RankerConfig: {
         "num_leaves": _int(2, 131_072),  # LightGBM's limits
         "learning_rate": _real(0.0, open_lo=True),
@@ -373,7 +360,7 @@ _RULES: dict[type, dict[str, Any]] = {
 }
 
 
-def check_config_section(section: Any, path: str) -> None:
+def _check_section(section: Any, path: str) -> None:
     """Raise ConfigValueError for the first field of `section` (a config dataclass with rules in
     `_RULES`, reached in config files as `path`) that holds a value its stage cannot use."""
     for f in fields(section):
@@ -383,7 +370,7 @@ def check_config_section(section: Any, path: str) -> None:
         if isinstance(rule, type):
             if not isinstance(value, rule):
                 raise ConfigValueError(f"{where}{_must(f'a mapping of {rule.__name__} options', value)}")
-            check_config_section(value, where)
+            _check_section(value, where)
             continue
         problem = rule(value)
         if problem is not None:
@@ -393,4 +380,4 @@ def check_config_section(section: Any, path: str) -> None:
 def check_train_config(cfg: TrainConfig) -> None:
     """Raise ConfigValueError naming the first field (e.g. `ranker.train_label_windows`) whose value
     the pipeline cannot use, before any work starts."""
-    check_config_section(cfg, "")
+    _check_section(cfg, "")

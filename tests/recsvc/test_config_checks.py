@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import yaml
 
-from recsvc.config import BaselineConfig, EncoderConfig, RecommenderConfig, TrainConfig, from_dict
-from recsvc.config_checks import ConfigValueError, check_config_section, check_train_config
+from recsvc.config import BaselineConfig, EncoderConfig, TrainConfig, from_dict
+from recsvc.config_checks import ConfigValueError, check_train_config
 
 
 def _with(cfg: Any, path: str, value: Any) -> Any:
@@ -141,19 +141,6 @@ BAD_TRAIN_VALUES: list[tuple[str, Any, Any]] = [
     ("eval.tune_mode", "cold", _NO_VALUE),
     ("eval.tune_max_users", 0, _NO_VALUE),
     ("eval.seed", -1, _NO_VALUE),
-]
-
-BAD_RECOMMENDER_VALUES: list[tuple[str, Any]] = [
-    ("session_event_weight", -1.0),
-    ("session_neighbours", -1),
-    ("query_candidates", 0),
-    ("filtered_ann_factor", 0),
-    ("explain_history_items", 0),
-    ("query_precision", "fp16"),
-    ("cold_item_share", 1.5),
-    ("cold_first_position", -1),
-    ("cold_pool", "on"),
-    ("cold_pool_effort", 0.0),
 ]
 
 
@@ -318,22 +305,6 @@ def test_every_tunable_metric_name_the_evaluation_reports_is_accepted() -> None:
     )
     for name in (m for m in metrics if m.endswith("@2")):
         check_train_config(_with(TrainConfig(), "eval.tune_metric", name))
-
-
-def test_the_default_recommender_config_passes() -> None:
-    check_config_section(RecommenderConfig(), "recommender")
-
-
-def test_every_recommender_field_has_a_bad_value_case() -> None:
-    assert {f.name for f in fields(RecommenderConfig)} == {name for name, _ in BAD_RECOMMENDER_VALUES}
-
-
-@pytest.mark.parametrize(("name", "bad"), BAD_RECOMMENDER_VALUES)
-def test_a_bad_recommender_value_is_rejected_naming_it(name: str, bad: Any) -> None:
-    with pytest.raises(ConfigValueError) as info:
-        check_config_section(replace(RecommenderConfig(), **{name: bad}), "recommender")
-    assert str(info.value).startswith(f"recommender.{name} must be")
-    assert f"got {bad!r}" in str(info.value)
 
 
 def test_a_programmatic_config_is_not_checked_on_construction() -> None:
