@@ -16,6 +16,7 @@ from recsvc.behaviour import USER_FEATURE_NAMES, ItemStats, decay, user_behaviou
 from recsvc.candidates import SOURCE_BITS, SOURCE_NAMES, Candidates
 from recsvc.catalog import Catalog
 from recsvc.config import DAY, CandidateConfig
+from recsvc.feature_kernels import text_cosines
 from recsvc.history import HistoryRows, UserHistory
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 N_FEATURES = len(FEATURE_NAMES)
 _COL = {name: j for j, name in enumerate(FEATURE_NAMES)}
+_TEXT_COLUMNS = np.asarray([_COL[n] for n in ("cos_user", "cos_hist_max", "cos_hist_mean", "cos_hist_last")])
 
 
 def item_stat_rows(stats: ItemStats, rows: np.ndarray) -> np.ndarray:
@@ -189,18 +191,28 @@ def _text_features(
     item_emb: np.ndarray,
     bounds: np.ndarray,
 ) -> None:
-    for r, (history, c, user_vec) in enumerate(zip(histories, cands, user_vecs)):
-        if len(c) == 0 or (user_vec is None and len(history) == 0):
-            continue
-        rows = slice(int(bounds[r]), int(bounds[r + 1]))
-        cand_emb = item_emb[c.items]
-        if user_vec is not None:
-            out[rows, _COL["cos_user"]] = cand_emb @ np.asarray(user_vec, dtype=np.float32)
-        if len(history):
-            sims = pairwise_dot(cand_emb, item_emb[history.items[-HISTORY_COS_ITEMS:]])  # [n, k]
-            out[rows, _COL["cos_hist_max"]] = sims.max(axis=1)
-            out[rows, _COL["cos_hist_mean"]] = sims.mean(axis=1)
-            out[rows, _COL["cos_hist_last"]] = sims[:, -1]
+    """cos_user and cos_hist_* of every candidate in one compiled pass (`text_cosines`)."""
+    dim = item_emb.shape[1]
+    vecs = np.zeros((len(cands), dim), dtype=np.float32)
+    has_user = np.zeros(len(cands), dtype=np.bool_)
+    for r, vec in enumerate(user_vecs):
+        if vec is not None:
+            vecs[r] = vec
+            has_user[r] = True
+    recent = [h.items[-HISTORY_COS_ITEMS:] for h in histories]
+    recent_bounds = np.zeros(len(recent) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in recent], out=recent_bounds[1:])
+    text_cosines(
+        out,
+        _TEXT_COLUMNS,
+        np.concatenate([c.items for c in cands]).astype(np.int64),
+        bounds.astype(np.int64),
+        vecs,
+        has_user,
+        np.concatenate(recent).astype(np.int64),
+        recent_bounds,
+        np.ascontiguousarray(item_emb, dtype=np.float32),
+    )
     out[:, _COL["ann_score"]] = np.concatenate([c.ann_score for c in cands])
     out[:, _COL["ann_rank"]] = np.concatenate([c.ann_rank for c in cands])
     out[:, _COL["cooc_score"]] = np.concatenate([c.cooc_score for c in cands])

@@ -33,6 +33,7 @@ from typing import Any
 
 import lightgbm as lgb
 import numpy as np
+from numba.core.compiler_lock import global_compiler_lock
 
 from recsvc.config import RankerConfig
 
@@ -440,7 +441,9 @@ def forest_ir(trees: Sequence[Tree], n_features: int) -> str:
     return str(module)
 
 
-_LLVM_LOCK = threading.Lock()
+# llvmlite's global LLVM context is not safe for concurrent compiles, and numba (the feature
+# kernels) compiles through the same llvmlite in this process: share numba's compiler lock.
+_LLVM_LOCK = global_compiler_lock
 _llvm_initialised = False
 # The code generator's identity in the cache key: this module's source as imported, so a process
 # still running old code never files its objects under the key of a newer source on disk.

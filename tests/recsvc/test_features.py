@@ -204,12 +204,23 @@ def _random_case(
     return catalog, emb, stats, cooc, histories, cands, vecs, nows
 
 
-def test_build_features_reproduces_the_pre_batching_definition_bit_for_bit() -> None:
+_COSINE_COLUMNS = [feature_index(n) for n in ("cos_user", "cos_hist_max", "cos_hist_mean", "cos_hist_last")]
+
+
+def _assert_matches_reference(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal to the numpy reference: bit for bit except the cosines, which the compiled kernel
+    sums in another order than BLAS (equal within float32 rounding, nan in the same places)."""
+    other = [j for j in range(N_FEATURES) if j not in _COSINE_COLUMNS]
+    np.testing.assert_array_equal(actual[:, other], expected[:, other])
+    np.testing.assert_allclose(actual[:, _COSINE_COLUMNS], expected[:, _COSINE_COLUMNS], rtol=0, atol=2e-6)
+
+
+def test_build_features_reproduces_the_pre_batching_definition() -> None:
     catalog, emb, stats, _, histories, cands, vecs, nows = _random_case(0, 30)
     cfg = CandidateConfig()
     for h, c, v, t in zip(histories, cands, vecs, nows):
         expected = _ref_build_features(h, c, v, emb, catalog, stats, t, cfg)
-        np.testing.assert_array_equal(build_features(h, c, v, emb, catalog, stats, t, cfg), expected)
+        _assert_matches_reference(build_features(h, c, v, emb, catalog, stats, t, cfg), expected)
 
 
 def test_build_features_many_equals_one_user_at_a_time() -> None:
@@ -221,7 +232,12 @@ def test_build_features_many_equals_one_user_at_a_time() -> None:
         for h, c, v, t in zip(histories, cands, vecs, nows)
     ]
     assert many.shape == (sum(len(c) for c in cands), N_FEATURES)
-    np.testing.assert_array_equal(many, np.vstack(one_by_one))
+    _assert_matches_reference(many, np.vstack(one_by_one))
+    singles = [
+        build_features(h, c, v, emb, catalog, stats, t, cfg)
+        for h, c, v, t in zip(histories, cands, vecs, nows)
+    ]
+    np.testing.assert_array_equal(many, np.vstack(singles))  # batching itself changes no bit
 
 
 def test_item_features_follow_online_updates_of_item_stats() -> None:
@@ -232,7 +248,7 @@ def test_item_features_follow_online_updates_of_item_stats() -> None:
     stats.update(hot, NOW, 8.0, user_prior_count=1)
     after = build_features(histories[1], cands[1], vecs[1], emb, catalog, stats, nows[1], cfg)
     expected = _ref_build_features(histories[1], cands[1], vecs[1], emb, catalog, stats, nows[1], cfg)
-    np.testing.assert_array_equal(after, expected)
+    _assert_matches_reference(after, expected)
     assert after[0, feature_index("item_cnt_all")] == stats.counts[hot, 3]
 
 
@@ -252,7 +268,7 @@ def test_large_attribute_key_spaces_use_the_sorted_path_with_the_same_result(mon
         _ref_build_features(h, c, v, emb, catalog, stats, t, cfg)
         for h, c, v, t in zip(histories, cands, vecs, nows)
     ]
-    np.testing.assert_array_equal(sorted_path, np.vstack(expected))
+    _assert_matches_reference(sorted_path, np.vstack(expected))
     np.testing.assert_array_equal(dense, sorted_path)
 
 
