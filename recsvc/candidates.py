@@ -7,12 +7,14 @@ list with a bitmask of which sources proposed each item.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from recsvc.behaviour import CoOccurrence, ItemStats, decay
+from recsvc.candidate_kernels import generate_block, item_slots
 from recsvc.config import CandidateConfig
 from recsvc.history import HistoryRows, UserHistory
 
@@ -276,25 +278,24 @@ def generate_many(
     """`generate` for many users: element i equals `generate(histories[i], ...)` bit for bit.
 
     Why: per user, candidate generation is ~40 numpy calls on arrays of a few hundred rows, so
-    call overhead, not arithmetic, was its cost on the serving path. Here every per-user step
-    (repeat counts, recent seeds, co-occurrence sums, the union) runs once over all users with
-    each row keyed by (user, item). Sums accumulate in the same input order and sorts break ties
-    the same way as one user at a time, so every value and every order is unchanged.
+    call overhead, not arithmetic, was its cost on the serving path. Here the computed sources
+    (repeat, co-occurrence) and the union run for the whole block in one compiled kernel with the
+    GIL released (`candidate_kernels.generate_block`), which follows `generate`'s definitions sum
+    for sum and tie for tie.
     """
     n_users = len(histories)
     if not (len(ann_items) == len(ann_scores) == len(nows) == n_users):
         raise ValueError("histories, ann_items, ann_scores and nows must have the same length")
     if n_users == 0:
         return []
-    stride = np.int64(max(stats.n_items, cooc.n_items, 1))
     events = HistoryRows.of(histories, nows)
-    repeat = _repeat_many(events, n_users, stride, cfg.repeat, cfg.cooc_half_life_days)
-    seeds = _recent_seeds_many(events, stride, cfg.cooc_half_life_days)
-    cooc_lists = _cooc_many(seeds, n_users, cooc, stride, cfg.cooccurrence)
-    popular = popular_source(stats, cfg.popular)
-    per_user: list[list[SourceList]] = []
+    decayed = events.weights * decay(events.now - events.timestamps, cfg.cooc_half_life_days)
+    given: list[SourceList] = []
+    table: list[tuple[int, int, int]] = []
+    list_offsets = np.zeros(n_users + 1, dtype=np.int64)
+    filled = 0
     for u in range(n_users):
-        lists: list[SourceList] = list(extras[u]) if extras is not None else []
+        lists = list(extras[u]) if extras is not None else []
         lists += _searched_lists(
             ann_items[u],
             ann_scores[u],
@@ -302,139 +303,45 @@ def generate_many(
             cf_scores[u] if cf_items is not None and cf_scores is not None else None,
             cfg,
         )
-        lists += [repeat[u], cooc_lists[u], popular]
-        per_user.append(lists)
-    return merge_many(per_user, cfg.max_candidates)
-
-
-def _ranked_within_user(seg: np.ndarray, order: np.ndarray, limit: int) -> np.ndarray:
-    """`order` (rows grouped by user, users ascending) cut to its first `limit` rows per user."""
-    seg_sorted = seg[order]
-    starts = np.searchsorted(seg_sorted, seg_sorted, side="left")
-    return order[np.arange(len(order)) - starts < limit]
-
-
-def _split(seg: np.ndarray, n_users: int, *arrays: np.ndarray) -> list[tuple[np.ndarray, ...]]:
-    """Rows grouped by ascending `seg` -> per user, a tuple of each array's slice."""
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(seg, minlength=n_users))]).tolist()
-    return [tuple(a[bounds[u] : bounds[u + 1]] for a in arrays) for u in range(n_users)]
-
-
-def _top_per_user(
-    keys: np.ndarray, weights: np.ndarray, n_users: int, stride: np.int64, n: int, source: str
-) -> list[SourceList]:
-    """Per user: items summed by key (user * stride + item), best `n` by sum (ties by item)."""
-    empty = SourceList(source, np.zeros(0, np.int32), np.zeros(0, np.float32))
-    if n <= 0 or len(keys) == 0:
-        return [empty] * n_users
-    unique, inverse = np.unique(keys, return_inverse=True)
-    totals = np.bincount(inverse, weights, minlength=len(unique)).astype(np.float32)
-    seg = unique // stride
-    # per user: argsort(-totals, stable) over items ascending == lexsort by (user, -total), stable
-    best = _ranked_within_user(seg, np.lexsort((-totals, seg)), n)
-    items = (unique[best] % stride).astype(np.int32)
-    return [
-        SourceList(source, i, s) if len(i) else empty
-        for i, s in _split(seg[best], n_users, items, totals[best])
-    ]
-
-
-def _repeat_many(
-    events: HistoryRows, n_users: int, stride: np.int64, n: int, half_life_days: float
-) -> list[SourceList]:
-    """`repeat_source` for every user."""
-    w = events.weights * decay(events.now - events.timestamps, half_life_days)
-    return _top_per_user(events.seg * stride + events.items, w, n_users, stride, n, "repeat")
-
-
-@dataclass(frozen=True)
-class _Seeds:
-    seg: np.ndarray  # int64 user of each seed, ascending
-    items: np.ndarray  # int32
-    weights: np.ndarray  # float32
-
-
-def _recent_seeds_many(events: HistoryRows, stride: np.int64, half_life_days: float) -> _Seeds:
-    """`recent_seeds` for every user, concatenated in user order."""
-    lengths = np.diff(events.offsets)
-    tail = np.minimum(lengths, 4 * COOC_RECENT_ITEMS)
-    total = int(tail.sum())
-    if total == 0:
-        return _Seeds(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
-    # each user's last `tail` events, newest first
-    starts = np.cumsum(tail) - tail
-    rows = np.repeat(events.offsets[1:] - 1 + starts, tail) - np.arange(total)
-    seg = events.seg[rows]
-    # weights * decay over the tail in chronological order, then reversed: elementwise, so equal
-    w = events.weights[rows] * decay(events.now[rows] - events.timestamps[rows], half_life_days)
-    unique, first, inverse = np.unique(
-        seg * stride + events.items[rows], return_index=True, return_inverse=True
+        for source_list in lists:
+            table.append((SOURCE_BITS[source_list.source], filled, filled + len(source_list.items)))
+            filled += len(source_list.items)
+            given.append(source_list)
+        list_offsets[u + 1] = len(table)
+    popular = popular_source(stats, cfg.popular)
+    given_items = np.concatenate(
+        [np.zeros(0, np.int64)] + [np.asarray(s.items, dtype=np.int64) for s in given]
     )
-    totals = np.bincount(inverse, w, minlength=len(unique))
-    keep = _ranked_within_user(unique // stride, np.argsort(first, kind="stable"), COOC_RECENT_ITEMS)
-    return _Seeds(
-        unique[keep] // stride, (unique[keep] % stride).astype(np.int32), totals[keep].astype(np.float32)
+    n_items = max(
+        stats.n_items,
+        cooc.n_items,
+        int(given_items.max()) + 1 if len(given_items) else 0,
+        int(events.items.max()) + 1 if len(events.items) else 0,
     )
-
-
-def _cooc_many(seeds: _Seeds, n_users: int, cooc: CoOccurrence, stride: np.int64, n: int) -> list[SourceList]:
-    """`cooc_source` of every user's recent seeds."""
-    lo = cooc.indptr[seeds.items]
-    lengths = cooc.indptr[seeds.items.astype(np.int64) + 1] - lo
-    if n <= 0 or int(lengths.sum()) == 0:
-        return _top_per_user(np.zeros(0, np.int64), np.zeros(0), n_users, stride, 0, "cooc")
-    starts = np.cumsum(lengths) - lengths
-    positions = np.arange(int(lengths.sum())) + np.repeat(lo - starts, lengths)
-    neighbours = cooc.indices[positions].astype(np.int64)
-    scores = cooc.scores[positions] * np.repeat(seeds.weights, lengths)
-    keys = np.repeat(seeds.seg, lengths) * stride + neighbours
-    return _top_per_user(keys, scores, n_users, stride, n, "cooc")
-
-
-def merge_many(per_user: Sequence[Sequence[SourceList]], max_candidates: int) -> list[Candidates]:
-    """`merge` for many users' source lists at once (element i equals `merge(per_user[i], ...)`)."""
-    n_users = len(per_user)
-    ordered = [sorted(lists, key=lambda s: SOURCE_PRIORITY.index(s.source)) for lists in per_user]
-    flat = [s for lists in ordered for s in lists]
-    lengths = np.fromiter((len(s.items) for s in flat), dtype=np.int64, count=len(flat))
-    if int(lengths.sum()) == 0:
-        return [Candidates.empty() for _ in range(n_users)]
-    items = np.concatenate([np.asarray(s.items, dtype=np.int32) for s in flat]).astype(np.int64)
-    scores = np.concatenate([np.asarray(s.scores, dtype=np.float32) for s in flat])
-    stride = np.int64(items.max() + 1)  # rows keyed by (user, item)
-    list_user = np.repeat(np.arange(n_users, dtype=np.int64), [len(lists) for lists in ordered])
-    seg = np.repeat(list_user, lengths)
-    bits = np.repeat(np.asarray([SOURCE_BITS[s.source] for s in flat], dtype=np.uint8), lengths)
-    position = (np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)).astype(
-        np.float32
-    )
-    unique, first, inverse = np.unique(seg * stride + items, return_index=True, return_inverse=True)
-    sources = np.zeros(len(unique), np.uint8)
-    np.bitwise_or.at(sources, inverse, bits)
-    evidence = {}
-    for name, source, values in (
-        ("ann", "ann", scores),
-        ("ann_rank", "ann", position),
-        ("cooc", "cooc", scores),
-        ("repeat", "repeat", scores),
-        ("cf_rank", "cf", position),
-    ):
-        column = np.full(len(unique), np.nan, np.float32)
-        rows = bits == SOURCE_BITS[source]
-        column[inverse[rows]] = values[rows]  # a repeated item in one list: the last one wins, as in merge
-        evidence[name] = column
-    order = _ranked_within_user(unique // stride, np.argsort(first, kind="stable"), max_candidates)
-    return [
-        Candidates(*parts)
-        for parts in _split(
-            unique[order] // stride,
-            n_users,
-            (unique[order] % stride).astype(np.int32),
-            sources[order],
-            evidence["ann"][order],
-            evidence["ann_rank"][order],
-            evidence["cooc"][order],
-            evidence["repeat"][order],
-            evidence["cf_rank"][order],
+    if len(events.items) and int(events.items.max()) >= cooc.n_items:
+        # the kernel does not bounds-check; numpy's generate raised IndexError here
+        raise IndexError(
+            f"history item {int(events.items.max())} is outside the co-occurrence table ({cooc.n_items} items)"
         )
-    ]
+    columns = generate_block(
+        events.offsets,
+        events.items,
+        decayed,
+        cooc.indptr,
+        cooc.indices,
+        cooc.scores,
+        given_items,
+        np.concatenate([np.zeros(0, np.float32)] + [np.asarray(s.scores, dtype=np.float32) for s in given]),
+        np.asarray(table, dtype=np.int64).reshape(-1, 3),
+        list_offsets,
+        popular.items.astype(np.int64),
+        popular.scores.astype(np.float32),
+        max(cfg.repeat, 0),
+        max(cfg.cooccurrence, 0),
+        4 * COOC_RECENT_ITEMS,
+        COOC_RECENT_ITEMS,
+        cfg.max_candidates,
+        item_slots(n_items),
+    )
+    bounds = columns[-1].tolist()
+    return [Candidates(*(c[a:b] for c in columns[:-1])) for a, b in itertools.pairwise(bounds)]

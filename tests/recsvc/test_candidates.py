@@ -14,7 +14,6 @@ from recsvc.candidates import (
     generate,
     generate_many,
     merge,
-    merge_many,
     repeat_source,
 )
 from recsvc.config import DAY, CandidateConfig
@@ -282,17 +281,48 @@ def test_generate_many_rejects_inputs_of_different_lengths() -> None:
         )
 
 
-def test_merge_many_equals_merge_per_user_including_repeats_within_a_list() -> None:
-    per_user = [
+def test_generate_many_equals_generate_with_repeats_within_a_list_and_extras_of_any_source() -> None:
+    stats, cooc = _behaviour(4, 30)
+    histories = [
+        UserHistory(
+            np.array([3, 4, 3], np.int32), np.array([NOW - 9, NOW - 5, NOW - 1]), np.ones(3, np.float32)
+        ),
+        UserHistory.empty(),
+        UserHistory(np.array([7], np.int32), np.array([NOW - 2]), np.ones(1, np.float32)),
+        UserHistory.empty(),
+    ]
+    extras = [
         [
             _sl("popular", [1, 2, 3]),
-            _sl("ann", [8, 7, 8], [0.5, 0.4, 0.3]),
+            _sl("query", [8, 7, 8], [0.5, 0.4, 0.3]),
             _sl("repeat", [9, 1], [2.0, 1.0]),
         ],
         [],
-        [_sl("cooc", [4, 4, 5], [0.1, 0.2, 0.3]), _sl("cf", [5, 6])],
-        [_sl("ann", [], [])],
+        [_sl("cooc", [4, 4, 5], [0.1, 0.2, 0.3]), _sl("session", [5, 6, 5])],
+        [_sl("query", [], [])],
     ]
-    got = merge_many(per_user, 4)
-    for lists, candidates in zip(per_user, got):
-        _assert_same_candidates(candidates, merge(lists, 4))
+    ann = [np.array([8, 7, 8, -1]), None, np.array([2, 3]), None]
+    ann_scores = [np.array([0.9, 0.8, 0.7, 0.0], np.float32), None, np.array([0.5, 0.5], np.float32), None]
+    cfg = CandidateConfig(ann=3, repeat=2, popular=4, cooccurrence=3, max_candidates=6)
+    got = generate_many(
+        histories,
+        ann_items=ann,
+        ann_scores=ann_scores,
+        stats=stats,
+        cooc=cooc,
+        cfg=cfg,
+        nows=[NOW] * 4,
+        extras=extras,
+    )
+    for i, candidates in enumerate(got):
+        expected = generate(
+            histories[i],
+            ann_items=ann[i],
+            ann_scores=ann_scores[i],
+            stats=stats,
+            cooc=cooc,
+            cfg=cfg,
+            now=NOW,
+            extra=extras[i],
+        )
+        _assert_same_candidates(candidates, expected)
