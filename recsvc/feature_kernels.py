@@ -64,3 +64,145 @@ def text_cosines(
                 out[i, c_max] = best
                 out[i, c_mean] = total / np.float32(n_hist)
                 out[i, c_last] = sim
+
+
+@njit(nogil=True, cache=True)
+def history_affinity(
+    out: np.ndarray,
+    attr_columns: np.ndarray,
+    summary_columns: np.ndarray,
+    ui_columns: np.ndarray,
+    codes: tuple,  # type: ignore[type-arg]  # one int code array per attribute (-1 = missing)
+    value_offsets: np.ndarray,
+    hist_offsets: np.ndarray,
+    hist_items: np.ndarray,
+    hist_ts: np.ndarray,
+    hist_weights: np.ndarray,
+    hist_decayed: np.ndarray,
+    bounds: np.ndarray,
+    items: np.ndarray,
+    row_now: np.ndarray,
+    divisor: np.ndarray,
+    day: float,
+    slot: np.ndarray,
+) -> None:  # pragma: no cover - compiled; covered through build_features
+    """The user-item affinity columns of every candidate: attr{j}_share, attr_share_mean / _max
+    (`summary_columns`) and ui_count, ui_weight, ui_decayed, ui_days_since_last (`ui_columns`).
+
+    Request r's history events are hist_offsets[r]:hist_offsets[r+1] (float64 weights and
+    decayed weights), its candidates bounds[r]:bounds[r+1]. Sums run over the events in history
+    order, as the numpy definition's bincounts do. `slot` is item-indexed scratch, all -1 on entry
+    and on return.
+    """
+    n_attr = len(value_offsets) - 1
+    acc = np.zeros(value_offsets[n_attr], np.float64)
+    n_hist = len(hist_items)
+    counts = np.zeros(n_hist, np.int64)
+    weight_sums = np.zeros(n_hist, np.float64)
+    decayed_sums = np.zeros(n_hist, np.float64)
+    last = np.zeros(n_hist, np.float64)
+    for r in range(len(bounds) - 1):
+        h0, h1 = hist_offsets[r], hist_offsets[r + 1]
+        c0, c1 = bounds[r], bounds[r + 1]
+        if n_attr:
+            for e in range(h0, h1):
+                for a in range(n_attr):
+                    code = codes[a][hist_items[e]]
+                    if code >= 0:
+                        acc[value_offsets[a] + code] += hist_weights[e]
+            for i in range(c0, c1):
+                known = 0
+                total = np.float32(0.0)
+                best = np.float32(-1.0)
+                for a in range(n_attr):
+                    code = codes[a][items[i]]
+                    if h1 == h0 or code < 0:
+                        share = np.float32(np.nan)
+                    else:
+                        share = np.float32(acc[value_offsets[a] + code] / divisor[r])
+                    if a < len(attr_columns):
+                        out[i, attr_columns[a]] = share
+                    if np.isfinite(share):
+                        known += 1
+                        total += share
+                        best = max(best, share)
+                if known:
+                    out[i, summary_columns[0]] = np.float64(total) / np.float64(known)
+                    out[i, summary_columns[1]] = best
+            for e in range(h0, h1):
+                for a in range(n_attr):
+                    code = codes[a][hist_items[e]]
+                    if code >= 0:
+                        acc[value_offsets[a] + code] = 0.0
+        m = 0
+        for e in range(h0, h1):
+            item = hist_items[e]
+            g = slot[item]
+            if g < 0:
+                g = m
+                slot[item] = m
+                counts[g] = 0
+                weight_sums[g] = 0.0
+                decayed_sums[g] = 0.0
+                last[g] = -np.inf
+                m += 1
+            counts[g] += 1
+            weight_sums[g] += hist_weights[e]
+            decayed_sums[g] += hist_decayed[e]
+            last[g] = max(last[g], np.float64(hist_ts[e]))
+        for i in range(c0, c1):
+            g = slot[items[i]] if h1 > h0 else -1
+            if g >= 0:
+                out[i, ui_columns[0]] = np.float32(counts[g])
+                out[i, ui_columns[1]] = np.float32(weight_sums[g])
+                out[i, ui_columns[2]] = np.float32(decayed_sums[g])
+                out[i, ui_columns[3]] = (np.float64(row_now[i]) - last[g]) / day
+            else:
+                out[i, ui_columns[0]] = 0.0
+                out[i, ui_columns[1]] = 0.0
+                out[i, ui_columns[2]] = 0.0
+        for e in range(h0, h1):
+            slot[hist_items[e]] = -1
+
+
+@njit(nogil=True, cache=True)
+def item_columns(
+    out: np.ndarray,
+    stat_first: int,
+    time_columns: np.ndarray,
+    source_first: int,
+    source_bits: np.ndarray,
+    price_columns: np.ndarray,
+    items: np.ndarray,
+    sources: np.ndarray,
+    row_now: np.ndarray,
+    bounds: np.ndarray,
+    stat_table: np.ndarray,
+    first_ts: np.ndarray,
+    last_ts: np.ndarray,
+    price: np.ndarray,
+    user_price: np.ndarray,
+    day: float,
+) -> None:  # pragma: no cover - compiled; covered through build_features
+    """Per candidate: its item-behaviour row, days since its last / first event, one 0/1 column
+    per source plus their count, its price and its ratio to the user's mean price (nan mean:
+    left nan)."""
+    n_stats = stat_table.shape[1]
+    for r in range(len(bounds) - 1):
+        mean = user_price[r]
+        for i in range(bounds[r], bounds[r + 1]):
+            item = items[i]
+            for j in range(n_stats):
+                out[i, stat_first + j] = stat_table[item, j]
+            now = np.float64(row_now[i])
+            out[i, time_columns[0]] = (now - last_ts[item]) / day
+            out[i, time_columns[1]] = (now - first_ts[item]) / day
+            n = np.float32(0.0)
+            for j in range(len(source_bits)):
+                has = np.float32(1.0) if sources[i] & source_bits[j] else np.float32(0.0)
+                out[i, source_first + j] = has
+                n += has
+            out[i, source_first + len(source_bits)] = n
+            out[i, price_columns[0]] = price[item]
+            if not np.isnan(mean):
+                out[i, price_columns[1]] = price[item] / mean

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from recsvc.behaviour import USER_FEATURE_NAMES, ItemStats, decay, user_behaviour
+from recsvc.candidate_kernels import item_slots
 from recsvc.candidates import SOURCE_BITS, SOURCE_NAMES, Candidates
 from recsvc.catalog import Catalog
 from recsvc.config import DAY, CandidateConfig
-from recsvc.feature_kernels import text_cosines
+from recsvc.feature_kernels import history_affinity, item_columns, text_cosines
 from recsvc.history import HistoryRows, UserHistory
 
 if TYPE_CHECKING:
@@ -75,6 +76,12 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 N_FEATURES = len(FEATURE_NAMES)
 _COL = {name: j for j, name in enumerate(FEATURE_NAMES)}
+_ATTR_COLUMNS = np.asarray([_COL[f"attr{j}_share"] for j in range(AFFINITY_SLOTS)])
+_SUMMARY_COLUMNS = np.asarray([_COL["attr_share_mean"], _COL["attr_share_max"]])
+_UI_COLUMNS = np.asarray([_COL[n] for n in ("ui_count", "ui_weight", "ui_decayed", "ui_days_since_last")])
+_TIME_COLUMNS = np.asarray([_COL["item_days_since_last"], _COL["item_days_since_first"]])
+_PRICE_COLUMNS = np.asarray([_COL["item_price"], _COL["price_ratio_user_mean"]])
+_SOURCE_BITS = np.asarray([SOURCE_BITS[name] for name in SOURCE_NAMES], dtype=np.uint8)
 _TEXT_COLUMNS = np.asarray([_COL[n] for n in ("cos_user", "cos_hist_max", "cos_hist_mean", "cos_hist_last")])
 
 
@@ -171,15 +178,13 @@ def build_features_many(
     row_now = np.repeat(np.asarray(nows, dtype=np.int64), sizes)
     _text_features(out, histories, cands, user_vecs, item_emb, bounds)
     _cf_features(out, cands, cf, cf_user_factors, bounds)
-    _source_features(out, np.concatenate([c.sources for c in cands]))
-    _item_features(out, items, stats, row_now)
+    _item_columns(out, cands, items, row_now, bounds, stats, catalog, histories)
     attributes = list(catalog.attributes.values())
     diversity_codes = attributes[0] if attributes else None
     user_rows = np.vstack([user_behaviour(h, int(t), diversity_codes) for h, t in zip(histories, nows)])
     first = _COL["user_n_events"]
     out[:, first : first + len(USER_FEATURE_NAMES)] = user_rows[seg]
-    _affinity_features(out, HistoryRows.of(histories, nows), histories, seg, items, row_now, catalog, cfg)
-    _price_features(out, histories, seg, items, catalog)
+    _affinity_features(out, HistoryRows.of(histories, nows), histories, bounds, items, row_now, catalog, cfg)
     return out
 
 
@@ -254,118 +259,82 @@ def pairwise_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def _source_features(out: np.ndarray, sources: np.ndarray) -> None:
-    # bits -> 0/1 columns in SOURCE_NAMES order, then their count (exact small integers in float32)
-    bits = np.asarray([SOURCE_BITS[name] for name in SOURCE_NAMES], dtype=np.uint8)
-    has = ((sources[:, None] & bits[None, :]) != 0).astype(np.float32)
-    first = _COL[f"src_{SOURCE_NAMES[0]}"]
-    out[:, first : first + len(SOURCE_NAMES)] = has
-    out[:, _COL["n_sources"]] = has.sum(axis=1)
-
-
-def _item_features(out: np.ndarray, items: np.ndarray, stats: ItemStats, row_now: np.ndarray) -> None:
-    # the time-independent columns are one precomputed table: one gather per request
-    first = _COL["item_cnt_1d"]
-    out[:, first : first + len(ITEM_STAT_COLUMNS)] = stats.derived_table(item_stat_rows)[items]
-    out[:, _COL["item_days_since_last"]] = (row_now - stats.last_ts[items]) / DAY
-    out[:, _COL["item_days_since_first"]] = (row_now - stats.first_ts[items]) / DAY
-
-
-# Largest (user, attribute value) key space summed with a dense bincount instead of a sort.
-DENSE_KEYS_MAX = 1 << 20
-
-
-def _segment_lookup(
-    hist_keys: np.ndarray, hist_values: Sequence[np.ndarray], cand_keys: np.ndarray
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Per-key sums of `hist_values` (bincount: input order, as a per-user bincount adds them)
-    looked up at `cand_keys`: (found mask, sums with 0 where not found)."""
-    uniq, inverse = np.unique(hist_keys, return_inverse=True)
-    if len(uniq) == 0:
-        return np.zeros(len(cand_keys), bool), [np.zeros(len(cand_keys)) for _ in hist_values]
-    pos = np.minimum(np.searchsorted(uniq, cand_keys), len(uniq) - 1)
-    found = uniq[pos] == cand_keys
-    sums = [np.bincount(inverse, v, minlength=len(uniq)) for v in hist_values]
-    return found, [np.where(found, s[pos], 0.0) for s in sums]
+def _item_columns(
+    out: np.ndarray,
+    cands: Sequence[Candidates],
+    items: np.ndarray,
+    row_now: np.ndarray,
+    bounds: np.ndarray,
+    stats: ItemStats,
+    catalog: Catalog,
+    histories: Sequence[UserHistory],
+) -> None:
+    """Item behaviour, source and price columns in one compiled pass (`feature_kernels.item_columns`):
+    the time-independent behaviour columns are one precomputed table (one gather per candidate),
+    sources become 0/1 columns in SOURCE_NAMES order plus their count."""
+    item_columns(
+        out,
+        _COL["item_cnt_1d"],
+        _TIME_COLUMNS,
+        _COL[f"src_{SOURCE_NAMES[0]}"],
+        _SOURCE_BITS,
+        _PRICE_COLUMNS,
+        items,
+        np.concatenate([c.sources for c in cands]),
+        row_now,
+        bounds,
+        stats.derived_table(item_stat_rows),
+        stats.first_ts,
+        stats.last_ts,
+        catalog.price,
+        _user_mean_prices(histories, catalog),
+        float(DAY),
+    )
 
 
 def _affinity_features(
     out: np.ndarray,
     hist: HistoryRows,
     histories: Sequence[UserHistory],
-    seg: np.ndarray,
+    bounds: np.ndarray,
     items: np.ndarray,
     row_now: np.ndarray,
     catalog: Catalog,
     cfg: CandidateConfig,
 ) -> None:
-    user_empty = np.diff(hist.offsets) == 0
-    cand_empty = user_empty[seg]
+    """Attribute shares of the user's history weight and the user's own history with each item
+    (`feature_kernels.history_affinity`; the numpy definition is the tests' reference)."""
     weights = hist.weights.astype(np.float64)
-    # per-user .sum() (pairwise summation) so totals match the one-user definition exactly
+    # per-user .sum() (numpy's pairwise summation) so totals match the one-user definition exactly
     total = np.fromiter(
         (h.weights.astype(np.float64).sum() for h in histories), dtype=np.float64, count=len(histories)
     )
-    divisor = np.where(total > 0, total, 1.0)[seg]  # x / 1.0 == x: "no division" when total <= 0
-    attributes = list(catalog.attributes.items())
-    if attributes:
-        # Every attribute at once: key = (user, attribute, value). Masking the [attribute, event]
-        # matrix keeps each key's events in history order, so sums equal a per-user bincount.
-        n_values = [max(len(catalog.attribute_values[name]), 1) for name, _ in attributes]
-        offsets = np.concatenate([[0], np.cumsum(n_values)[:-1]]).astype(np.int64)[:, None]
-        span = np.int64(sum(n_values))
-        hist_codes = np.stack([codes[hist.items] for _, codes in attributes])  # [A, n_events]
-        cand_codes = np.stack([codes[items] for _, codes in attributes])  # [A, n]
-        known = hist_codes >= 0
-        hist_keys = (hist.seg[None, :] * span + offsets + hist_codes)[known]
-        hist_weights = np.broadcast_to(weights, hist_codes.shape)[known]
-        cand_keys = (seg[None, :] * span + offsets + np.maximum(cand_codes, 0)).ravel()
-        n_keys = int(span) * len(user_empty)
-        if n_keys <= DENSE_KEYS_MAX:  # small key space: one dense bincount, then a gather
-            per_value = np.bincount(hist_keys, hist_weights, minlength=n_keys)[cand_keys]
-        else:
-            _, (per_value,) = _segment_lookup(hist_keys, [hist_weights], cand_keys)
-        stacked = np.where(cand_codes >= 0, per_value.reshape(cand_codes.shape) / divisor, np.nan).astype(
-            np.float32
-        )
-        stacked[:, cand_empty] = np.nan
-        for j in range(min(AFFINITY_SLOTS, len(stacked))):
-            out[:, _COL[f"attr{j}_share"]] = stacked[j]
-        finite = np.isfinite(stacked)
-        n_known = finite.sum(axis=0)
-        filled = np.where(finite, stacked, 0.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[:, _COL["attr_share_mean"]] = np.where(n_known > 0, filled.sum(axis=0) / n_known, np.nan)
-        out[:, _COL["attr_share_max"]] = np.where(
-            n_known > 0, np.where(finite, stacked, -1.0).max(axis=0), np.nan
-        )
-    # how often / how much / how recently the user had this very item
-    if len(hist.items) == 0:
-        out[:, _COL["ui_count"]] = 0.0
-        out[:, _COL["ui_weight"]] = 0.0
-        out[:, _COL["ui_decayed"]] = 0.0
-        return
-    stride = np.int64(len(catalog))
-    cand_keys = seg * stride + items
-    uniq, inverse = np.unique(hist.seg * stride + hist.items, return_inverse=True)
-    decayed = weights * decay(hist.now - hist.timestamps, cfg.cooc_half_life_days)
-    last = np.full(len(uniq), -np.inf)
-    np.maximum.at(last, inverse, hist.timestamps.astype(np.float64))
-    pos = np.minimum(np.searchsorted(uniq, cand_keys), len(uniq) - 1)
-    had = uniq[pos] == cand_keys
-    # bincount sums (float64, input order) then float32, as the one-user definition stores them
-    for name, values in (("ui_count", None), ("ui_weight", weights), ("ui_decayed", decayed)):
-        sums = np.bincount(inverse, values, minlength=len(uniq)).astype(np.float32)
-        out[:, _COL[name]] = np.where(had, sums[pos], 0.0)
-    out[:, _COL["ui_days_since_last"]] = np.where(had, (row_now - last[pos]) / DAY, np.nan)
+    codes = tuple(catalog.attributes.values())
+    value_offsets = np.zeros(len(codes) + 1, dtype=np.int64)
+    np.cumsum([max(len(v), 1) for v in catalog.attribute_values.values()], out=value_offsets[1:])
+    history_affinity(
+        out,
+        _ATTR_COLUMNS[: min(AFFINITY_SLOTS, len(codes))],
+        _SUMMARY_COLUMNS,
+        _UI_COLUMNS,
+        codes if codes else (np.zeros(0, np.int32),),
+        value_offsets,
+        hist.offsets,
+        hist.items,
+        hist.timestamps,
+        weights,
+        weights * decay(hist.now - hist.timestamps, cfg.cooc_half_life_days),
+        bounds.astype(np.int64),
+        items,
+        row_now,
+        np.where(total > 0, total, 1.0),  # x / 1.0 == x: "no division" when total <= 0
+        float(DAY),
+        item_slots(len(catalog)),
+    )
 
 
-def _price_features(
-    out: np.ndarray, histories: Sequence[UserHistory], seg: np.ndarray, items: np.ndarray, catalog: Catalog
-) -> None:
-    price = catalog.price[items]
-    out[:, _COL["item_price"]] = price
-    # the user's mean known price as float32 (numpy's own mean per user), nan = no ratio
+def _user_mean_prices(histories: Sequence[UserHistory], catalog: Catalog) -> np.ndarray:
+    """Each user's mean known price as float32 (numpy's own mean per user); nan = no ratio."""
     means = np.full(len(histories), np.nan, dtype=np.float32)
     for r, history in enumerate(histories):
         if len(history):
@@ -375,9 +344,7 @@ def _price_features(
                 mean = hist_price[known].mean()
                 if mean > 0:
                     means[r] = mean
-    row_mean = means[seg]
-    has_mean = ~np.isnan(row_mean)
-    out[has_mean, _COL["price_ratio_user_mean"]] = price[has_mean] / row_mean[has_mean]
+    return means
 
 
 def tower_inputs(

@@ -4,7 +4,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-import recsvc.features as features_module
 from recsvc.behaviour import USER_FEATURE_NAMES, CoOccurrence, ItemStats, decay, user_behaviour
 from recsvc.candidates import SOURCE_NAMES, Candidates, SourceList, generate, merge
 from recsvc.catalog import Catalog
@@ -256,20 +255,6 @@ def test_build_features_many_rejects_misaligned_inputs() -> None:
     catalog, emb, stats, _, histories, cands, vecs, nows = _random_case(3, 4)
     with pytest.raises(ValueError, match="same length"):
         build_features_many(histories, cands[:3], vecs, emb, catalog, stats, nows, CandidateConfig())
-
-
-def test_large_attribute_key_spaces_use_the_sorted_path_with_the_same_result(monkeypatch) -> None:
-    catalog, emb, stats, _, histories, cands, vecs, nows = _random_case(4, 25)
-    cfg = CandidateConfig()
-    dense = build_features_many(histories, cands, vecs, emb, catalog, stats, nows, cfg)
-    monkeypatch.setattr(features_module, "DENSE_KEYS_MAX", 0)
-    sorted_path = build_features_many(histories, cands, vecs, emb, catalog, stats, nows, cfg)
-    expected = [
-        _ref_build_features(h, c, v, emb, catalog, stats, t, cfg)
-        for h, c, v, t in zip(histories, cands, vecs, nows)
-    ]
-    _assert_matches_reference(sorted_path, np.vstack(expected))
-    np.testing.assert_array_equal(dense, sorted_path)
 
 
 # ---------------------------------------------------------------------------------------------
