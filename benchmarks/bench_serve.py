@@ -157,7 +157,7 @@ def run_server_child(args: argparse.Namespace) -> int:
     from recsvc.config import ServeConfig
     from recsvc.model_manager import LoadedModel
     from recsvc.recommender import Recommender
-    from recsvc.server import RecsvcServer
+    from recsvc.server import RecsvcServer, run_event_loop
 
     workdir = Path(args.workdir)
     root = workdir / "bundles"
@@ -208,7 +208,7 @@ def run_server_child(args: argparse.Namespace) -> int:
         if profiles is not None:
             profiles.dump(Path(args.profile) / f"server-{args.items}.pstats")
 
-    asyncio.run(serve())
+    run_event_loop(serve(), config.event_loop)  # the loop recsvc-serve runs on
     return 0
 
 

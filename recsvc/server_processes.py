@@ -117,8 +117,10 @@ def child_main(config: ServeConfig, index: int, commits: SharedSeq, reports: Any
         format=f"ts=%(asctime)s level=%(levelname)s logger=%(name)s proc={index} pid=%(process)d %(message)s",
         stream=sys.stderr,
     )
+    from recsvc.server import run_event_loop
+
     try:
-        asyncio.run(_child_serve(config, index, commits, reports))
+        run_event_loop(_child_serve(config, index, commits, reports), config.event_loop)
     except Exception as exc:
         log.error("server process %d failed: %s", index, exc)
         reports.put(("failed", index, os.getpid(), str(exc)))

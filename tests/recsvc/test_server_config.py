@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from recsvc.server import ConfigError, load_config, main, set_switch_interval
+from recsvc.server import ConfigError, load_config, main, run_event_loop, set_switch_interval
 
 
 def test_defaults_apply_without_file_or_environment() -> None:
@@ -190,3 +191,18 @@ def test_out_of_range_metrics_port_is_refused_naming_the_flag(tmp_path: Path, ca
     (tmp_path / "bundles").mkdir()
     assert main(["--bundles", str(tmp_path / "bundles"), "--metrics-port", "-1"]) == 2
     assert "--metrics-port must be 0..65535 (0 = off), got -1" in capsys.readouterr().err
+
+
+async def _loop_module() -> str:
+    return type(asyncio.get_running_loop()).__module__
+
+
+def test_event_loop_defaults_to_uvloop_and_asyncio_can_be_chosen() -> None:
+    assert load_config(None, env={}).event_loop == "uvloop"
+    assert run_event_loop(_loop_module(), "uvloop").startswith("uvloop")
+    assert run_event_loop(_loop_module(), "asyncio").startswith("asyncio")
+
+
+def test_unknown_event_loop_is_a_config_error_naming_the_choices() -> None:
+    with pytest.raises(ConfigError, match=r"ServeConfig\.event_loop must be one of uvloop, asyncio"):
+        load_config(None, env={"RECSVC_EVENT_LOOP": "trio"})
