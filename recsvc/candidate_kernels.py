@@ -68,7 +68,9 @@ def _top_by_sum(
         if total == 0:
             total = np.float32(0.0)  # -0.0 ties with 0.0, as in argsort(-totals)
         totals[g] = total
-        order_keys[g] = (np.uint64(_descending_bits(total)) << np.uint64(32)) | np.uint64(uniq[g])
+        order_keys[g] = (
+            np.uint64(_descending_bits(total)) << np.uint64(32)
+        ) | np.uint64(uniq[g])
     best = np.argsort(order_keys)[:n]
     return uniq[:m][best], totals[best]
 
@@ -77,7 +79,11 @@ def _top_by_sum(
 def _descending_bits(x: np.float32) -> np.uint32:
     """A uint32 whose ascending order is `x`'s descending order (finite floats)."""
     bits = np.float32(x).view(np.uint32)
-    ordered = bits ^ np.uint32(0xFFFFFFFF) if bits >> np.uint32(31) else bits | np.uint32(0x80000000)
+    ordered = (
+        bits ^ np.uint32(0xFFFFFFFF)
+        if bits >> np.uint32(31)
+        else bits | np.uint32(0x80000000)
+    )
     return np.uint32(0xFFFFFFFF) - ordered
 
 
@@ -115,6 +121,27 @@ def _recent_seeds(
     return seeds[:found], totals[:found].astype(np.float32)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _propose(
+    p_items: np.ndarray,
+    p_bits: np.ndarray,
+    p_scores: np.ndarray,
+    p_pos: np.ndarray,
+    n: int,
+    items: np.ndarray,
+    scores: np.ndarray,
+    source: int,
+) -> int:
+    """Append one source list's proposals (item, bit, score, position in the list) at row n."""
+    for j in range(len(items)):
+        p_items[n] = items[j]
+        p_bits[n] = source
+        p_scores[n] = scores[j]
+        p_pos[n] = j
+        n += 1
+    return n
+
+
 @njit(nogil=True, cache=True)
 def generate_block(
     ev_offsets: np.ndarray,
@@ -135,7 +162,16 @@ def generate_block(
     n_seeds: int,
     max_candidates: int,
     slot: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+]:
     """Candidates of every user of a block, concatenated, and each user's row offsets.
 
     User u's history events are ev_offsets[u]:ev_offsets[u + 1] (chronological; `ev_decayed` is
@@ -172,7 +208,9 @@ def generate_block(
         for s in range(len(seeds)):
             for p in range(cooc_indptr[seeds[s]], cooc_indptr[seeds[s] + 1]):
                 neighbours[r] = cooc_indices[p]
-                weights[r] = cooc_scores[p] * seed_w[s]  # float32 product, then summed as float64
+                weights[r] = (
+                    cooc_scores[p] * seed_w[s]
+                )  # float32 product, then summed as float64
                 r += 1
         cooc_items, cooc_totals = _top_by_sum(neighbours, weights, n_cooc, slot)
 
@@ -190,34 +228,44 @@ def generate_block(
         # `generate` lists the caller's extras before the sources it computes)
         for source in (_SESSION, _QUERY, _REPEAT, _ANN, _CF, _COOC, _POPULAR):
             for li in range(l0, l1):
-                if lists[li, 0] != source:
-                    continue
-                for j in range(lists[li, 2] - lists[li, 1]):
-                    g = lists[li, 1] + j
-                    p_items[n], p_bits[n], p_scores[n], p_pos[n] = given_items[g], source, given_scores[g], j
-                    n += 1
+                if lists[li, 0] == source:
+                    g0, g1 = lists[li, 1], lists[li, 2]
+                    n = _propose(
+                        p_items,
+                        p_bits,
+                        p_scores,
+                        p_pos,
+                        n,
+                        given_items[g0:g1],
+                        given_scores[g0:g1],
+                        source,
+                    )
             if source == _REPEAT:
-                for j in range(len(repeat_items)):
-                    p_items[n], p_bits[n], p_scores[n], p_pos[n] = (
-                        repeat_items[j],
-                        source,
-                        repeat_scores[j],
-                        j,
-                    )
-                    n += 1
+                n = _propose(
+                    p_items,
+                    p_bits,
+                    p_scores,
+                    p_pos,
+                    n,
+                    repeat_items,
+                    repeat_scores,
+                    source,
+                )
             elif source == _COOC:
-                for j in range(len(cooc_items)):
-                    p_items[n], p_bits[n], p_scores[n], p_pos[n] = cooc_items[j], source, cooc_totals[j], j
-                    n += 1
+                n = _propose(
+                    p_items, p_bits, p_scores, p_pos, n, cooc_items, cooc_totals, source
+                )
             elif source == _POPULAR:
-                for j in range(len(popular_items)):
-                    p_items[n], p_bits[n], p_scores[n], p_pos[n] = (
-                        popular_items[j],
-                        source,
-                        popular_scores[j],
-                        j,
-                    )
-                    n += 1
+                n = _propose(
+                    p_items,
+                    p_bits,
+                    p_scores,
+                    p_pos,
+                    n,
+                    popular_items,
+                    popular_scores,
+                    source,
+                )
 
         g_items = np.empty(n, np.int64)
         g_bits = np.empty(n, np.uint8)
