@@ -68,9 +68,7 @@ def _top_by_sum(
         if total == 0:
             total = np.float32(0.0)  # -0.0 ties with 0.0, as in argsort(-totals)
         totals[g] = total
-        order_keys[g] = (
-            np.uint64(_descending_bits(total)) << np.uint64(32)
-        ) | np.uint64(uniq[g])
+        order_keys[g] = (np.uint64(_descending_bits(total)) << np.uint64(32)) | np.uint64(uniq[g])
     best = np.argsort(order_keys)[:n]
     return uniq[:m][best], totals[best]
 
@@ -79,11 +77,7 @@ def _top_by_sum(
 def _descending_bits(x: np.float32) -> np.uint32:
     """A uint32 whose ascending order is `x`'s descending order (finite floats)."""
     bits = np.float32(x).view(np.uint32)
-    ordered = (
-        bits ^ np.uint32(0xFFFFFFFF)
-        if bits >> np.uint32(31)
-        else bits | np.uint32(0x80000000)
-    )
+    ordered = bits ^ np.uint32(0xFFFFFFFF) if bits >> np.uint32(31) else bits | np.uint32(0x80000000)
     return np.uint32(0xFFFFFFFF) - ordered
 
 
@@ -208,9 +202,7 @@ def generate_block(
         for s in range(len(seeds)):
             for p in range(cooc_indptr[seeds[s]], cooc_indptr[seeds[s] + 1]):
                 neighbours[r] = cooc_indices[p]
-                weights[r] = (
-                    cooc_scores[p] * seed_w[s]
-                )  # float32 product, then summed as float64
+                weights[r] = cooc_scores[p] * seed_w[s]  # float32 product, then summed as float64
                 r += 1
         cooc_items, cooc_totals = _top_by_sum(neighbours, weights, n_cooc, slot)
 
@@ -252,9 +244,7 @@ def generate_block(
                     source,
                 )
             elif source == _COOC:
-                n = _propose(
-                    p_items, p_bits, p_scores, p_pos, n, cooc_items, cooc_totals, source
-                )
+                n = _propose(p_items, p_bits, p_scores, p_pos, n, cooc_items, cooc_totals, source)
             elif source == _POPULAR:
                 n = _propose(
                     p_items,
