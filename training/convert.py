@@ -15,8 +15,11 @@ import gzip
 import html
 import json
 import logging
+import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,14 +91,30 @@ def convert_amazon(
         raise ConversionError(
             f"{reviews.name}: none of the {report.reviews_read:,} reviews match a product in {meta.name}"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    for name, frame in (("interactions", interactions), ("items", items)):
-        (out / f"{name}.{'csv' if fmt == 'parquet' else 'parquet'}").unlink(missing_ok=True)
-        path = out / f"{name}.{fmt}"
-        frame.write_parquet(path) if fmt == "parquet" else frame.write_csv(path)
+    _write_validated(out, fmt, {"interactions": interactions, "items": items})
     log.info("wrote %s\n%s", out, report.summary())
-    load_dataset(out)  # the converter's output must pass the same validation as any input
     return report
+
+
+def _write_validated(out: Path, fmt: str, frames: dict[str, pl.DataFrame]) -> None:
+    """Write the frames into a staging folder beside `out`, validate it as any input is, and only
+    then move them into `out` (dropping a same-named file of the other format, which would make the
+    folder ambiguous). Output that fails validation is removed and `out` is left as it was, so a
+    failed conversion never costs the data already there."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    try:
+        for name, frame in frames.items():
+            path = stage / f"{name}.{fmt}"
+            frame.write_parquet(path) if fmt == "parquet" else frame.write_csv(path)
+        load_dataset(stage)  # the converter's output must pass the same validation as any input
+        out.mkdir(exist_ok=True)
+        other = "csv" if fmt == "parquet" else "parquet"
+        for name in frames:
+            os.replace(stage / f"{name}.{fmt}", out / f"{name}.{fmt}")
+            (out / f"{name}.{other}").unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def read_amazon_reviews(path: Path, report: ConversionReport) -> pl.DataFrame:

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from training.convert import ConversionError, _parser, convert_amazon, main
-from training.data import load_dataset
+from training.data import DataValidationError, load_dataset
 
 REPO = Path(__file__).resolve().parents[2]  # `python -m training...` runs from the repo root
 
@@ -263,3 +263,34 @@ def test_out_path_that_is_a_file_is_refused_before_reading_the_inputs(tmp_path: 
     with pytest.raises(ConversionError, match=r"out\.txt exists and is not a folder"):
         convert_amazon(tmp_path / "r.json", tmp_path / "m.json", out)
     assert out.read_text() == "keep me"
+
+
+def test_output_that_fails_validation_leaves_the_out_folder_as_it_was(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "interactions.csv").write_text("earlier data\n")
+    (out / "items.parquet").write_bytes(b"earlier items")
+    mixed_units = [*REVIEWS[:2], {**REVIEWS[2], "unixReviewTime": 1_300_000_000_000}]  # one in ms
+    reviews = write_lines(tmp_path / "reviews.json", mixed_units)
+    meta = write_lines(tmp_path / "meta.json", META_2018)
+    with pytest.raises(DataValidationError, match="mixes units"):
+        convert_amazon(reviews, meta, out)
+    assert sorted(p.name for p in out.iterdir()) == ["interactions.csv", "items.parquet"]
+    assert (out / "interactions.csv").read_text() == "earlier data\n"
+    assert (out / "items.parquet").read_bytes() == b"earlier items"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "meta.json",
+        "out",
+        "reviews.json",
+    ]  # no staging left
+
+
+def test_a_new_conversion_replaces_the_other_format_only_once_it_validates(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "interactions.csv").write_text("earlier data\n")
+    reviews = write_lines(tmp_path / "reviews.json", REVIEWS)
+    meta = write_lines(tmp_path / "meta.json", META_2018)
+    convert_amazon(reviews, meta, out)
+    assert sorted(p.name for p in out.iterdir()) == ["interactions.parquet", "items.parquet"]
+    assert load_dataset(out).interactions.height == 3
