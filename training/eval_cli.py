@@ -19,7 +19,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from recsvc.config import BaselineConfig, EvalConfig, SplitConfig
+from recsvc.config import BaselineConfig, DataConfig, EvalConfig, SplitConfig, TrainConfig
+from recsvc.config_files import ConfigFileError
 from training.baselines import BASELINES, CandidateGenerator, make_baseline, tune
 from training.data import DataValidationError, load_dataset
 from training.evaluate import MODES, EvaluationError, EvaluationTable, evaluate_system
@@ -154,6 +155,7 @@ def run_evaluation(
     baseline_config: BaselineConfig | None = None,
     checkpoint: str | Path | None = None,
     encoder_dir: str | None = None,
+    data_config: DataConfig | None = None,
 ) -> EvaluationTable:
     """Load, split, tune, evaluate: the whole comparison, shared by the CLI and the benchmark.
 
@@ -162,7 +164,7 @@ def run_evaluation(
     """
     eval_config = eval_config or EvalConfig()
     baseline_config = baseline_config or BaselineConfig()
-    dataset = load_dataset(data_dir)
+    dataset = load_dataset(data_dir, data_config or DataConfig())
     try:
         cutoff = holdout_cutoff(dataset.interactions, test_days)
     except ValueError as exc:
@@ -263,23 +265,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, help="folder with interactions.{parquet,csv} and items.{parquet,csv}"
     )
     parser.add_argument(
+        "--config",
+        default=None,
+        help="a recsvc-train config file (YAML/JSON): its data (event weights), split, baselines and eval "
+        "sections replace the defaults below, so baselines are evaluated as the pipeline trains them; "
+        "flags given here override the file",
+    )
+    parser.add_argument(
         "--test-days",
         type=float,
-        default=SplitConfig.test_days,
-        help="hold out the last N days as test (default: %(default)s)",
+        default=None,
+        help=f"hold out the last N days as test (default: {SplitConfig.test_days})",
     )
     parser.add_argument(
         "--valid-days",
         type=float,
-        default=SplitConfig.valid_days,
-        help="last N days of train used to tune baselines (default: %(default)s)",
+        default=None,
+        help=f"last N days of train used to tune baselines (default: {SplitConfig.valid_days})",
     )
     parser.add_argument(
         "--systems",
-        default=",".join(defaults.systems),
+        default=None,
         help="comma-separated systems to evaluate: popularity (recent popularity), repeat_pop (user's own "
         "items then popular), itemknn (co-purchase item kNN), als (implicit ALS), raw_encoder (untuned BERT "
-        "retrieval from training/text_baseline.py; skipped with a warning if unavailable). Default: %(default)s",
+        "retrieval from training/text_baseline.py; skipped with a warning if unavailable). Default: "
+        + ",".join(defaults.systems),
     )
     parser.add_argument(
         "--encoder-dir",
@@ -291,13 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--k",
         type=int,
         nargs="+",
-        default=list(defaults.ks),
-        help="cut-offs K for every metric (default: %(default)s)",
+        default=None,
+        help=f"cut-offs K for every metric (default: {' '.join(map(str, defaults.ks))})",
     )
     parser.add_argument(
         "--modes",
-        default=",".join(defaults.modes),
-        help="comma-separated: all (repurchases count) and/or novel (only items new to the user). Default: %(default)s",
+        default=None,
+        help="comma-separated: all (repurchases count) and/or novel (only items new to the user). Default: "
+        + ",".join(defaults.modes),
     )
     parser.add_argument(
         "--max-users",
@@ -308,15 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tune-max-users",
         type=int,
-        default=defaults.tune_max_users,
-        help="validation users per tuning trial (default: %(default)s)",
+        default=None,
+        help=f"validation users per tuning trial (default: {defaults.tune_max_users})",
     )
     parser.add_argument("--no-tune", action="store_true", help="skip tuning; use BaselineConfig defaults")
     parser.add_argument(
         "--seed",
         type=int,
-        default=defaults.seed,
-        help="seed for user sampling and ALS (default: %(default)s)",
+        default=None,
+        help=f"seed for user sampling and ALS (default: {defaults.seed})",
     )
     parser.add_argument(
         "--out",
@@ -329,32 +340,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    """EvalConfig from parsed flags, with values checked so errors name the flag."""
-    if any(k <= 0 for k in args.k):
-        raise UsageError(f"--k: cut-offs must be positive, got {args.k}")
-    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    if not modes or any(m not in MODES for m in modes):
-        raise UsageError(
-            f"--modes: expected a comma-separated subset of {', '.join(MODES)}, got {args.modes!r}"
-        )
-    for flag, value in (("--test-days", args.test_days), ("--valid-days", args.valid_days)):
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """What one recsvc-eval run uses: defaults <- --config file <- flags."""
+
+    eval: EvalConfig
+    baselines: BaselineConfig
+    data: DataConfig
+    test_days: float
+    valid_days: float
+
+
+def config_from_args(args: argparse.Namespace) -> EvalSettings:
+    """The run's settings from parsed flags (and --config), with values checked so errors name the flag."""
+    base = TrainConfig()
+    if args.config is not None:
+        from training.cli import config_from_file
+
+        try:
+            base = config_from_file(args.config)
+        except ConfigFileError as exc:
+            raise UsageError(str(exc)) from None
+    ev = base.eval
+    ks = tuple(args.k) if args.k is not None else ev.ks
+    if any(k <= 0 for k in ks):
+        raise UsageError(f"--k: cut-offs must be positive, got {list(ks)}")
+    modes = ev.modes
+    if args.modes is not None:
+        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+        if not modes or any(m not in MODES for m in modes):
+            raise UsageError(
+                f"--modes: expected a comma-separated subset of {', '.join(MODES)}, got {args.modes!r}"
+            )
+    test_days = args.test_days if args.test_days is not None else base.split.test_days
+    valid_days = args.valid_days if args.valid_days is not None else base.split.valid_days
+    for flag, value in (("--test-days", test_days), ("--valid-days", valid_days)):
         if value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")
-    for flag, value in (("--max-users", args.max_users), ("--tune-max-users", args.tune_max_users)):
+    max_users = args.max_users if args.max_users is not None else ev.max_users
+    tune_max_users = args.tune_max_users if args.tune_max_users is not None else ev.tune_max_users
+    for flag, value in (("--max-users", max_users), ("--tune-max-users", tune_max_users)):
         if value is not None and value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")
     if args.encoder_dir is not None and not Path(args.encoder_dir).is_dir():
         raise UsageError(f"--encoder-dir {args.encoder_dir} does not exist or is not a directory")
-    return EvalConfig(
-        ks=tuple(sorted(set(args.k))),
+    systems = tuple(parse_systems(args.systems)) if args.systems is not None else ev.systems
+    eval_config = dataclasses.replace(
+        ev,
+        ks=tuple(sorted(set(ks))),
         modes=modes,
-        systems=tuple(parse_systems(args.systems)),
-        max_users=args.max_users,
-        tune=not args.no_tune,
-        tune_max_users=args.tune_max_users,
-        seed=args.seed,
+        systems=systems,
+        max_users=max_users,
+        tune=ev.tune and not args.no_tune,
+        tune_max_users=tune_max_users,
+        seed=args.seed if args.seed is not None else ev.seed,
     )
+    return EvalSettings(eval_config, base.baselines, base.data, test_days, valid_days)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -364,13 +405,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        config = config_from_args(args)
+        settings = config_from_args(args)
         table = run_evaluation(
             args.data,
-            systems=config.systems,
-            test_days=args.test_days,
-            valid_days=args.valid_days,
-            eval_config=config,
+            systems=settings.eval.systems,
+            test_days=settings.test_days,
+            valid_days=settings.valid_days,
+            eval_config=settings.eval,
+            baseline_config=settings.baselines,
+            data_config=settings.data,
             checkpoint=args.out,
             encoder_dir=args.encoder_dir,
         )

@@ -180,3 +180,37 @@ def test_help_says_out_is_rewritten_after_each_system(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "after each system" in " ".join(capsys.readouterr().out.split())
+
+
+def test_config_file_sets_split_eval_and_baselines_and_flags_override_it(
+    synth_dataset: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        "split: {test_days: 2}\n"
+        "eval: {ks: [10, 20], systems: [popularity], tune: false}\n"
+        "baselines: {popularity_window_days: 3.5}\n"
+    )
+    out = tmp_path / "metrics.json"
+    assert main(["--data", str(synth_dataset), "--config", str(config), "--k", "5", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["protocol"]["test_days"] == 2.0
+    assert data["protocol"]["ks"] == [5]  # the flag wins over eval.ks
+    assert data["protocol"]["tuned"] is False
+    assert [r["system"] for r in data["results"]] == ["popularity"]
+    assert data["results"][0]["params"]["popularity_window_days"] == 3.5
+
+
+def test_bad_config_file_exits_2_naming_the_file_and_field(
+    synth_dataset: Path, tmp_path: Path, capsys
+) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text("split: {test_days: -1}\n")
+    assert (
+        main(["--data", str(synth_dataset), "--config", str(config), "--out", str(tmp_path / "m.json")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("recsvc-eval: error: config file") and "split.test_days" in err and str(config) in err
+    )
+    assert "Traceback" not in err
