@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from recsvc.behaviour import CoOccurrence, ItemStats
+from recsvc.candidate_kernels import item_slots
 from recsvc.candidates import (
     NAMES_BY_BITS,
     SOURCE_BITS,
@@ -326,3 +327,37 @@ def test_generate_many_equals_generate_with_repeats_within_a_list_and_extras_of_
             extra=extras[i],
         )
         _assert_same_candidates(candidates, expected)
+
+
+def test_a_history_item_outside_the_cooccurrence_table_is_refused_not_read_out_of_bounds() -> None:
+    stats, cooc = _behaviour(0, 50)
+    history = UserHistory(np.array([3, 60], np.int32), np.array([NOW - 9, NOW - 1]), np.ones(2, np.float32))
+    with pytest.raises(IndexError, match="outside the co-occurrence table"):
+        generate_many(
+            [history],
+            ann_items=[None],
+            ann_scores=[None],
+            stats=stats,
+            cooc=cooc,
+            cfg=CandidateConfig(),
+            nows=[NOW],
+        )
+
+
+def test_generate_many_leaves_its_item_scratch_all_unset() -> None:
+    n_items = 200
+    stats, cooc = _behaviour(5, n_items)
+    users = _random_users(5, 30, n_items)
+    generate_many(
+        users["histories"],
+        ann_items=users["ann"],
+        ann_scores=users["ann_scores"],
+        stats=stats,
+        cooc=cooc,
+        cfg=CandidateConfig(),
+        nows=users["nows"],
+        extras=users["extras"],
+        cf_items=users["cf"],
+        cf_scores=users["cf_scores"],
+    )
+    assert (item_slots(n_items) == -1).all()

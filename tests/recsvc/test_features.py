@@ -5,6 +5,7 @@ import polars as pl
 import pytest
 
 from recsvc.behaviour import USER_FEATURE_NAMES, CoOccurrence, ItemStats, decay, user_behaviour
+from recsvc.candidate_kernels import item_slots
 from recsvc.candidates import SOURCE_NAMES, Candidates, SourceList, generate, merge
 from recsvc.catalog import Catalog
 from recsvc.config import DAY, CandidateConfig
@@ -431,3 +432,23 @@ def test_cf_features_many_equal_one_user_at_a_time_and_match_the_factors() -> No
         best = np.nanmax(score)
         if best > 0:
             np.testing.assert_allclose(x[:, feature_index("cf_score_rel")], score / best, rtol=1e-6)
+
+
+def test_a_catalogue_without_attributes_gets_nan_shares_and_every_other_column_as_the_reference() -> None:
+    catalog, emb, stats, _, histories, cands, vecs, nows = _random_case(5, 12)
+    bare = Catalog(catalog.item_ids, catalog.index, {}, {}, catalog.price)
+    cfg = CandidateConfig()
+    got = build_features_many(histories, cands, vecs, emb, bare, stats, nows, cfg)
+    expected = [
+        _ref_build_features(h, c, v, emb, bare, stats, t, cfg)
+        for h, c, v, t in zip(histories, cands, vecs, nows)
+    ]
+    _assert_matches_reference(got, np.vstack(expected))
+    for name in ("attr0_share", "attr_share_mean", "attr_share_max"):
+        assert np.isnan(got[:, feature_index(name)]).all()
+
+
+def test_the_compiled_kernels_leave_their_item_scratch_all_unset() -> None:
+    catalog, emb, stats, _, histories, cands, vecs, nows = _random_case(6, 20)
+    build_features_many(histories, cands, vecs, emb, catalog, stats, nows, CandidateConfig())
+    assert (item_slots(len(catalog)) == -1).all()  # the next call in this thread starts clean
