@@ -3,8 +3,8 @@
 Why compiled: per user, the sources and their union are a few dozen small sorts and sums, and as
 numpy calls over a block they still cost more in call overhead than in arithmetic, all of it
 holding the GIL. This kernel does the same work in one pass with the GIL released. It follows
-the numpy definitions in `recsvc.candidates` exactly (the same sums in the same order, the same
-tie-breaks), and tests check that its answers equal `generate` for every user, bit for bit.
+the numpy definition (kept in tests/recsvc/test_candidates.py as the reference) exactly: the same
+sums in the same order, the same tie-breaks, and the tests check its answers bit for bit.
 
 Sources, in SOURCE_PRIORITY order: session, query (given), repeat (computed here), ann, cf
 (given), cooc (computed here), popular (given, shared by all users).
@@ -86,7 +86,7 @@ def _recent_seeds(
     items: np.ndarray, weights: np.ndarray, tail: int, keep: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The last `tail` events newest first, summed per item (float64, newest first), the first
-    `keep` distinct items by first appearance: `candidates.recent_seeds`."""
+    `keep` distinct items by first appearance (the reference: tests/recsvc/test_candidates.py)."""
     start = max(0, len(items) - tail)
     n = len(items) - start
     seeds = np.empty(keep, np.int64)
@@ -113,6 +113,23 @@ def _recent_seeds(
                 totals[s] += weights[row]
                 break
     return seeds[:found], totals[:found].astype(np.float32)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _candidate_columns(
+    n: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Uninitialised Candidates columns of length n: items, sources, ann_score, ann_rank,
+    cooc_score, repeat_score, cf_rank."""
+    return (
+        np.empty(n, np.int32),
+        np.empty(n, np.uint8),
+        np.empty(n, np.float32),
+        np.empty(n, np.float32),
+        np.empty(n, np.float32),
+        np.empty(n, np.float32),
+        np.empty(n, np.float32),
+    )
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -178,13 +195,7 @@ def generate_block(
     n_users = len(ev_offsets) - 1
     out_offsets = np.zeros(n_users + 1, np.int64)
     capacity = n_users * max_candidates
-    o_items = np.empty(capacity, np.int32)
-    o_bits = np.empty(capacity, np.uint8)
-    o_ann = np.empty(capacity, np.float32)
-    o_ann_rank = np.empty(capacity, np.float32)
-    o_cooc = np.empty(capacity, np.float32)
-    o_repeat = np.empty(capacity, np.float32)
-    o_cf_rank = np.empty(capacity, np.float32)
+    o_items, o_bits, o_ann, o_ann_rank, o_cooc, o_repeat, o_cf_rank = _candidate_columns(capacity)
     total = 0
     for u in range(n_users):
         e0, e1 = ev_offsets[u], ev_offsets[u + 1]
@@ -257,13 +268,7 @@ def generate_block(
                     source,
                 )
 
-        g_items = np.empty(n, np.int64)
-        g_bits = np.empty(n, np.uint8)
-        g_ann = np.empty(n, np.float32)
-        g_ann_rank = np.empty(n, np.float32)
-        g_cooc = np.empty(n, np.float32)
-        g_repeat = np.empty(n, np.float32)
-        g_cf_rank = np.empty(n, np.float32)
+        g_items, g_bits, g_ann, g_ann_rank, g_cooc, g_repeat, g_cf_rank = _candidate_columns(n)
         # the union: one row per item at its first proposal, OR of bits, last evidence per source
         m = 0
         for row in range(n):

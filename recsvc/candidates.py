@@ -147,17 +147,6 @@ def merge(lists: Sequence[SourceList], max_candidates: int) -> Candidates:
     )
 
 
-def repeat_source(history: UserHistory, now: int, n: int, half_life_days: float) -> SourceList:
-    """The user's own items by recency-weighted count (repurchase / re-view)."""
-    if len(history) == 0 or n <= 0:
-        return SourceList("repeat", np.zeros(0, np.int32), np.zeros(0, np.float32))
-    w = history.weights * decay(now - history.timestamps, half_life_days)
-    items, inverse = np.unique(history.items, return_inverse=True)
-    scores = np.bincount(inverse, w, minlength=len(items)).astype(np.float32)
-    best = np.argsort(-scores, kind="stable")[:n]
-    return SourceList("repeat", items[best].astype(np.int32), scores[best])
-
-
 def popular_source(stats: ItemStats, n: int) -> SourceList:
     """Items with the most recent interactions (the cold-start fallback)."""
     items = stats.top_popular(n)
@@ -190,19 +179,6 @@ def cooc_source(
     return SourceList(source, items[best].astype(np.int32), totals[best])
 
 
-def recent_seeds(history: UserHistory, now: int, half_life_days: float) -> tuple[np.ndarray, np.ndarray]:
-    """The last COOC_RECENT_ITEMS distinct history items with their decayed weight (summed)."""
-    if len(history) == 0:
-        return np.zeros(0, np.int32), np.zeros(0, np.float32)
-    tail = slice(max(0, len(history) - 4 * COOC_RECENT_ITEMS), len(history))
-    items = history.items[tail][::-1]
-    w = (history.weights[tail] * decay(now - history.timestamps[tail], half_life_days))[::-1]
-    unique, first, inverse = np.unique(items, return_index=True, return_inverse=True)
-    totals = np.bincount(inverse, w, minlength=len(unique))
-    keep = np.argsort(first, kind="stable")[:COOC_RECENT_ITEMS]
-    return unique[keep].astype(np.int32), totals[keep].astype(np.float32)
-
-
 def generate(
     history: UserHistory,
     *,
@@ -221,13 +197,21 @@ def generate(
     `ann_items`/`ann_scores` is this user's row of a FAISS search (ids < 0 are padding and
     dropped); `extra` carries request-specific sources (session, query) built by the caller;
     `cf_items`/`cf_scores` is this user's collaborative-filtering search (CFModel.search_many).
+    One user of `generate_many`, so ranker training, the refill round and serving share one
+    definition; tests/recsvc/test_candidates.py keeps the numpy one as the reference.
     """
-    lists: list[SourceList] = list(extra) + _searched_lists(ann_items, ann_scores, cf_items, cf_scores, cfg)
-    lists.append(repeat_source(history, now, cfg.repeat, cfg.cooc_half_life_days))
-    seeds, seed_w = recent_seeds(history, now, cfg.cooc_half_life_days)
-    lists.append(cooc_source(seeds, seed_w, cooc, cfg.cooccurrence))
-    lists.append(popular_source(stats, cfg.popular))
-    return merge(lists, cfg.max_candidates)
+    return generate_many(
+        [history],
+        ann_items=[ann_items],
+        ann_scores=[ann_scores],
+        stats=stats,
+        cooc=cooc,
+        cfg=cfg,
+        nows=[now],
+        extras=[extra],
+        cf_items=[cf_items],
+        cf_scores=[cf_scores],
+    )[0]
 
 
 def _searched_lists(
@@ -275,13 +259,13 @@ def generate_many(
     cf_items: Sequence[np.ndarray | None] | None = None,
     cf_scores: Sequence[np.ndarray | None] | None = None,
 ) -> list[Candidates]:
-    """`generate` for many users: element i equals `generate(histories[i], ...)` bit for bit.
+    """All sources for many users (each as `generate` describes), in one compiled kernel.
 
     Why: per user, candidate generation is ~40 numpy calls on arrays of a few hundred rows, so
     call overhead, not arithmetic, was its cost on the serving path. Here the computed sources
     (repeat, co-occurrence) and the union run for the whole block in one compiled kernel with the
-    GIL released (`candidate_kernels.generate_block`), which follows `generate`'s definitions sum
-    for sum and tie for tie.
+    GIL released (`candidate_kernels.generate_block`); tests check it against the numpy
+    definition sum for sum and tie for tie.
     """
     n_users = len(histories)
     if not (len(ann_items) == len(ann_scores) == len(nows) == n_users):
@@ -312,17 +296,13 @@ def generate_many(
     given_items = np.concatenate(
         [np.zeros(0, np.int64)] + [np.asarray(s.items, dtype=np.int64) for s in given]
     )
-    n_items = max(
-        stats.n_items,
-        cooc.n_items,
-        int(given_items.max()) + 1 if len(given_items) else 0,
-        int(events.items.max()) + 1 if len(events.items) else 0,
-    )
     if len(events.items) and int(events.items.max()) >= cooc.n_items:
-        # the kernel does not bounds-check; numpy's generate raised IndexError here
+        # the kernel does not bounds-check; this is the IndexError numpy indexing would raise
         raise IndexError(
             f"history item {int(events.items.max())} is outside the co-occurrence table ({cooc.n_items} items)"
         )
+    # every item index the kernel sees: history items (< cooc.n_items, checked above) and given ones
+    n_items = max(stats.n_items, cooc.n_items, int(given_items.max()) + 1 if len(given_items) else 0)
     columns = generate_block(
         events.offsets,
         events.items,

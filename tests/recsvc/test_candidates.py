@@ -3,9 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsvc.behaviour import CoOccurrence, ItemStats
+from recsvc.behaviour import CoOccurrence, ItemStats, decay
 from recsvc.candidate_kernels import item_slots
 from recsvc.candidates import (
+    COOC_RECENT_ITEMS,
     NAMES_BY_BITS,
     SOURCE_BITS,
     Candidates,
@@ -15,7 +16,7 @@ from recsvc.candidates import (
     generate,
     generate_many,
     merge,
-    repeat_source,
+    popular_source,
 )
 from recsvc.config import DAY, CandidateConfig
 from recsvc.history import UserHistory
@@ -48,16 +49,6 @@ def test_merge_truncation_drops_least_specific_sources_first() -> None:
     assert c.items.tolist() == [9, 8, 7]
 
 
-def test_repeat_source_prefers_recent_and_frequent_items() -> None:
-    h = UserHistory(
-        np.array([1, 2, 2, 3], np.int32),
-        np.array([NOW - 60 * DAY, NOW - 2 * DAY, NOW - DAY, NOW - 30 * DAY], np.int64),
-        np.ones(4, np.float32),
-    )
-    s = repeat_source(h, NOW, 2, half_life_days=7.0)
-    assert s.items.tolist() == [2, 3]
-
-
 def _state() -> tuple[ItemStats, CoOccurrence]:
     item = np.array([0, 1, 0, 1, 4, 4, 4])
     user = np.array([0, 0, 1, 1, 2, 3, 4])
@@ -66,6 +57,18 @@ def _state() -> tuple[ItemStats, CoOccurrence]:
     return ItemStats.from_interactions(item, user, ts, w, 6, NOW), CoOccurrence.from_interactions(
         item, user, ts, w, 6, NOW
     )
+
+
+def test_repeat_source_prefers_recent_and_frequent_items() -> None:
+    stats, cooc = _state()
+    h = UserHistory(
+        np.array([1, 2, 2, 3], np.int32),
+        np.array([NOW - 60 * DAY, NOW - 2 * DAY, NOW - DAY, NOW - 30 * DAY], np.int64),
+        np.ones(4, np.float32),
+    )
+    cfg = CandidateConfig(repeat=2, popular=0, cooccurrence=0, cooc_half_life_days=7.0)
+    c = generate(h, ann_items=None, ann_scores=None, stats=stats, cooc=cooc, cfg=cfg, now=NOW)
+    assert c.items[c.has("repeat")].tolist() == [2, 3]
 
 
 def test_generate_unions_ann_repeat_cooc_and_popular_sources() -> None:
@@ -161,6 +164,64 @@ def test_cooc_source_sums_seed_weight_times_similarity_over_all_seeds() -> None:
     assert np.all(np.diff(got.scores) <= 0)
 
 
+# ---------------------------------------------------------------------------------------------
+# The numpy definition of one user's candidates: the reference the compiled generate_block
+# (behind generate and generate_many) is checked against, sum for sum and tie for tie.
+
+
+def _ref_repeat_source(history: UserHistory, now: int, n: int, half_life_days: float) -> SourceList:
+    """The user's own items by recency-weighted count (repurchase / re-view)."""
+    if len(history) == 0 or n <= 0:
+        return SourceList("repeat", np.zeros(0, np.int32), np.zeros(0, np.float32))
+    w = history.weights * decay(now - history.timestamps, half_life_days)
+    items, inverse = np.unique(history.items, return_inverse=True)
+    scores = np.bincount(inverse, w, minlength=len(items)).astype(np.float32)
+    best = np.argsort(-scores, kind="stable")[:n]
+    return SourceList("repeat", items[best].astype(np.int32), scores[best])
+
+
+def _ref_recent_seeds(history: UserHistory, now: int, half_life_days: float) -> tuple[np.ndarray, np.ndarray]:
+    """The last COOC_RECENT_ITEMS distinct history items with their decayed weight (summed)."""
+    if len(history) == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.float32)
+    tail = slice(max(0, len(history) - 4 * COOC_RECENT_ITEMS), len(history))
+    items = history.items[tail][::-1]
+    w = (history.weights[tail] * decay(now - history.timestamps[tail], half_life_days))[::-1]
+    unique, first, inverse = np.unique(items, return_index=True, return_inverse=True)
+    totals = np.bincount(inverse, w, minlength=len(unique))
+    keep = np.argsort(first, kind="stable")[:COOC_RECENT_ITEMS]
+    return unique[keep].astype(np.int32), totals[keep].astype(np.float32)
+
+
+def _ref_generate(
+    history: UserHistory,
+    *,
+    ann_items: np.ndarray | None,
+    ann_scores: np.ndarray | None,
+    stats: ItemStats,
+    cooc: CoOccurrence,
+    cfg: CandidateConfig,
+    now: int,
+    extra: list[SourceList] | tuple[()] = (),
+    cf_items: np.ndarray | None = None,
+    cf_scores: np.ndarray | None = None,
+) -> Candidates:
+    lists: list[SourceList] = list(extra)
+    if ann_items is not None and ann_scores is not None:
+        valid = np.asarray(ann_items) >= 0
+        items = np.asarray(ann_items)[valid][: cfg.ann].astype(np.int32)
+        lists.append(SourceList("ann", items, np.asarray(ann_scores)[valid][: cfg.ann].astype(np.float32)))
+    if cf_items is not None and cf_scores is not None and cfg.cf > 0:
+        lists.append(
+            SourceList("cf", cf_items[: cfg.cf].astype(np.int32), cf_scores[: cfg.cf].astype(np.float32))
+        )
+    lists.append(_ref_repeat_source(history, now, cfg.repeat, cfg.cooc_half_life_days))
+    seeds, seed_w = _ref_recent_seeds(history, now, cfg.cooc_half_life_days)
+    lists.append(cooc_source(seeds, seed_w, cooc, cfg.cooccurrence))
+    lists.append(popular_source(stats, cfg.popular))
+    return merge(lists, cfg.max_candidates)
+
+
 _FIELDS = ("items", "sources", "ann_score", "ann_rank", "cooc_score", "repeat_score", "cf_rank")
 
 
@@ -220,7 +281,7 @@ def _behaviour(seed: int, n_items: int) -> tuple[ItemStats, CoOccurrence]:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_generate_many_equals_generate_for_each_user_bit_for_bit(seed: int) -> None:
+def test_generate_many_equals_the_numpy_definition_for_each_user_bit_for_bit(seed: int) -> None:
     n_items = 200
     stats, cooc = _behaviour(seed, n_items)
     users = _random_users(seed, 40, n_items)
@@ -239,7 +300,7 @@ def test_generate_many_equals_generate_for_each_user_bit_for_bit(seed: int) -> N
     )
     assert len(got) == 40
     for i in range(40):
-        expected = generate(
+        expected = _ref_generate(
             users["histories"][i],
             ann_items=users["ann"][i],
             ann_scores=users["ann_scores"][i],
@@ -282,7 +343,7 @@ def test_generate_many_rejects_inputs_of_different_lengths() -> None:
         )
 
 
-def test_generate_many_equals_generate_with_repeats_within_a_list_and_extras_of_any_source() -> None:
+def test_generate_many_equals_the_numpy_definition_with_repeats_in_a_list_and_extras_of_any_source() -> None:
     stats, cooc = _behaviour(4, 30)
     histories = [
         UserHistory(
@@ -316,7 +377,7 @@ def test_generate_many_equals_generate_with_repeats_within_a_list_and_extras_of_
         extras=extras,
     )
     for i, candidates in enumerate(got):
-        expected = generate(
+        expected = _ref_generate(
             histories[i],
             ann_items=ann[i],
             ann_scores=ann_scores[i],
