@@ -172,11 +172,11 @@ def build_features_many(
     out = np.full((total, N_FEATURES), np.nan, dtype=np.float32)
     if total == 0:
         return out
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     seg = np.repeat(np.arange(len(cands)), sizes)
     items = np.concatenate([c.items for c in cands]).astype(np.int64)
     row_now = np.repeat(np.asarray(nows, dtype=np.int64), sizes)
-    _text_features(out, histories, cands, user_vecs, item_emb, bounds)
+    _text_features(out, histories, cands, items, user_vecs, item_emb, bounds)
     _cf_features(out, cands, cf, cf_user_factors, bounds)
     _item_columns(out, cands, items, row_now, bounds, stats, catalog, histories)
     attributes = list(catalog.attributes.values())
@@ -192,6 +192,7 @@ def _text_features(
     out: np.ndarray,
     histories: Sequence[UserHistory],
     cands: Sequence[Candidates],
+    items: np.ndarray,
     user_vecs: Sequence[np.ndarray | None],
     item_emb: np.ndarray,
     bounds: np.ndarray,
@@ -210,8 +211,8 @@ def _text_features(
     text_cosines(
         out,
         _TEXT_COLUMNS,
-        np.concatenate([c.items for c in cands]).astype(np.int64),
-        bounds.astype(np.int64),
+        items,
+        bounds,
         vecs,
         has_user,
         np.concatenate(recent).astype(np.int64),
@@ -324,7 +325,7 @@ def _affinity_features(
         hist.timestamps,
         weights,
         weights * decay(hist.now - hist.timestamps, cfg.cooc_half_life_days),
-        bounds.astype(np.int64),
+        bounds,
         items,
         row_now,
         np.where(total > 0, total, 1.0),  # x / 1.0 == x: "no division" when total <= 0
