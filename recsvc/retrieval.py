@@ -25,6 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from recsvc import exact_search
 from recsvc.config import IndexConfig
 
 log = logging.getLogger(__name__)
@@ -466,7 +467,8 @@ def ranked_search(
     exact and the order is total. When the index scores each query on its own
     (`ItemIndex.scores_per_query`) its scores are used as they are; otherwise every found item is
     rescored as `item_emb[item] @ vector` (a gather and a product per row, which is why the
-    per-query indexes skip it).
+    per-query indexes skip it). The CPU flat index is not searched at all: `exact_search.top_k`
+    scans `item_emb` itself, exact and batch-independent by construction, so it needs no rescoring.
     """
     empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
     out: list[tuple[np.ndarray, np.ndarray]] = [empty] * len(vectors)
@@ -474,6 +476,13 @@ def ranked_search(
     if depth <= 0:
         return out
     depth = min(depth, index.n)
+    if index.kind == "flat" and not index.on_gpu and rows:
+        table = np.ascontiguousarray(item_emb, dtype=np.float32)
+        queries = index._queries(np.vstack([np.asarray(vectors[i], dtype=np.float32) for i in rows]))
+        ids, scores = exact_search.top_k(table, queries, min(depth, len(table)), faiss.omp_get_max_threads())
+        for j, row in enumerate(rows):
+            out[row] = (ids[j], scores[j])
+        return out
     for start in range(0, len(rows), SEARCH_BATCH):
         chunk = rows[start : start + SEARCH_BATCH]
         queries = np.vstack([np.asarray(vectors[i], dtype=np.float32) for i in chunk])
