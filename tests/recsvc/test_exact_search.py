@@ -74,3 +74,10 @@ def test_no_queries_give_empty_results() -> None:
 def test_a_depth_outside_the_catalogue_is_refused(depth: int) -> None:
     with pytest.raises(ValueError, match="depth"):
         exact_search.top_k(unit_rows(50, 4, seed=12), unit_rows(1, 4, seed=13), depth)
+
+
+def test_items_after_the_last_whole_row_of_groups_are_searched_too() -> None:
+    emb = unit_rows(1003, 8, seed=14)  # depth 5 -> 20 strided groups of 50 rows, 3 items left over
+    q = emb[1002]
+    ids, _ = exact_search.top_k(emb, q[None, :], 5)
+    assert ids[0][0] == 1002 and ids[0].tolist() == reference(emb, q, 5).tolist()
