@@ -308,6 +308,7 @@ class Phase:
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     stage_ms: dict[str, list[float]] = field(default_factory=dict)
+    response_bytes: list[int] = field(default_factory=list)  # every 16th answer's wire size
 
     server_cpu_s: float = 0.0  # server process CPU over the phase (with a stats probe)
     batches: float = 0.0
@@ -319,6 +320,7 @@ class Phase:
         self.errors += other.errors
         self.seconds += other.seconds
         self.latencies_ms += other.latencies_ms
+        self.response_bytes += other.response_bytes
         self.server_cpu_s += other.server_cpu_s
         self.batches += other.batches
         self.batched += other.batched
@@ -368,6 +370,8 @@ async def closed_loop(
                 continue
             phase.latencies_ms.append((time.perf_counter() - t) * 1000.0)
             phase.completed += 1
+            if phase.completed % 16 == 0:
+                phase.response_bytes.append(resp.ByteSize())
             for stage, ms in resp.timings_ms.items():
                 phase.stage_ms.setdefault(stage, []).append(ms)
 
@@ -394,6 +398,8 @@ async def open_loop(
             return
         phase.latencies_ms.append((time.perf_counter() - scheduled) * 1000.0)
         phase.completed += 1
+        if phase.completed % 16 == 0:
+            phase.response_bytes.append(resp.ByteSize())
         for stage, ms in resp.timings_ms.items():
             phase.stage_ms.setdefault(stage, []).append(ms)
 
@@ -782,6 +788,11 @@ def summarise(n_items: int, echo: Phase, phases: dict[str, Phase], processes: in
         "echo_server_cpu_ms_per_request": round(echo.cpu_ms_per_request, 3),
         "saturated_mean_batch": round(rec.mean_batch, 2),
         "half_load_server_cpu_ms_per_request": round(half.cpu_ms_per_request, 3),
+        # "an echo RPC of the same response size": both sizes, measured, so the floor can be checked
+        "echo_response_bytes": round(float(np.mean(echo.response_bytes)), 1) if echo.response_bytes else None,
+        "recommend_response_bytes": round(float(np.mean(rec.response_bytes)), 1)
+        if rec.response_bytes
+        else None,
         **ab_summary(phases),
     }
 
@@ -834,6 +845,9 @@ def print_report(echo: Phase, rows: list[dict[str, Any]], args: argparse.Namespa
             f"  server CPU per Recommend @ {r['items']} items: saturated "
             f"{r['saturated_server_cpu_ms_per_request']:.3f} ms (mean batch {r['saturated_mean_batch']:.2f}), "
             f"half load {r['half_load_server_cpu_ms_per_request']:.3f} ms; Echo {r['echo_server_cpu_ms_per_request']:.3f} ms"
+        )
+        print(
+            f"  response bytes @ {r['items']} items: Echo {r['echo_response_bytes']}, Recommend {r['recommend_response_bytes']}"
         )
     for r in rows:
         if "ab" in r:

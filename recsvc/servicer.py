@@ -33,13 +33,15 @@ from recsvc.config import ServeConfig
 from recsvc.exposures import Exposure, ExposureLog, ExposureLogError, pseudonymise, shown_items
 from recsvc.interleaving import team_draft
 from recsvc.model_manager import LoadedModel, ModelManager, NoModelError, UnknownVersionError
-from recsvc.recommender import RankingPolicy, RecommendRequest, RecommendResult, UnknownItemError
+from recsvc.recommender import STAGES, RankingPolicy, RecommendRequest, RecommendResult, UnknownItemError
 from recsvc.serving_metrics import ServingMetrics
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
 log = logging.getLogger("recsvc.access")
 
+# The stages a Recommend answer reports, for Echo to answer as many.
+ECHO_TIMINGS = ("validate", "queue", *STAGES, "respond")
 SERVER_PID_METADATA = "recsvc-server-pid"  # GetModelInfo trailing metadata: the answering process
 
 T = TypeVar("T")
@@ -408,17 +410,25 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     async def Echo(
         self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecommendResponse:
-        """The benchmark's floor: same request and response shape, no admission, no compute."""
+        """The benchmark's floor: same request and response shape, no admission, no compute.
+
+        "Same shape" means the same wire size as a Recommend answer: catalogue item ids with one
+        source each, the serving model's version, a request id (generated when none is sent, as
+        Recommend does) and one timing per stage. Until 2026-11-24 Echo answered ~410 bytes where
+        Recommend answered ~535 (no timings, no request id, a 4-character version).
+        """
         k = request.num_results or self._config.default_k
+        model = self._models.active if self._models.ready else None
+        ids = model.bundle.catalog.item_ids[:k] if model is not None else [f"e{i:07d}" for i in range(k)]
         return pb.RecommendResponse(
             items=[
-                pb.RecommendedItem(item_id=f"echo-{i:07d}", score=1.0 / (i + 1), sources=["ann", "cooc"])
-                for i in range(k)
+                pb.RecommendedItem(item_id=str(item), score=1.0 / (i + 1), sources=["ann"])
+                for i, item in enumerate(ids)
             ],
-            model_version="echo",
+            model_version=model.version if model is not None else "echo",
             personalised=True,
-            request_id=request.request_id,
-            timings_ms={"total": 0.0},
+            request_id=self._request_id(request.request_id),
+            timings_ms=dict.fromkeys(ECHO_TIMINGS, 0.125),  # proto3 would drop a 0.0 value
         )
 
     # ------------------------------------------------------------------ shared machinery

@@ -326,6 +326,18 @@ def test_echo_returns_a_same_shaped_response_without_a_model(client: RecsvcClien
     assert resp.request_id == "e1"
 
 
+def test_echo_answers_with_every_field_a_recommend_answer_carries(client: RecsvcClient, bundle) -> None:
+    """The benchmark's floor is only a floor if its answer costs about as much to send (the
+    benchmark reports both sizes; the sources per item vary with the bundle)."""
+    request = recommend_request(bundle.history.users()[0], 12)
+    echo = client.stub.Echo(request, timeout=5)
+    real = client.stub.Recommend(request, timeout=5)
+    assert sorted(echo.timings_ms) == sorted(real.timings_ms)
+    assert echo.model_version == real.model_version
+    assert len(echo.request_id) == len(real.request_id) == 32  # generated when none is sent
+    assert [len(i.item_id) for i in echo.items] == [len(i.item_id) for i in real.items]
+
+
 def test_health_reports_serving_for_server_and_service(client: RecsvcClient) -> None:
     assert client.health() == "SERVING"
     assert client.health(SERVICE_NAME) == "SERVING"
