@@ -768,7 +768,8 @@ class Recommender:
     def _search_filtered(
         self, vector: np.ndarray, depth: int, allowed: np.ndarray | None, blocked: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """ANN restricted to allowed, non-blocked items; exact rescoring as in `_search_many`."""
+        """ANN restricted to allowed, non-blocked items, rescored exactly (`retrieval.rescored`): FAISS's
+        filtered flat search scores with batch-dependent rounding, like its unfiltered one."""
         _, ids = self.bundle.index.search_with_filter(
             np.asarray(vector, dtype=np.float32)[None, :], depth, allowed=allowed, excluded=blocked.tolist()
         )

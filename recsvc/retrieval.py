@@ -6,6 +6,9 @@ installed) search runs on the GPU: exact there up to `gpu_exact_max_items`, IVF-
 (HNSW has no GPU implementation). Whatever was searched on, `save` writes a CPU index, so every
 bundle loads on CPU-only servers.
 
+On CPU, unfiltered exact search does not go through FAISS: `ranked_search` scans the embeddings
+with the compiled `exact_search.top_k` (exact, batch-independent, GIL released).
+
 Filtered search (`search_with_filter`) uses FAISS `IDSelectorBitmap` on CPU, so a filter never
 shortens the result list the way post-filtering would; on GPU, where FAISS has no selectors, it
 over-fetches and filters, doubling the depth until `k` survivors are found.
