@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 ORDER = (
     "bench_ranker.py",
     "bench_index.py",
+    "bench_exact_search.py",
     "bench_embed.py",
     "bench_baselines.py",
     "bench_pipeline.py",
