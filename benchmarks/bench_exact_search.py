@@ -105,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                     "same_items_and_order": same,
                 }
             )
-            print(
-                f"{f'{n}x{d}':>12} {batch:>5} {k_ms:>12.3f} {o_ms:>14.3f} {o_ms / k_ms:>5.2f}x {same!s:>5}"
-            )
+            print(f"{f'{n}x{d}':>12} {batch:>5} {k_ms:>12.3f} {o_ms:>14.3f} {o_ms / k_ms:>5.2f}x {same!s:>5}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"depth": args.depth, "rows": rows}, indent=2), encoding="utf-8")
     print(f"wrote {args.out}")
