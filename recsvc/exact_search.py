@@ -64,9 +64,9 @@ def _select(scores: np.ndarray, depth: int, out_i: np.ndarray, out_s: np.ndarray
     """Per row of `scores`, its `depth` best (score, item) pairs, best first, ties by lower item.
 
     A cheap lower bound first: split the items into G = 4 x depth groups (strided, so the group
-    maxima are one vectorised pass); at least `depth` groups have a maximum >= the depth-th largest
-    maximum, so at least `depth` items do too. Only the items above that bound (~3x depth on the
-    serving benchmark's users) are sorted.
+    maxima are one in-order pass over the scores); at least `depth` groups have a maximum >= the
+    depth-th largest maximum, so at least `depth` items do too. Only the items above that bound
+    (~1-3x depth on the serving benchmark's users) are sorted.
     """
     nq, n = scores.shape
     groups = min(n, 4 * depth)
@@ -124,6 +124,8 @@ def top_k(
             parts = list(pool.map(lambda s: _top_k_chunk(emb, queries[s : s + CHUNK], depth), starts))
     else:
         parts = [_top_k_chunk(emb, queries[s : s + CHUNK], depth) for s in starts]
+    if len(parts) == 1:  # every serving batch: no copy
+        return parts[0]
     if not parts:
         return np.zeros((0, depth), np.int32), np.zeros((0, depth), np.float32)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
