@@ -238,3 +238,31 @@ def test_ranked_search_scores_are_inner_products_best_first_ties_by_item(cfg: In
     keys = list(zip((-scores.astype(np.float64)).tolist(), items.tolist()))
     assert keys == sorted(keys)
     assert items[:3].tolist() == [999, 1000, 1001]
+
+
+def test_ivf_search_answers_as_faiss_own_search_over_the_same_lists() -> None:
+    emb = unit_rows(3000, 16, seed=8)
+    queries = unit_rows(60, 16, seed=9)
+    index = ItemIndex.build(emb, IVF)
+    scores, ids = index.search(queries, 25)
+    faiss_scores, faiss_ids = index.index.search(queries, 25, params=index._search_params(25))
+    np.testing.assert_array_equal(ids, faiss_ids)
+    np.testing.assert_array_equal(scores, faiss_scores)
+
+
+def test_ivf_probes_the_lists_with_the_highest_centroid_products_ties_by_lower_list() -> None:
+    import faiss
+
+    # integer centroids: every product is exact, and lists 1 and 2 (also 3 and 5) tie
+    centroids = np.array(
+        [[1, 0, 0, 0], [2, 1, 0, 0], [2, 1, 0, 0], [0, 3, 0, 0], [0, 0, 1, 0], [0, 3, 0, 0]], np.float32
+    )
+    quantizer = faiss.IndexFlatIP(4)
+    quantizer.add(centroids)
+    ivf = faiss.IndexIVFFlat(quantizer, 4, len(centroids), faiss.METRIC_INNER_PRODUCT)
+    ivf.is_trained = True
+    index = ItemIndex(ivf, "ivf", {"nlist": len(centroids), "nprobe": 3})
+    queries = np.array([[1, 1, 0, 0], [0, 1, 0, 0]], np.float32)
+    lists, products = index._probes(queries, 3)
+    assert lists.tolist() == [[1, 2, 3], [3, 5, 1]]
+    assert products.tolist() == [[3, 3, 3], [3, 3, 1]]
