@@ -28,7 +28,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from recsvc import exact_search
+from recsvc import exact_search, ivf_search
 from recsvc.config import IndexConfig
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,8 @@ class ItemIndex:
         self._gpu_lock = threading.Lock()
         self._gpu_resources: Any = None
         self._centroids: np.ndarray | None = None  # CPU IVF: the coarse centroids, read once
+        self._lists: ivf_search.IvfLists | None = None  # CPU IVF-flat: where FAISS keeps its lists
+        self._lists_read = False
 
     @property
     def n(self) -> int:
@@ -276,16 +278,20 @@ class ItemIndex:
         return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 
     def _cpu_search(self, q: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS's search on CPU; for IVF, over lists this code picks (`_probes`).
+        """FAISS's search on CPU, except IVF: `ivf_search` scans FAISS's lists itself (unfiltered),
+        or FAISS scans the lists this code picks (`_probes`; filtered searches).
 
-        Why: FAISS scores the query-centroid products with code that depends on the batch (1 query
-        alone and the same query in a batch of 3,000 differed by up to 2.4e-7, and 4 of 3,000
-        queries probed their lists in another order), so a query near the `nprobe`-th list's
-        boundary could probe another list in a batch job than online. `exact_search` scores each
-        (query, centroid) pair on its own, so the lists, and the answer, never depend on the batch.
+        Why IVF's lists are picked here: FAISS scores the query-centroid products with code that
+        depends on the batch (1 query alone and the same query in a batch of 3,000 differed by up
+        to 2.4e-7, and 4 of 3,000 queries probed their lists in another order), so a query near the
+        `nprobe`-th list's boundary could probe another list in a batch job than online.
+        `exact_search` scores each (query, centroid) pair on its own, so the lists, and the answer,
+        never depend on the batch.
         """
         if self.kind != "ivf":
             return self.index.search(q, k, params=params)
+        if params.sel is None and (lists := self._ivf_lists()) is not None:
+            return ivf_search.top_k(lists, q, int(params.nprobe), k, faiss.omp_get_max_threads())
         ivf = faiss.extract_index_ivf(self.index)
         probes, probe_scores = self._probes(q, min(int(params.nprobe), int(ivf.nlist)))
         scores = np.empty((len(q), k), dtype=np.float32)
@@ -302,6 +308,14 @@ class ItemIndex:
             params,  # nprobe (the width of `probes`) and the selector
         )
         return scores, ids
+
+    def _ivf_lists(self) -> ivf_search.IvfLists | None:
+        """FAISS's IVF lists in memory, read once (None: a layout `ivf_search` does not read).
+        The index is never added to after it is built or loaded, so the addresses stay valid."""
+        if not self._lists_read:
+            self._lists = ivf_search.IvfLists.of(self.index)
+            self._lists_read = True
+        return self._lists
 
     def _probes(self, q: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         """Per query, the `nprobe` IVF lists with the highest centroid products (ties: lower list),

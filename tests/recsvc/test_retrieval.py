@@ -240,14 +240,69 @@ def test_ranked_search_scores_are_inner_products_best_first_ties_by_item(cfg: In
     assert items[:3].tolist() == [999, 1000, 1001]
 
 
-def test_ivf_search_answers_as_faiss_own_search_over_the_same_lists() -> None:
+def test_ivf_search_finds_faiss_neighbours_with_exact_inner_products_best_first() -> None:
     emb = unit_rows(3000, 16, seed=8)
     queries = unit_rows(60, 16, seed=9)
     index = ItemIndex.build(emb, IVF)
     scores, ids = index.search(queries, 25)
-    faiss_scores, faiss_ids = index.index.search(queries, 25, params=index._search_params(25))
+    _, faiss_ids = index.index.search(queries, 25, params=index._search_params(25))
+    assert [set(row) for row in ids.tolist()] == [set(row) for row in faiss_ids.tolist()]
+    exact = np.einsum("qkd,qd->qk", emb[ids].astype(np.float64), queries.astype(np.float64))
+    np.testing.assert_allclose(scores, exact, rtol=0, atol=1e-6)
+    assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_ivf_search_breaks_score_ties_by_lower_item() -> None:
+    emb = unit_rows(3000, 16, seed=10)
+    emb[1001] = emb[1000]  # the same vector lands in the same list
+    emb[999] = emb[1000]
+    index = ItemIndex.build(emb, IVF)
+    _, ids = index.search(emb[1000], 5)
+    assert ids[0, :3].tolist() == [999, 1000, 1001]
+
+
+def test_ivf_search_pads_like_faiss_when_the_probed_lists_hold_fewer_than_k() -> None:
+    emb = unit_rows(3000, 16, seed=11)
+    index = ItemIndex.build(
+        emb, IndexConfig(use_gpu="never", exact_max_items=100, ann_kind="ivf", ivf_nprobe=1)
+    )
+    scores, ids = index.search(unit_rows(5, 16, seed=12), 500)  # one list of ~3000 / 76 items
+    faiss_scores, faiss_ids = index.index.search(
+        unit_rows(5, 16, seed=12), 500, params=index._search_params(500)
+    )
+    np.testing.assert_array_equal(ids < 0, faiss_ids < 0)
+    assert (ids < 0).any()
+    np.testing.assert_array_equal(scores[ids < 0], faiss_scores[faiss_ids < 0])
+
+
+def test_filtered_ivf_search_answers_as_faiss_own_filtered_search() -> None:
+    import faiss
+
+    emb = unit_rows(3000, 16, seed=13)
+    queries = unit_rows(30, 16, seed=14)
+    index = ItemIndex.build(emb, IVF)
+    allowed = np.arange(3000) % 4 != 0
+    scores, ids = index.search_with_filter(queries, 20, allowed=allowed)
+    bits = np.packbits(allowed, bitorder="little")
+    selector = faiss.IDSelectorBitmap(3000, faiss.swig_ptr(bits))
+    faiss_scores, faiss_ids = index.index.search(queries, 20, params=index._search_params(20, selector))
     np.testing.assert_array_equal(ids, faiss_ids)
     np.testing.assert_array_equal(scores, faiss_scores)
+
+
+def test_l2_ivf_index_is_searched_by_faiss_itself() -> None:
+    import faiss
+
+    from recsvc.ivf_search import IvfLists
+
+    emb = unit_rows(2000, 8, seed=15)
+    quantizer = faiss.IndexFlatL2(8)
+    l2 = faiss.IndexIVFFlat(quantizer, 8, 16, faiss.METRIC_L2)
+    l2.train(emb)
+    l2.add(emb)
+    assert IvfLists.of(l2) is None
+    ip = ItemIndex.build(emb, IVF)
+    assert IvfLists.of(ip.index) is not None
 
 
 def test_ivf_probes_the_lists_with_the_highest_centroid_products_ties_by_lower_list() -> None:
