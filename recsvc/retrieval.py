@@ -7,7 +7,9 @@ installed) search runs on the GPU: exact there up to `gpu_exact_max_items`, IVF-
 bundle loads on CPU-only servers.
 
 On CPU, unfiltered exact search does not go through FAISS: `ranked_search` scans the embeddings
-with the compiled `exact_search.top_k` (exact, batch-independent, GIL released).
+with the compiled `exact_search.top_k` (exact, batch-independent, GIL released). Unfiltered
+IVF-flat search scans FAISS's own lists in place with the compiled `ivf_search.top_k` (a batch
+reads each list once); filtered IVF search is FAISS's, over lists chosen by `exact_search`.
 
 Filtered search (`search_with_filter`) uses FAISS `IDSelectorBitmap` on CPU, so a filter never
 shortens the result list the way post-filtering would; on GPU, where FAISS has no selectors, it
