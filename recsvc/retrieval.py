@@ -7,9 +7,10 @@ installed) search runs on the GPU: exact there up to `gpu_exact_max_items`, IVF-
 bundle loads on CPU-only servers.
 
 On CPU, unfiltered exact search does not go through FAISS: `ranked_search` scans the embeddings
-with the compiled `exact_search.top_k` (exact, batch-independent, GIL released). Unfiltered
-IVF-flat search scans FAISS's own lists in place with the compiled `ivf_search.top_k` (a batch
-reads each list once); filtered IVF search is FAISS's, over lists chosen by `exact_search`.
+with the compiled `exact_search.top_k` (exact, batch-independent, GIL released). IVF-flat
+search, filtered or not, scans FAISS's own lists in place with the compiled `ivf_search.top_k`
+(a batch reads each list once); another IVF layout is searched by FAISS over lists chosen by
+`exact_search`.
 
 Filtered search (`search_with_filter`) uses FAISS `IDSelectorBitmap` on CPU, so a filter never
 shortens the result list the way post-filtering would; on GPU, where FAISS has no selectors, it
@@ -280,8 +281,8 @@ class ItemIndex:
         return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 
     def _cpu_search(self, q: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS's search on CPU, except IVF: `ivf_search` scans FAISS's lists itself (unfiltered),
-        or FAISS scans the lists this code picks (`_probes`; filtered searches).
+        """FAISS's search on CPU, except IVF: `ivf_search` scans FAISS's lists itself, or (a layout
+        it does not read) FAISS scans the lists this code picks (`_probes`).
 
         Why IVF's lists are picked here: FAISS scores the query-centroid products with code that
         depends on the batch (1 query alone and the same query in a batch of 3,000 differed by up
@@ -372,6 +373,9 @@ class ItemIndex:
         mask = self.allowed_mask(allowed, excluded)
         if self.on_gpu:
             return self._overfetch(q, int(k), mask)
+        if self.kind == "ivf" and (lists := self._ivf_lists()) is not None:
+            nprobe = int(self._search_params(k, None, effort).nprobe)
+            return ivf_search.top_k(lists, q, nprobe, int(k), faiss.omp_get_max_threads(), allowed=mask)
         bits = np.packbits(mask, bitorder="little")
         selector = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(bits))
         scores, ids = self._cpu_search(q, int(k), self._search_params(k, selector, effort))

@@ -20,13 +20,20 @@ def ivf_flat(emb: np.ndarray, nlist: int) -> faiss.Index:
 
 
 def reference(
-    emb: np.ndarray, centroids: np.ndarray, assignment: np.ndarray, q: np.ndarray, nprobe: int, depth: int
+    emb: np.ndarray,
+    centroids: np.ndarray,
+    assignment: np.ndarray,
+    q: np.ndarray,
+    nprobe: int,
+    depth: int,
+    allowed: np.ndarray | None = None,
 ) -> list[int]:
     """The definition: the `nprobe` lists with the highest centroid products (ties: lower list),
     then their items by descending exact inner product, ties by lower item."""
     c = centroids.astype(np.float64) @ q.astype(np.float64)
     lists = np.lexsort((np.arange(len(c)), -c))[:nprobe]
-    items = np.flatnonzero(np.isin(assignment, lists))
+    in_lists = np.isin(assignment, lists)
+    items = np.flatnonzero(in_lists if allowed is None else in_lists & allowed)
     s = emb[items].astype(np.float64) @ q.astype(np.float64)
     return items[np.lexsort((items, -s))][:depth].tolist()
 
@@ -43,6 +50,20 @@ def test_top_k_is_the_best_items_of_the_best_lists_best_first() -> None:
         assert row_ids.tolist() == reference(emb, lists.centroids, assignment[:, 0], q, 5, 30)
         np.testing.assert_allclose(row_scores, emb[row_ids] @ q, rtol=0, atol=1e-6)
     assert ids.dtype == np.int64 and scores.dtype == np.float32
+
+
+def test_allowed_keeps_only_allowed_items_of_the_same_lists() -> None:
+    emb = unit_rows(4000, 16, seed=13)
+    index = ivf_flat(emb, 40)
+    lists = ivf_search.IvfLists.of(index)
+    assert lists is not None
+    _, assignment = index.quantizer.search(emb, 1)
+    allowed = np.random.default_rng(14).random(4000) < 0.3
+    queries = unit_rows(10, 16, seed=15)
+    _, ids = ivf_search.top_k(lists, queries, 5, 30, allowed=allowed)
+    for q, row_ids in zip(queries, ids):
+        assert row_ids.tolist() == reference(emb, lists.centroids, assignment[:, 0], q, 5, 30, allowed)
+        assert allowed[row_ids].all()
 
 
 @pytest.mark.parametrize("dim", [40, 64, 384])  # 64 and 384: the benchmark's and MiniLM's sizes
