@@ -507,6 +507,13 @@ async def drive(
         out["half_load"] = await measured(
             open_loop(stub.Recommend, reqs, rate, args.seconds, args.max_requests, "half-load"), stats
         )
+        if args.fixed_rate:
+            out["fixed_rate"] = await measured(
+                open_loop(
+                    stub.Recommend, reqs, args.fixed_rate, args.seconds, args.max_requests, "fixed-rate"
+                ),
+                stats,
+            )
         if args.ab_setting is not None and control is not None:
             out |= await ab_rounds(stub, reqs, rate, args, control, stats)
     finally:
@@ -793,7 +800,23 @@ def summarise(n_items: int, echo: Phase, phases: dict[str, Phase], processes: in
         "recommend_response_bytes": round(float(np.mean(rec.response_bytes)), 1)
         if rec.response_bytes
         else None,
+        **fixed_rate_summary(phases),
         **ab_summary(phases),
+    }
+
+
+def fixed_rate_summary(phases: dict[str, Phase]) -> dict[str, Any]:
+    """p50 / p99 at `--fixed-rate`: the same offered load whatever the maximum, so two versions of
+    the code compare at equal load (half load is half of each one's own maximum)."""
+    fixed = phases.get("fixed_rate")
+    if fixed is None:
+        return {}
+    return {
+        "fixed_rate_rps": round(fixed.completed / fixed.seconds, 1) if fixed.seconds else 0.0,
+        "fixed_rate_p50_ms": round(fixed.pct(50), 2),
+        "fixed_rate_p99_ms": round(fixed.pct(99), 2),
+        "fixed_rate_server_cpu_ms_per_request": round(fixed.cpu_ms_per_request, 3),
+        "fixed_rate_errors": fixed.errors,
     }
 
 
@@ -849,6 +872,12 @@ def print_report(echo: Phase, rows: list[dict[str, Any]], args: argparse.Namespa
         print(
             f"  response bytes @ {r['items']} items: Echo {r['echo_response_bytes']}, Recommend {r['recommend_response_bytes']}"
         )
+        if "fixed_rate_rps" in r:
+            print(
+                f"  fixed rate @ {r['items']} items: {r['fixed_rate_rps']:.0f} rps offered and answered, "
+                f"p50 {r['fixed_rate_p50_ms']:.2f} ms, p99 {r['fixed_rate_p99_ms']:.2f} ms, "
+                f"server CPU {r['fixed_rate_server_cpu_ms_per_request']:.3f} ms, errors {r['fixed_rate_errors']}"
+            )
     for r in rows:
         if "ab" in r:
             a, b = r["ab"]["A"], r["ab"]["B"]
@@ -941,6 +970,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="client connections, spread evenly over the server processes and used in turn "
         "(default: one per process); the kernel spreads connections, not requests, over processes",
+    )
+    p.add_argument(
+        "--fixed-rate",
+        type=float,
+        default=None,
+        help="also offer Recommend open-loop at this many requests/s and report its p50 / p99: the "
+        "same load for every version compared (half load is half of each one's own maximum)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
