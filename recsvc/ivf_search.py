@@ -37,30 +37,25 @@ CHUNK = 256
 PAD_SCORE = np.float32(-np.finfo(np.float32).max)
 
 
-@intrinsic
-def _float32_at(typingctx: Any, address: Any) -> Any:
-    """The float32 pointer at an integer address (FAISS's list memory)."""
-    if not isinstance(address, types.Integer):
-        return None
-    sig = types.CPointer(types.float32)(address)
+def _pointer_at(element: Any) -> Any:
+    """An intrinsic: the `element` pointer at an integer address (FAISS's list memory)."""
 
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+    @intrinsic
+    def at(typingctx: Any, address: Any) -> Any:
+        if not isinstance(address, types.Integer):
+            return None
+        sig = types.CPointer(element)(address)
 
-    return sig, codegen
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+        return sig, codegen
+
+    return at
 
 
-@intrinsic
-def _int64_at(typingctx: Any, address: Any) -> Any:
-    """The int64 pointer at an integer address (FAISS's list ids)."""
-    if not isinstance(address, types.Integer):
-        return None
-    sig = types.CPointer(types.int64)(address)
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-
-    return sig, codegen
+_float32_at = _pointer_at(types.float32)  # a list's vectors
+_int64_at = _pointer_at(types.int64)  # a list's item ids
 
 
 @dataclass(frozen=True)

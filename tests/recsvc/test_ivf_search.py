@@ -19,6 +19,12 @@ def ivf_flat(emb: np.ndarray, nlist: int) -> faiss.Index:
     return index
 
 
+def lists_of(emb: np.ndarray, nlist: int) -> ivf_search.IvfLists:
+    lists = ivf_search.IvfLists.of(ivf_flat(emb, nlist))
+    assert lists is not None
+    return lists
+
+
 def reference(
     emb: np.ndarray,
     centroids: np.ndarray,
@@ -69,8 +75,7 @@ def test_allowed_keeps_only_allowed_items_of_the_same_lists() -> None:
 @pytest.mark.parametrize("dim", [40, 64, 384])  # 64 and 384: the benchmark's and MiniLM's sizes
 def test_a_query_gets_the_same_bits_alone_or_in_any_batch(dim: int) -> None:
     emb = unit_rows(3000, dim, seed=3)
-    lists = ivf_search.IvfLists.of(ivf_flat(emb, 30))
-    assert lists is not None
+    lists = lists_of(emb, 30)
     queries = unit_rows(ivf_search.CHUNK + 30, dim, seed=4)  # two chunks, lists shared by many
     scores, ids = ivf_search.top_k(lists, queries, 6, 50)
     for j in (0, 5, ivf_search.CHUNK, ivf_search.CHUNK + 29):
@@ -81,8 +86,7 @@ def test_a_query_gets_the_same_bits_alone_or_in_any_batch(dim: int) -> None:
 
 def test_threads_split_the_queries_without_changing_any_answer() -> None:
     emb = unit_rows(2000, 16, seed=5)
-    lists = ivf_search.IvfLists.of(ivf_flat(emb, 20))
-    assert lists is not None
+    lists = lists_of(emb, 20)
     queries = unit_rows(3 * ivf_search.CHUNK + 7, 16, seed=6)
     one = ivf_search.top_k(lists, queries, 4, 25, threads=1)
     three = ivf_search.top_k(lists, queries, 4, 25, threads=3)
@@ -91,8 +95,7 @@ def test_threads_split_the_queries_without_changing_any_answer() -> None:
 
 def test_fewer_vectors_than_depth_are_padded_with_minus_one_after_every_found_item() -> None:
     emb = unit_rows(300, 8, seed=7)
-    lists = ivf_search.IvfLists.of(ivf_flat(emb, 10))
-    assert lists is not None
+    lists = lists_of(emb, 10)
     scores, ids = ivf_search.top_k(lists, unit_rows(3, 8, seed=8), 1, 200)  # one list: ~30 items
     for row_ids, row_scores in zip(ids, scores):
         found = row_ids >= 0
@@ -103,8 +106,7 @@ def test_fewer_vectors_than_depth_are_padded_with_minus_one_after_every_found_it
 
 def test_nprobe_beyond_the_list_count_searches_every_list() -> None:
     emb = unit_rows(500, 8, seed=9)
-    lists = ivf_search.IvfLists.of(ivf_flat(emb, 8))
-    assert lists is not None
+    lists = lists_of(emb, 8)
     q = unit_rows(1, 8, seed=10)
     _, ids = ivf_search.top_k(lists, q, 100, 20)
     exact = np.lexsort((np.arange(500), -(emb.astype(np.float64) @ q[0].astype(np.float64))))[:20]
@@ -113,7 +115,6 @@ def test_nprobe_beyond_the_list_count_searches_every_list() -> None:
 
 def test_depth_below_one_is_rejected() -> None:
     emb = unit_rows(100, 4, seed=11)
-    lists = ivf_search.IvfLists.of(ivf_flat(emb, 4))
-    assert lists is not None
+    lists = lists_of(emb, 4)
     with pytest.raises(ValueError, match="depth"):
         ivf_search.top_k(lists, unit_rows(1, 4, seed=12), 2, 0)
