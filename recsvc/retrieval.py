@@ -12,7 +12,8 @@ search, filtered or not, scans FAISS's own lists in place with the compiled `ivf
 (a batch reads each list once); another IVF layout is searched by FAISS over lists chosen by
 `exact_search`.
 
-Filtered search (`search_with_filter`) uses FAISS `IDSelectorBitmap` on CPU, so a filter never
+Filtered search (`search_with_filter`) keeps only allowed rows while it scans (FAISS
+`IDSelectorBitmap` on CPU, or the same mask inside `ivf_search`), so a filter never
 shortens the result list the way post-filtering would; on GPU, where FAISS has no selectors, it
 over-fetches and filters, doubling the depth until `k` survivors are found.
 """
@@ -182,7 +183,7 @@ class ItemIndex:
 
         True for CPU IVF-flat and HNSW-flat: each (query, item) product is computed on its own, so
         the bits never depend on which other queries share the call (and IVF's lists are picked
-        by `_probes`, whose products do not depend on the batch either). The flat index scores a batch
+        by `exact_search`, whose products do not depend on the batch either). The flat index scores a batch
         with one BLAS sgemm (and the GPU has its own kernels), whose rounding depends on the batch.
         """
         return not self.on_gpu and self.kind in ("ivf", "hnsw")

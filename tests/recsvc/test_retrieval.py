@@ -323,3 +323,15 @@ def test_ivf_probes_the_lists_with_the_highest_centroid_products_ties_by_lower_l
     lists, products = index._probes(queries, 3)
     assert lists.tolist() == [[1, 2, 3], [3, 5, 1]]
     assert products.tolist() == [[3, 3, 3], [3, 3, 1]]
+
+
+def test_ivf_layout_ivf_search_cannot_read_is_searched_by_faiss_over_the_same_lists() -> None:
+    emb = unit_rows(3000, 16, seed=16)
+    queries = unit_rows(20, 16, seed=17)
+    index = ItemIndex.build(emb, IVF)
+    kernel = index.search(queries, 15)[1], index.search_with_filter(queries, 15, excluded=[1, 2])[1]
+    index._lists, index._lists_read = None, True  # as for a layout ivf_search does not read
+    faiss_path = index.search(queries, 15)[1], index.search_with_filter(queries, 15, excluded=[1, 2])[1]
+    for ours, theirs in zip(kernel, faiss_path):
+        assert [set(row) for row in ours.tolist()] == [set(row) for row in theirs.tolist()]
+    assert not np.isin(faiss_path[1], [1, 2]).any()
