@@ -9,8 +9,7 @@ bundle loads on CPU-only servers.
 On CPU, unfiltered exact search does not go through FAISS: `ranked_search` scans the embeddings
 with the compiled `exact_search.top_k` (exact, batch-independent, GIL released). IVF-flat
 search, filtered or not, scans FAISS's own lists in place with the compiled `ivf_search.top_k`
-(a batch reads each list once); another IVF layout is searched by FAISS over lists chosen by
-`exact_search`.
+(a batch reads each list once; the lists are picked by `exact_search`).
 
 Filtered search (`search_with_filter`) keeps only allowed rows while it scans (FAISS
 `IDSelectorBitmap` on CPU, or the same mask inside `ivf_search`), so a filter never
@@ -20,6 +19,7 @@ over-fetches and filters, doubling the depth until `k` survivors are found.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -169,9 +169,6 @@ class ItemIndex:
         self.on_gpu = on_gpu
         self._gpu_lock = threading.Lock()
         self._gpu_resources: Any = None
-        self._centroids: np.ndarray | None = None  # CPU IVF: the coarse centroids, read once
-        self._lists: ivf_search.IvfLists | None = None  # CPU IVF-flat: where FAISS keeps its lists
-        self._lists_read = False
 
     @property
     def n(self) -> int:
@@ -183,7 +180,7 @@ class ItemIndex:
 
         True for CPU IVF-flat and HNSW-flat: each (query, item) product is computed on its own, so
         the bits never depend on which other queries share the call (and IVF's lists are picked
-        by `exact_search`, whose products do not depend on the batch either). The flat index scores a batch
+        by `ivf_search.probed_lists`, whose products do not depend on the batch either). The flat index scores a batch
         with one BLAS sgemm (and the GPU has its own kernels), whose rounding depends on the batch.
         """
         return not self.on_gpu and self.kind in ("ivf", "hnsw")
@@ -282,55 +279,20 @@ class ItemIndex:
         return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 
     def _cpu_search(self, q: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS's search on CPU, except IVF: `ivf_search` scans FAISS's lists itself, or (a layout
-        it does not read) FAISS scans the lists this code picks (`_probes`).
-
-        Why IVF's lists are picked here: FAISS scores the query-centroid products with code that
-        depends on the batch (1 query alone and the same query in a batch of 3,000 differed by up
-        to 2.4e-7, and 4 of 3,000 queries probed their lists in another order), so a query near the
-        `nprobe`-th list's boundary could probe another list in a batch job than online.
-        `exact_search` scores each (query, centroid) pair on its own, so the lists, and the answer,
-        never depend on the batch.
-        """
-        if self.kind != "ivf":
-            return self.index.search(q, k, params=params)
-        if params.sel is None and (lists := self._ivf_lists()) is not None:
+        """FAISS's search on CPU, except IVF-flat: `ivf_search` scans FAISS's lists itself (lists
+        picked batch-independently, `ivf_search.probed_lists`). An IVF layout `ivf_search` does not
+        read is left to FAISS; this project builds and loads none."""
+        lists = self._ivf_lists if self.kind == "ivf" and params.sel is None else None
+        if lists is not None:
             return ivf_search.top_k(lists, q, int(params.nprobe), k, faiss.omp_get_max_threads())
-        ivf = faiss.extract_index_ivf(self.index)
-        probes, probe_scores = self._probes(q, min(int(params.nprobe), int(ivf.nlist)))
-        scores = np.empty((len(q), k), dtype=np.float32)
-        ids = np.empty((len(q), k), dtype=np.int64)
-        ivf.search_preassigned_c(
-            len(q),
-            faiss.swig_ptr(q),
-            k,
-            faiss.swig_ptr(probes),
-            faiss.swig_ptr(probe_scores),
-            faiss.swig_ptr(scores),
-            faiss.swig_ptr(ids),
-            False,
-            params,  # nprobe (the width of `probes`) and the selector
-        )
-        return scores, ids
+        return self.index.search(q, k, params=params)
 
+    @functools.cached_property
     def _ivf_lists(self) -> ivf_search.IvfLists | None:
-        """FAISS's IVF lists in memory, read once (None: a layout `ivf_search` does not read).
-        The index is never added to after it is built or loaded, so the addresses stay valid."""
-        if not self._lists_read:
-            self._lists = ivf_search.IvfLists.of(self.index)
-            self._lists_read = True
-        return self._lists
-
-    def _probes(self, q: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per query, the `nprobe` IVF lists with the highest centroid products (ties: lower list),
-        as FAISS's int64 list ids and float32 products."""
-        centroids = self._centroids
-        if centroids is None:
-            quantizer = faiss.extract_index_ivf(self.index).quantizer
-            centroids = np.ascontiguousarray(quantizer.reconstruct_n(0, quantizer.ntotal), dtype=np.float32)
-            self._centroids = centroids
-        lists, products = exact_search.top_k(centroids, q, nprobe, faiss.omp_get_max_threads())
-        return np.ascontiguousarray(lists, dtype=np.int64), np.ascontiguousarray(products, dtype=np.float32)
+        """FAISS's IVF lists in memory, read on the first CPU search (None: not IVF-flat, or a
+        layout `ivf_search` does not read). The index is never added to after it is built or
+        loaded, so the addresses stay valid; read lazily so a GPU copy never holds the CPU one."""
+        return ivf_search.IvfLists.of(self.index) if self.kind == "ivf" and not self.on_gpu else None
 
     def allowed_mask(
         self, allowed: np.ndarray | None = None, excluded: Iterable[int] | None = None
@@ -374,7 +336,7 @@ class ItemIndex:
         mask = self.allowed_mask(allowed, excluded)
         if self.on_gpu:
             return self._overfetch(q, int(k), mask)
-        if self.kind == "ivf" and (lists := self._ivf_lists()) is not None:
+        if self.kind == "ivf" and (lists := self._ivf_lists) is not None:
             nprobe = int(self._search_params(k, None, effort).nprobe)
             return ivf_search.top_k(lists, q, nprobe, int(k), faiss.omp_get_max_threads(), allowed=mask)
         bits = np.packbits(mask, bitorder="little")

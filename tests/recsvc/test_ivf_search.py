@@ -93,6 +93,17 @@ def test_threads_split_the_queries_without_changing_any_answer() -> None:
     assert one[0].tobytes() == three[0].tobytes() and one[1].tobytes() == three[1].tobytes()
 
 
+def test_probed_lists_are_those_with_the_highest_centroid_products_ties_by_lower_list() -> None:
+    # integer centroids: every product is exact, and lists 1 and 2 (also 3 and 5) tie
+    centroids = np.array(
+        [[1, 0, 0, 0], [2, 1, 0, 0], [2, 1, 0, 0], [0, 3, 0, 0], [0, 0, 1, 0], [0, 3, 0, 0]], np.float32
+    )
+    queries = np.array([[1, 1, 0, 0], [0, 1, 0, 0]], np.float32)
+    lists, products = ivf_search.probed_lists(centroids, queries, 3)
+    assert lists.tolist() == [[1, 2, 3], [3, 5, 1]]
+    assert products.tolist() == [[3, 3, 3], [3, 3, 1]]
+
+
 def test_fewer_vectors_than_depth_are_padded_with_minus_one_after_every_found_item() -> None:
     emb = unit_rows(300, 8, seed=7)
     lists = lists_of(emb, 10)

@@ -307,30 +307,17 @@ def test_l2_ivf_index_is_searched_by_faiss_itself() -> None:
     assert IvfLists.of(ip.index) is not None
 
 
-def test_ivf_probes_the_lists_with_the_highest_centroid_products_ties_by_lower_list() -> None:
-    import faiss
+def test_ivf_layout_ivf_search_cannot_read_is_searched_by_faiss_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from recsvc.ivf_search import IvfLists
 
-    # integer centroids: every product is exact, and lists 1 and 2 (also 3 and 5) tie
-    centroids = np.array(
-        [[1, 0, 0, 0], [2, 1, 0, 0], [2, 1, 0, 0], [0, 3, 0, 0], [0, 0, 1, 0], [0, 3, 0, 0]], np.float32
-    )
-    quantizer = faiss.IndexFlatIP(4)
-    quantizer.add(centroids)
-    ivf = faiss.IndexIVFFlat(quantizer, 4, len(centroids), faiss.METRIC_INNER_PRODUCT)
-    ivf.is_trained = True
-    index = ItemIndex(ivf, "ivf", {"nlist": len(centroids), "nprobe": 3})
-    queries = np.array([[1, 1, 0, 0], [0, 1, 0, 0]], np.float32)
-    lists, products = index._probes(queries, 3)
-    assert lists.tolist() == [[1, 2, 3], [3, 5, 1]]
-    assert products.tolist() == [[3, 3, 3], [3, 3, 1]]
-
-
-def test_ivf_layout_ivf_search_cannot_read_is_searched_by_faiss_over_the_same_lists() -> None:
     emb = unit_rows(3000, 16, seed=16)
     queries = unit_rows(20, 16, seed=17)
     index = ItemIndex.build(emb, IVF)
     kernel = index.search(queries, 15)[1], index.search_with_filter(queries, 15, excluded=[1, 2])[1]
-    index._lists, index._lists_read = None, True  # as for a layout ivf_search does not read
+    monkeypatch.setattr(IvfLists, "of", classmethod(lambda cls, index: None))  # a layout it cannot read
+    index = ItemIndex(index.index, "ivf", index.params)
     faiss_path = index.search(queries, 15)[1], index.search_with_filter(queries, 15, excluded=[1, 2])[1]
     for ours, theirs in zip(kernel, faiss_path):
         assert [set(row) for row in ours.tolist()] == [set(row) for row in theirs.tolist()]
