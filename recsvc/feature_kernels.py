@@ -39,6 +39,25 @@ def _touch_rows(table: np.ndarray, items: np.ndarray, start: int, stop: int) -> 
 
 # reassoc lets LLVM vectorise the dot products (a different summation order from BLAS: equal to
 # it within float32 rounding, and the same in training and serving, which both call this).
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"}, inline="always")
+def _dots4(
+    r0: np.ndarray, r1: np.ndarray, r2: np.ndarray, r3: np.ndarray, other: np.ndarray, dim: int
+) -> tuple[float, float, float, float]:  # pragma: no cover - compiled
+    """Four candidates' products with one vector: each load of `other` feeds four multiply-adds
+    (one product per load pair held the kernel at the CPU's load rate, not its arithmetic rate)."""
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    for d in range(dim):
+        o = other[d]
+        a0 += r0[d] * o
+        a1 += r1[d] * o
+        a2 += r2[d] * o
+        a3 += r3[d] * o
+    return a0, a1, a2, a3
+
+
 @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 def text_cosines(
     out: np.ndarray,
@@ -56,6 +75,10 @@ def text_cosines(
     Segment r (request r) holds candidate rows bounds[r]:bounds[r+1] and recent history items
     recent[recent_bounds[r]:recent_bounds[r+1]] (oldest first); rows of a request without a
     user vector keep cos_user, and without history the cos_hist_* columns, untouched (nan).
+
+    Candidates go four at a time (`_dots4`). A request's last group is padded by repeating its
+    last candidate (computed, not written), so every product comes out of the same code whatever
+    the candidate's position: the bits never depend on the batch or the list around a candidate.
     """
     c_user, c_max, c_mean, c_last = columns[0], columns[1], columns[2], columns[3]
     dim = item_emb.shape[1]
@@ -66,32 +89,56 @@ def text_cosines(
         use_user = has_user[r]
         if not use_user and n_hist == 0:
             continue
-        for b0 in range(bounds[r], bounds[r + 1], BLOCK):
-            b1 = min(b0 + BLOCK, bounds[r + 1])
+        end = bounds[r + 1]
+        for b0 in range(bounds[r], end, BLOCK):
+            b1 = min(b0 + BLOCK, end)
             warm += _touch_rows(item_emb, items, b0, b1)
-            for i in range(b0, b1):
-                row = item_emb[items[i]]
+            for i in range(b0, b1, 4):
+                r0 = item_emb[items[i]]
+                r1 = item_emb[items[min(i + 1, end - 1)]]
+                r2 = item_emb[items[min(i + 2, end - 1)]]
+                r3 = item_emb[items[min(i + 3, end - 1)]]
+                m = min(4, end - i)
                 if use_user:
-                    acc = np.float32(0.0)
-                    for d in range(dim):
-                        acc += row[d] * user_vecs[r, d]
-                    out[i, c_user] = acc
+                    s0, s1, s2, s3 = _dots4(r0, r1, r2, r3, user_vecs[r], dim)
+                    _put4(out, i, m, c_user, s0, s1, s2, s3)
                 if n_hist:
-                    best = np.float32(-np.inf)
-                    total = np.float32(0.0)
-                    sim = np.float32(0.0)
+                    m0 = m1 = m2 = m3 = np.float32(-np.inf)
+                    t0 = t1 = t2 = t3 = np.float32(0.0)
+                    s0 = s1 = s2 = s3 = np.float32(0.0)
                     for j in range(h0, h1):
-                        other = item_emb[recent[j]]
-                        sim = np.float32(0.0)
-                        for d in range(dim):
-                            sim += row[d] * other[d]
-                        if sim > best:
-                            best = sim
-                        total += sim
-                    out[i, c_max] = best
-                    out[i, c_mean] = total / np.float32(n_hist)
-                    out[i, c_last] = sim
+                        s0, s1, s2, s3 = _dots4(r0, r1, r2, r3, item_emb[recent[j]], dim)
+                        if s0 > m0:
+                            m0 = s0
+                        if s1 > m1:
+                            m1 = s1
+                        if s2 > m2:
+                            m2 = s2
+                        if s3 > m3:
+                            m3 = s3
+                        t0 += s0
+                        t1 += s1
+                        t2 += s2
+                        t3 += s3
+                    n = np.float32(n_hist)
+                    _put4(out, i, m, c_max, m0, m1, m2, m3)
+                    _put4(out, i, m, c_mean, t0 / n, t1 / n, t2 / n, t3 / n)
+                    _put4(out, i, m, c_last, s0, s1, s2, s3)
     return warm
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _put4(
+    out: np.ndarray, i: int, m: int, column: int, v0: float, v1: float, v2: float, v3: float
+) -> None:  # pragma: no cover - compiled
+    """out[i:i+m, column] = (v0, v1, v2, v3)[:m]: a group's values, padding dropped."""
+    out[i, column] = v0
+    if m > 1:
+        out[i + 1, column] = v1
+    if m > 2:
+        out[i + 2, column] = v2
+    if m > 3:
+        out[i + 3, column] = v3
 
 
 @njit(nogil=True, cache=True)

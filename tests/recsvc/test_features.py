@@ -152,7 +152,7 @@ def test_tower_inputs_are_most_recent_first_and_capped() -> None:
 
 
 def _random_case(
-    seed: int, n_users: int
+    seed: int, n_users: int, dim: int = 16
 ) -> tuple[
     Catalog, np.ndarray, ItemStats, CoOccurrence, list[UserHistory], list[Candidates], list, list[int]
 ]:
@@ -174,7 +174,7 @@ def _random_case(
             }
         )
     )
-    emb = rng.standard_normal((n_items, 16)).astype(np.float32)
+    emb = rng.standard_normal((n_items, dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     n_events = 4000
     ev_items = (rng.zipf(1.4, n_events) % n_items).astype(np.int64)
@@ -452,3 +452,20 @@ def test_the_compiled_kernels_leave_their_item_scratch_all_unset() -> None:
     catalog, emb, stats, _, histories, cands, vecs, nows = _random_case(6, 20)
     build_features_many(histories, cands, vecs, emb, catalog, stats, nows, CandidateConfig())
     assert (item_slots(len(catalog)) == -1).all()  # the next call in this thread starts clean
+
+
+def test_a_candidates_cosines_do_not_depend_on_its_position_in_the_list() -> None:
+    """The cosine kernel takes candidates four at a time; a candidate's bits must not depend on
+    which group (or the padded last one) it lands in."""
+    catalog, emb, stats, _, histories, cands, vecs, nows = _random_case(3, 30, dim=72)
+    cfg = CandidateConfig()
+    checked = 0
+    for h, c, v, t in zip(histories, cands, vecs, nows):
+        if len(c) < 6:
+            continue
+        base = build_features(h, c, v, emb, catalog, stats, t, cfg)[:, _COSINE_COLUMNS]
+        for order in (np.arange(len(c))[::-1], np.roll(np.arange(len(c)), 1), np.arange(1, len(c) - 1)):
+            moved = build_features(h, c.take(order), v, emb, catalog, stats, t, cfg)[:, _COSINE_COLUMNS]
+            np.testing.assert_array_equal(moved, base[order])
+            checked += 1
+    assert checked >= 30
