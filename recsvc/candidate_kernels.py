@@ -320,3 +320,66 @@ def generate_block(
         o_cf_rank[:total],
         out_offsets,
     )
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def cold_pool_rows(
+    pool: np.ndarray,
+    pool_bounds: np.ndarray,
+    cand_items: np.ndarray,
+    cand_bounds: np.ndarray,
+    vecs: np.ndarray,
+    has_vec: np.ndarray,
+    item_emb: np.ndarray,
+    slot: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled; covered through recommend
+    """The rows a block's cold pools add to its candidates: (items, scores, bounds), request r's
+    rows bounds[r]:bounds[r+1].
+
+    Request r's rows are the distinct items of pool[pool_bounds[r]:pool_bounds[r+1]] (-1 = none)
+    that are not already among its candidates cand_items[cand_bounds[r]:cand_bounds[r+1]]. With a
+    vector (has_vec[r]) each scores its inner product with vecs[r] and they come best first, ties
+    by item; without one they come by item and score nan. The same rows as np.unique, np.isin and
+    `retrieval.rescored` per request (the products summed in the kernel's order, not BLAS's), in
+    one pass with the GIL released. `slot` is item-indexed scratch, all -1 on entry and on return.
+    """
+    n = len(pool_bounds) - 1
+    items = np.empty(len(pool), np.int32)
+    scores = np.empty(len(pool), np.float32)
+    bounds = np.zeros(n + 1, np.int64)
+    dim = item_emb.shape[1]
+    m = 0
+    for r in range(n):
+        for j in range(cand_bounds[r], cand_bounds[r + 1]):
+            slot[cand_items[j]] = 1
+        start = m
+        for j in range(pool_bounds[r], pool_bounds[r + 1]):
+            item = pool[j]
+            if item >= 0 and slot[item] < 0:
+                slot[item] = 2
+                items[m] = item
+                m += 1
+        for j in range(cand_bounds[r], cand_bounds[r + 1]):
+            slot[cand_items[j]] = -1
+        for j in range(start, m):
+            slot[items[j]] = -1
+        mine = items[start:m]
+        mine.sort()
+        if not has_vec[r]:
+            scores[start:m] = np.nan
+        else:
+            vec = vecs[r]
+            own = np.empty(m - start, np.float32)
+            for j in range(m - start):
+                row = item_emb[mine[j]]
+                acc = np.float32(0.0)
+                for d in range(dim):
+                    acc += row[d] * vec[d]
+                own[j] = acc
+            order = np.argsort(-own, kind="mergesort")  # stable: equal scores stay by item
+            by_item = mine.copy()
+            for j in range(m - start):
+                items[start + j] = by_item[order[j]]
+                scores[start + j] = own[order[j]]
+        bounds[r + 1] = m
+    return items[:m], scores[:m], bounds

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from recsvc.candidate_kernels import cold_pool_rows, item_slots
 from recsvc.candidates import (
     BITS_BY_NAMES,
     NAMES_BY_BITS,
@@ -549,19 +550,28 @@ class Recommender:
         if not todo or not never_seen.any():
             return cands
         t = time.perf_counter()
+        pools = self._cold_pools(prepared, todo, slots, never_seen)
+        order = list(pools)
+        if not order:
+            return cands
+        vecs = np.zeros((len(order), self.item_emb.shape[1]), np.float32)
+        for j, i in enumerate(order):
+            if prepared[i].ranking_vec is not None:
+                vecs[j] = prepared[i].ranking_vec
+        items, scores, bounds = cold_pool_rows(
+            np.concatenate([pools[i] for i in order]).astype(np.int32, copy=False),
+            np.cumsum([0] + [len(pools[i]) for i in order]),
+            np.concatenate([cands[i].items for i in order]).astype(np.int32, copy=False),
+            np.cumsum([0] + [len(cands[i]) for i in order]),
+            vecs,
+            np.array([prepared[i].ranking_vec is not None for i in order]),
+            self.item_emb,
+            item_slots(len(self.catalog)),
+        )
         out = list(cands)
-        for i, items in self._cold_pools(prepared, todo, slots, never_seen).items():
-            p, c = prepared[i], cands[i]
-            # every pool item is never-seen, so only the never-seen candidates can repeat one
-            items = np.unique(items[items >= 0]).astype(np.int32)
-            cold_cands = c.items[never_seen[c.items]]
-            if len(cold_cands):
-                items = items[~np.isin(items, cold_cands)]
-            if p.ranking_vec is None:
-                scores = np.full(len(items), np.nan, np.float32)
-            else:
-                items, scores = rescored(self.item_emb, items, p.ranking_vec)
-            out[i] = _appended(c, items, SOURCE_BITS["ann"], scores)
+        for j, i in enumerate(order):
+            rows = slice(bounds[j], bounds[j + 1])
+            out[i] = _appended(cands[i], items[rows], SOURCE_BITS["ann"], scores[rows])
         timings["retrieval"] += _ms(t)
         return out
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from recsvc.behaviour import CoOccurrence, ItemStats, decay
-from recsvc.candidate_kernels import item_slots
+from recsvc.candidate_kernels import cold_pool_rows, item_slots
 from recsvc.candidates import (
     COOC_RECENT_ITEMS,
     NAMES_BY_BITS,
@@ -20,6 +20,7 @@ from recsvc.candidates import (
 )
 from recsvc.config import DAY, CandidateConfig
 from recsvc.history import UserHistory
+from recsvc.retrieval import rescored
 
 NOW = 50 * DAY
 
@@ -422,3 +423,48 @@ def test_generate_many_leaves_its_item_scratch_all_unset() -> None:
         cf_scores=users["cf_scores"],
     )
     assert (item_slots(n_items) == -1).all()
+
+
+def _ref_cold_rows(
+    pool: np.ndarray, cands: np.ndarray, vec: np.ndarray | None, emb: np.ndarray
+) -> np.ndarray:
+    """The numpy definition the kernel replaced: distinct pool items not among the candidates,
+    rescored best first (ties by item) when there is a vector."""
+    items = np.unique(pool[pool >= 0]).astype(np.int32)
+    items = items[~np.isin(items, cands)]
+    return items if vec is None else rescored(emb, items, vec)[0]
+
+
+@pytest.mark.parametrize("dim", [8, 40])
+def test_cold_pool_rows_equal_the_numpy_definition_and_leave_the_scratch_unset(dim: int) -> None:
+    rng = np.random.default_rng(dim)
+    n_items = 400
+    emb = rng.standard_normal((n_items, dim)).astype(np.float32)
+    emb[7] = emb[3]  # a tie: equal scores must come by item
+    pools, cands, vecs = [], [], []
+    for r in range(40):
+        pool = rng.integers(-1, 60 if r % 4 else n_items, int(rng.integers(0, 30))).astype(np.int32)
+        if r % 5 == 0:
+            pool = np.concatenate([pool, [3, 7, 3]]).astype(np.int32)
+        pools.append(pool)
+        cands.append(rng.choice(n_items, int(rng.integers(0, 50)), replace=False).astype(np.int32))
+        vecs.append(None if r % 3 == 0 else rng.standard_normal(dim).astype(np.float32))
+    slot = item_slots(n_items)
+    items, scores, bounds = cold_pool_rows(
+        np.concatenate(pools),
+        np.cumsum([0] + [len(p) for p in pools]),
+        np.concatenate(cands),
+        np.cumsum([0] + [len(c) for c in cands]),
+        np.vstack([np.zeros(dim, np.float32) if v is None else v for v in vecs]),
+        np.array([v is not None for v in vecs]),
+        emb,
+        slot,
+    )
+    assert (slot[:n_items] == -1).all()
+    for r, (pool, cand, vec) in enumerate(zip(pools, cands, vecs)):
+        rows = slice(bounds[r], bounds[r + 1])
+        np.testing.assert_array_equal(items[rows], _ref_cold_rows(pool, cand, vec, emb))
+        if vec is None:
+            assert np.isnan(scores[rows]).all()
+        else:
+            np.testing.assert_allclose(scores[rows], emb[items[rows]] @ vec, rtol=0, atol=1e-5)
