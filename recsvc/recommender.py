@@ -38,9 +38,10 @@ from recsvc.candidates import (
     merge,
 )
 from recsvc.cold_pool import COLD_NEIGHBOURS_DEPTH, ColdNeighbours
-from recsvc.cold_slots import cold_slot_count, with_cold_slots
+from recsvc.cold_slots import cold_slot_count
 from recsvc.config import CandidateConfig, RecommenderConfig
 from recsvc.features import HISTORY_COS_ITEMS, build_features_many, feature_index, pairwise_dot, tower_inputs
+from recsvc.final_order import final_rows
 from recsvc.history import Event, UserHistory
 from recsvc.retrieval import best_first, ranked_search, rescored
 from recsvc.user_tower import user_vector
@@ -59,6 +60,7 @@ RANK_BLOCK_ROWS = 16_384
 STAGES = ("user_vector", "retrieval", "candidates", "filters", "features", "ranking", "total")
 _NO_ITEMS = np.zeros(0, np.int32)
 _NO_ITEMS.flags.writeable = False  # shared by every request without exclusions
+_NO_CODES = np.zeros(0, np.int32)  # no diversity cap
 
 
 class UnknownItemError(KeyError):
@@ -376,12 +378,7 @@ class Recommender:
         timings["ranking"] += _ms(t)
 
         t = time.perf_counter()
-        cold_interest = _cold_interest(features)
-        never_seen = self.bundle.item_stats.never_seen()
-        results = [
-            self._finish(p, c, s, policy, np.where(never_seen[c.items], cold_interest[r], np.nan))
-            for p, c, s, r in zip(prepared, cands, per_request, rows)
-        ]
+        results = self._finish(prepared, cands, per_request, features, bounds, policy)
         timings["filters"] += _ms(t)
         return results
 
@@ -797,34 +794,58 @@ class Recommender:
 
     def _finish(
         self,
-        p: _Prepared,
-        cands: Candidates,
-        scores: np.ndarray,
+        prepared: Sequence[_Prepared],
+        cands: Sequence[Candidates],
+        scores: Sequence[np.ndarray],
+        features: np.ndarray,
+        bounds: np.ndarray,
         policy: RankingPolicy,
-        cold_score: np.ndarray,
-    ) -> RecommendResult:
-        """Order by score, give the reserved cold-start slots to never-seen candidates
-        (`cold_score`: their text interest, nan for the rest), apply the diversity cap, take k."""
-        order = best_first(np.asarray(scores, dtype=np.float64), cands.items)
-        order = with_cold_slots(
-            order, cold_score, p.req.k, self.config.cold_item_share, self.config.cold_first_position
+    ) -> list[RecommendResult]:
+        """Each request's list (`final_order.final_rows` for the block): best first by score, the
+        reserved cold-start slots given to never-seen candidates by their text interest
+        (`_cold_interest`), the diversity cap, k items."""
+        items = np.concatenate([c.items for c in cands]).astype(np.int32, copy=False)
+        never_seen = self.bundle.item_stats.never_seen()
+        cold = np.where(never_seen[items], _cold_interest(features), np.nan)
+        all_scores = np.concatenate([np.asarray(s, dtype=np.float64) for s in scores])
+        codes, cap, n_values = self._cap(policy)
+        rows, shown_bounds = final_rows(
+            all_scores,
+            items,
+            cold,
+            bounds,
+            np.array([p.req.k for p in prepared], dtype=np.int64),
+            np.array([self._cold_slots(p) for p in prepared], dtype=np.int64),
+            self.config.cold_first_position,
+            codes,
+            cap,
+            np.zeros(n_values, dtype=np.int64),
         )
-        order = self._diversify(order, cands.items, policy, p.req.k)
-        items = cands.items[order]
-        columns = RankedColumns(
-            self.catalog.item_ids[items],
-            np.asarray(scores, dtype=np.float64)[order],
-            cands.sources[order],
-            self._explain(p.history, items) if p.req.explain else None,
-        )
-        personalised = len(p.history) > 0 or p.query_vec is not None
-        return RecommendResult(None, self.model_version, p.unknown, personalised, {}, columns=columns)
+        rows += np.repeat(bounds[:-1], np.diff(shown_bounds))
+        shown = items[rows]
+        item_ids = self.catalog.item_ids[shown]
+        shown_scores = all_scores[rows]
+        sources = np.concatenate([c.sources for c in cands])[rows]
+        results = []
+        for p, a, b in zip(prepared, shown_bounds[:-1], shown_bounds[1:]):
+            columns = RankedColumns(
+                item_ids[a:b],
+                shown_scores[a:b],
+                sources[a:b],
+                self._explain(p.history, shown[a:b]) if p.req.explain else None,
+            )
+            personalised = len(p.history) > 0 or p.query_vec is not None
+            results.append(
+                RecommendResult(None, self.model_version, p.unknown, personalised, {}, columns=columns)
+            )
+        return results
 
-    def _diversify(self, order: np.ndarray, items: np.ndarray, policy: RankingPolicy, k: int) -> np.ndarray:
-        """Greedy cap of `max_per_category` items per value of the diversity attribute."""
+    def _cap(self, policy: RankingPolicy) -> tuple[np.ndarray, int, int]:
+        """(codes per item, cap, number of values) of the policy's diversity cap; (empty, 0, 0)
+        when there is none."""
         cap = policy.max_per_category
         if cap is None:
-            return order[:k]
+            return _NO_CODES, 0, 0
         codes = self.catalog.attributes.get(policy.diversity_attribute)
         if codes is None:
             if policy.diversity_attribute not in self._warned_attributes:
@@ -834,18 +855,8 @@ class Recommender:
                     policy.diversity_attribute,
                     ", ".join(self.catalog.attributes) or "none",
                 )
-            return order[:k]
-        taken: dict[int, int] = {}
-        chosen = []
-        for i in order:
-            code = int(codes[items[i]])
-            if code >= 0 and taken.get(code, 0) >= cap:
-                continue
-            taken[code] = taken.get(code, 0) + 1
-            chosen.append(i)
-            if len(chosen) == k:
-                break
-        return np.asarray(chosen, dtype=np.int64)
+            return _NO_CODES, 0, 0
+        return codes, int(cap), len(self.catalog.attribute_values[policy.diversity_attribute])
 
     def _explain(self, history: UserHistory, items: np.ndarray) -> list[str | None]:
         """For each item, the recent history item (other than itself) with the highest cosine."""
