@@ -293,6 +293,9 @@ def user_behaviour(history: UserHistory, now: int, attribute_codes: np.ndarray |
 
     `attribute_codes` (the catalogue codes of one attribute, e.g. category) gives the diversity:
     distinct values in the history / events, so a focused shopper scores low.
+
+    This is the definition; `features.build_features_many` computes it for a block of users with
+    the compiled `feature_kernels.user_activity` (the tests check they agree bit for bit).
     """
     n = len(history)
     if n == 0:

@@ -293,3 +293,106 @@ def item_columns(
             if not np.isnan(mean):
                 out[i, price_columns[1]] = price[item] / mean
     return warm
+
+
+@njit(nogil=True, cache=True)
+def _pairwise_sum(values: np.ndarray, lo: int, n: int) -> float:  # pragma: no cover - compiled
+    """values[lo:lo+n].sum() as numpy computes it (its pairwise summation: blocks of up to 128 in
+    eight interleaved partial sums), so the bits equal numpy's."""
+    if n < 8:
+        total = values.dtype.type(0.0)
+        for i in range(lo, lo + n):
+            total += values[i]
+        return total
+    if n <= 128:
+        r0, r1, r2, r3 = values[lo], values[lo + 1], values[lo + 2], values[lo + 3]
+        r4, r5, r6, r7 = values[lo + 4], values[lo + 5], values[lo + 6], values[lo + 7]
+        i = 8
+        while i < n - n % 8:
+            r0 += values[lo + i]
+            r1 += values[lo + i + 1]
+            r2 += values[lo + i + 2]
+            r3 += values[lo + i + 3]
+            r4 += values[lo + i + 4]
+            r5 += values[lo + i + 5]
+            r6 += values[lo + i + 6]
+            r7 += values[lo + i + 7]
+            i += 8
+        total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < n:
+            total += values[lo + i]
+            i += 1
+        return total
+    half = n // 2
+    half -= half % 8
+    return _pairwise_sum(values, lo, half) + _pairwise_sum(values, lo + half, n - half)
+
+
+@njit(nogil=True, cache=True)
+def segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """values[offsets[u]:offsets[u+1]].sum() for every segment u, bit-equal to numpy's."""
+    out = np.zeros(len(offsets) - 1, values.dtype)
+    for u in range(len(offsets) - 1):
+        out[u] = _pairwise_sum(values, offsets[u], offsets[u + 1] - offsets[u])
+    return out
+
+
+@njit(nogil=True, cache=True)
+def _distinct(values: np.ndarray) -> int:  # pragma: no cover - compiled
+    """len(np.unique(values))."""
+    if len(values) == 0:
+        return 0
+    ordered = np.sort(values)
+    count = 1
+    for i in range(1, len(ordered)):
+        if ordered[i] != ordered[i - 1]:
+            count += 1
+    return count
+
+
+@njit(nogil=True, cache=True)
+def user_activity(
+    out: np.ndarray,
+    offsets: np.ndarray,
+    items: np.ndarray,
+    timestamps: np.ndarray,
+    weight_sums: np.ndarray,
+    nows: np.ndarray,
+    codes: np.ndarray,
+    day: int,
+) -> None:  # pragma: no cover - compiled; covered through build_features
+    """out[u] = behaviour.user_behaviour of user u (events offsets[u]:offsets[u+1], their
+    float32 weight sum in weight_sums[u]): the same values, for a block of users in one pass.
+    `codes` are the diversity attribute's codes per item, or empty when the catalogue has none."""
+    for u in range(len(offsets) - 1):
+        a, b = offsets[u], offsets[u + 1]
+        n = b - a
+        if n == 0:
+            out[u, :3] = 0.0
+            out[u, 3:] = np.nan
+            continue
+        now = nows[u]
+        recent = 0
+        for i in range(a, b):
+            if now - timestamps[i] <= 7 * day:
+                recent += 1
+        days = np.empty(n, np.int64)
+        for i in range(n):
+            days[i] = timestamps[a + i] // day
+        out[u, 0] = n
+        out[u, 1] = weight_sums[u]
+        out[u, 2] = recent
+        out[u, 3] = (now - timestamps[b - 1]) / day
+        out[u, 4] = _distinct(days)
+        out[u, 5] = _distinct(items[a:b]) / n
+        if len(codes) == 0:
+            out[u, 6] = np.nan
+        else:
+            present = np.empty(n, np.int64)
+            m = 0
+            for i in range(a, b):
+                code = codes[items[i]]
+                if code >= 0:
+                    present[m] = code
+                    m += 1
+            out[u, 6] = _distinct(present[:m]) / n

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from recsvc.behaviour import USER_FEATURE_NAMES, ItemStats, decay, user_behaviour
+from recsvc.behaviour import USER_FEATURE_NAMES, ItemStats, decay
 from recsvc.candidate_kernels import item_slots
 from recsvc.candidates import SOURCE_BITS, SOURCE_NAMES, Candidates
 from recsvc.catalog import Catalog
 from recsvc.config import DAY, CandidateConfig
-from recsvc.feature_kernels import history_affinity, item_columns, text_cosines
+from recsvc.feature_kernels import history_affinity, item_columns, segment_sums, text_cosines, user_activity
 from recsvc.history import HistoryRows, UserHistory
 
 if TYPE_CHECKING:
@@ -83,6 +83,7 @@ _TIME_COLUMNS = np.asarray([_COL["item_days_since_last"], _COL["item_days_since_
 _PRICE_COLUMNS = np.asarray([_COL["item_price"], _COL["price_ratio_user_mean"]])
 _SOURCE_BITS = np.asarray([SOURCE_BITS[name] for name in SOURCE_NAMES], dtype=np.uint8)
 _TEXT_COLUMNS = np.asarray([_COL[n] for n in ("cos_user", "cos_hist_max", "cos_hist_mean", "cos_hist_last")])
+_NO_CODES = np.zeros(0, np.int32)  # a catalogue without attributes: no diversity
 
 
 def item_stat_rows(stats: ItemStats, rows: np.ndarray) -> np.ndarray:
@@ -179,13 +180,29 @@ def build_features_many(
     _text_features(out, histories, cands, items, user_vecs, item_emb, bounds)
     _cf_features(out, cands, cf, cf_user_factors, bounds)
     _item_columns(out, cands, items, row_now, bounds, stats, catalog, histories)
-    attributes = list(catalog.attributes.values())
-    diversity_codes = attributes[0] if attributes else None
-    user_rows = np.vstack([user_behaviour(h, int(t), diversity_codes) for h, t in zip(histories, nows)])
+    hist = HistoryRows.of(histories, nows)
     first = _COL["user_n_events"]
-    out[:, first : first + len(USER_FEATURE_NAMES)] = user_rows[seg]
-    _affinity_features(out, HistoryRows.of(histories, nows), histories, bounds, items, row_now, catalog, cfg)
+    out[:, first : first + len(USER_FEATURE_NAMES)] = _user_rows(hist, nows, catalog)[seg]
+    _affinity_features(out, hist, bounds, items, row_now, catalog, cfg)
     return out
+
+
+def _user_rows(hist: HistoryRows, nows: Sequence[int], catalog: Catalog) -> np.ndarray:
+    """behaviour.user_behaviour of every user (`feature_kernels.user_activity`), float32
+    [n_users, len(USER_FEATURE_NAMES)]; its diversity is over the catalogue's first attribute."""
+    attributes = list(catalog.attributes.values())
+    rows = np.empty((len(hist.offsets) - 1, len(USER_FEATURE_NAMES)), dtype=np.float32)
+    user_activity(
+        rows,
+        hist.offsets,
+        hist.items,
+        hist.timestamps,
+        segment_sums(hist.weights, hist.offsets),
+        np.asarray(nows, dtype=np.int64),
+        attributes[0] if attributes else _NO_CODES,
+        DAY,
+    )
+    return rows
 
 
 def _text_features(
@@ -296,7 +313,6 @@ def _item_columns(
 def _affinity_features(
     out: np.ndarray,
     hist: HistoryRows,
-    histories: Sequence[UserHistory],
     bounds: np.ndarray,
     items: np.ndarray,
     row_now: np.ndarray,
@@ -306,10 +322,8 @@ def _affinity_features(
     """Attribute shares of the user's history weight and the user's own history with each item
     (`feature_kernels.history_affinity`; the numpy definition is the tests' reference)."""
     weights = hist.weights.astype(np.float64)
-    # per-user .sum() (numpy's pairwise summation) so totals match the one-user definition exactly
-    total = np.fromiter(
-        (h.weights.astype(np.float64).sum() for h in histories), dtype=np.float64, count=len(histories)
-    )
+    # numpy's pairwise summation per user, so totals match the one-user definition exactly
+    total = segment_sums(weights, hist.offsets)
     codes = tuple(catalog.attributes.values())
     value_offsets = np.zeros(len(codes) + 1, dtype=np.int64)
     np.cumsum([max(len(v), 1) for v in catalog.attribute_values.values()], out=value_offsets[1:])

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import polars as pl
 import pytest
@@ -9,6 +11,7 @@ from recsvc.candidate_kernels import item_slots
 from recsvc.candidates import SOURCE_NAMES, Candidates, SourceList, generate, merge
 from recsvc.catalog import Catalog
 from recsvc.config import DAY, CandidateConfig
+from recsvc.feature_kernels import segment_sums
 from recsvc.features import (
     AFFINITY_SLOTS,
     FEATURE_NAMES,
@@ -469,3 +472,16 @@ def test_a_candidates_cosines_do_not_depend_on_its_position_in_the_list() -> Non
             np.testing.assert_array_equal(moved, base[order])
             checked += 1
     assert checked >= 30
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_segment_sums_equal_numpys_sum_of_each_segment_bit_for_bit(dtype: type) -> None:
+    """numpy sums pairwise; a sequential sum differs in the last bits from 9 values up."""
+    rng = np.random.default_rng(5)
+    lengths = [0, 1, 7, 8, 9, 15, 16, 17, 127, 128, 129, 255, 256, 1000, 9000]
+    values = (rng.random(sum(lengths)) * rng.choice([0.5, 1.0, 3.7, 8.0], sum(lengths))).astype(dtype)
+    offsets = np.cumsum([0, *lengths]).astype(np.int64)
+    sums = segment_sums(values, offsets)
+    assert sums.dtype == dtype
+    expected = [values[a:b].sum() for a, b in itertools.pairwise(offsets)]
+    np.testing.assert_array_equal(sums, np.asarray(expected, dtype=dtype))
