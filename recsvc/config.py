@@ -323,6 +323,8 @@ class ServeConfig:
     # Server processes sharing the port (SO_REUSEPORT) under a supervisor (recsvc/server_processes.py):
     # one Python process is GIL-bound to about one core. 1 = a single process, no supervisor; 0 = one
     # per usable core. Each process holds its own models and admits up to max_in_flight requests.
+    # 2 on the 2-core box served 1.1-1.5x the Recommend/s of 1, at a higher p99 near saturation
+    # (docs/PERFORMANCE.md, 2026-11-24); 1 stays the default: one copy of the bundle in memory.
     processes: int = 1
     # "uvloop" (libuv's event loop, when installed; else asyncio's with a warning) or "asyncio".
     # Measured with bench_serve at 10k items, 2 runs each: 5-8% more Recommend/s, 6-8% less server
