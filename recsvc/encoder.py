@@ -13,7 +13,9 @@ same states again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -97,17 +99,30 @@ def bert_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def _layer_attention_mask(
     model: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor
 ) -> object:
-    """The attention mask in the form BERT's own forward hands to its layers (same function)."""
-    if hasattr(model, "_create_attention_masks"):  # transformers >= 5
-        mask, _ = model._create_attention_masks(
-            attention_mask=attention_mask,
-            encoder_attention_mask=None,
-            embedding_output=hidden,
-            encoder_hidden_states=None,
-            past_key_values=None,
-        )
-        return mask
-    return model.get_extended_attention_mask(attention_mask, attention_mask.shape)  # transformers 4
+    """The attention mask in the form BERT's own forward hands to its layers (same function).
+
+    A private transformers method, so its keywords follow the installed version: 5.24 renamed
+    `past_key_values` to `cache` (no cache either way: an encoder-only forward).
+    """
+    create = getattr(model, "_create_attention_masks", None)
+    if create is None:  # transformers 4
+        return model.get_extended_attention_mask(attention_mask, attention_mask.shape)
+    kwargs: dict[str, object] = {
+        "attention_mask": attention_mask,
+        "encoder_attention_mask": None,
+        "embedding_output": hidden,
+        "encoder_hidden_states": None,
+    }
+    kwargs.update(dict.fromkeys(_cache_keywords(type(model)), None))
+    mask, _ = create(**kwargs)
+    return mask
+
+
+@functools.cache
+def _cache_keywords(model_type: type) -> tuple[str, ...]:
+    """The cache keyword(s) `_create_attention_masks` takes in the installed transformers."""
+    params = inspect.signature(model_type._create_attention_masks).parameters  # type: ignore[attr-defined]
+    return tuple(name for name in ("past_key_values", "cache") if name in params)
 
 
 def forward_from_layer(
