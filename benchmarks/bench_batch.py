@@ -65,8 +65,9 @@ log = logging.getLogger("bench_batch")
 class ServerProcess:
     """`python -m recsvc.server` on loopback in a child process (its own GIL and CPU share)."""
 
-    def __init__(self, bundles_root: Path, workdir: Path, workers: int | None) -> None:
+    def __init__(self, bundles_root: Path, workdir: Path, workers: int | None, processes: int = 1) -> None:
         self.port = free_port()
+        self.processes = processes
         cmd = [
             sys.executable,
             "-m",
@@ -78,6 +79,7 @@ class ServerProcess:
         ]
         cmd += ["--metrics-port", "0", "--events-db", str(workdir / "events.sqlite")]
         cmd += ["--log-level", "WARNING"] + (["--workers", str(workers)] if workers else [])
+        cmd += ["--processes", str(processes)]
         self.proc = subprocess.Popen(cmd, cwd=REPO)
 
     @property
@@ -85,12 +87,20 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU of the server process so far (all threads); None off Linux."""
+        """User + system CPU of the server so far (all threads; with --processes N, the
+        supervisor and its server processes); None off Linux."""
         try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks = 0
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    fields = stat.read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue  # a process that just ended
+                if stat.parent.name == str(self.proc.pid) or fields[1] == str(self.proc.pid):
+                    ticks += int(fields[11]) + int(fields[12])
         except OSError:
             return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def wait_until_serving(self, timeout: float) -> None:
         """Health SERVING, or a clear error as soon as the server process has died."""
@@ -166,7 +176,9 @@ def grpc_phase(
     """Recommend once per user with `concurrency` client threads; CPU counted is the server's only
     (the client's is the caller's cost, so the baseline is, if anything, flattered)."""
     answers: dict[str, list[str]] = {}
-    clients = [RecsvcClient(server.target, timeout=30.0) for _ in range(concurrency)]
+    # one connection per client thread when the server has several processes, so they share the load
+    own = server.processes != 1
+    clients = [RecsvcClient(server.target, timeout=30.0, own_connection=own) for _ in range(concurrency)]
 
     def work(i: int) -> None:
         client = clients[i]
@@ -224,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"recsvc-serve compute threads (default: the server's own, {ServeConfig().workers})",
+    )
+    p.add_argument(
+        "--server-processes",
+        type=int,
+        default=1,
+        help="recsvc-serve --processes (default: %(default)s, the server's default; with more, each "
+        "client thread gets its own connection so the load spreads over the processes)",
     )
     p.add_argument(
         "--concurrency",
@@ -331,7 +350,7 @@ def measure(args: argparse.Namespace, bundle_dir: Path) -> int:
     mismatches: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         work = Path(tmp)
-        server = ServerProcess(root, work, args.server_workers)
+        server = ServerProcess(root, work, args.server_workers, args.server_processes)
         try:
             server.wait_until_serving(timeout=600.0)
             with RecsvcClient(server.target, timeout=10.0) as probe:

@@ -84,12 +84,21 @@ def event(
 
 
 class RecsvcClient:
-    """Blocking client; one channel, reused. Use as a context manager or call `close()`."""
+    """Blocking client; one channel, reused. Use as a context manager or call `close()`.
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = 5.0) -> None:
+    `own_connection`: grpc shares one TCP connection between channels to the same target, so
+    several clients in one process all reach the same server process. A server run with
+    `--processes N` spreads connections, not requests, over its processes: give each client its
+    own connection (a local subchannel pool) to spread the load.
+    """
+
+    def __init__(
+        self, target: str = DEFAULT_TARGET, timeout: float | None = 5.0, *, own_connection: bool = False
+    ) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target)
+        options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
+        self._channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.RecommenderStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from recsvc import bundle as bundle_store
-from recsvc.client import event, recommend_request
+from recsvc.client import RecsvcClient, event, recommend_request
 from recsvc.server import free_port
 from recsvc.servicer import SERVER_PID_METADATA
 from recsvc.v1 import recommender_pb2 as pb
@@ -208,6 +208,25 @@ def test_two_processes_answer_on_one_port(pair) -> None:
     assert set(channels) <= _children(sup.proc.pid)
     for stub in _stubs(channels).values():
         assert _recommend(stub, "anyone").model_version == FIRST_VERSION
+
+
+def test_clients_with_their_own_connection_spread_over_the_processes_and_default_ones_share_one(
+    pair,
+) -> None:
+    """grpc shares one connection between channels to the same target; `own_connection` is how
+    a caller spreads its load (the kernel spreads connections; 32 landing on one of two processes
+    has probability 2^-31)."""
+    sup, _, channels, _ = pair
+    target = f"127.0.0.1:{sup.serving_port()}"
+    shared = [RecsvcClient(target, timeout=10.0) for _ in range(8)]
+    own = [RecsvcClient(target, timeout=10.0, own_connection=True) for _ in range(32)]
+    try:
+        assert len({_pid_of(client._channel) for client in shared}) == 1
+        assert {_pid_of(client._channel) for client in own} == set(channels)
+        assert len(own[0].recommend("spread-user", 5).items) == 5
+    finally:
+        for client in shared + own:
+            client.close()
 
 
 def test_an_event_recorded_on_one_process_changes_the_next_recommend_on_every_process(pair) -> None:
