@@ -485,3 +485,25 @@ def test_segment_sums_equal_numpys_sum_of_each_segment_bit_for_bit(dtype: type) 
     assert sums.dtype == dtype
     expected = [values[a:b].sum() for a, b in itertools.pairwise(offsets)]
     np.testing.assert_array_equal(sums, np.asarray(expected, dtype=dtype))
+
+
+def test_a_history_items_cosines_do_not_depend_on_its_position_in_the_recent_history() -> None:
+    """The cosine kernel takes history rows two at a time (an odd last one paired with itself):
+    cos_hist_max, a max over the same products, must keep its bits when the recent items move."""
+    catalog, emb, stats, _, histories, cands, vecs, nows = _random_case(4, 30, dim=72)
+    cfg = CandidateConfig()
+    checked = 0
+    for h, c, v, t in zip(histories, cands, vecs, nows):
+        if len(c) == 0 or len(h) < HISTORY_COS_ITEMS + 1:
+            continue
+        column = [_COSINE_COLUMNS[1]]  # cos_hist_max
+        base = build_features(h, c, v, emb, catalog, stats, t, cfg)[:, column]
+        tail = np.arange(len(h) - HISTORY_COS_ITEMS, len(h))
+        for moved_tail in (tail[::-1], np.roll(tail, 1)):
+            order = np.concatenate([np.arange(len(h) - HISTORY_COS_ITEMS), moved_tail])
+            moved = UserHistory(h.items[order], h.timestamps, h.weights[order])
+            np.testing.assert_array_equal(
+                build_features(moved, c, v, emb, catalog, stats, t, cfg)[:, column], base
+            )
+            checked += 1
+    assert checked >= 4
