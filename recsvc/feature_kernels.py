@@ -103,9 +103,11 @@ def text_cosines(
     recent[recent_bounds[r]:recent_bounds[r+1]] (oldest first); rows of a request without a
     user vector keep cos_user, and without history the cos_hist_* columns, untouched (nan).
 
-    Candidates go four at a time (`_dots4`). A request's last group is padded by repeating its
-    last candidate (computed, not written), so every product comes out of the same code whatever
-    the candidate's position: the bits never depend on the batch or the list around a candidate.
+    Candidates go four at a time, against the user vector (`_dots4`) and two history rows at a
+    time (`_dots4x2`). A request's last group repeats its last candidate, and an odd last history
+    row is paired with itself (computed, not written), so every product comes out of the same
+    code whatever its position: the bits never depend on the batch, the list around a candidate
+    or where an item sits in the recent history.
     """
     c_user, c_max, c_mean, c_last = columns[0], columns[1], columns[2], columns[3]
     dim = item_emb.shape[1]
