@@ -144,13 +144,13 @@ def final_rows(
         else:
             order = _sorted_rows(neg, own, np.arange(b - a))
         if slots[r] > 0 and b - a > k:
-            order = _with_cold_slots(order, neg, own, cold[a:b], k, slots[r], first_position)
-            if cap > 0:
-                head = order
-                rest = _sorted_rows(neg, own, np.arange(b - a))
+            head = _with_cold_slots(order, neg, own, cold[a:b], k, slots[r], first_position)
+            if cap > 0:  # the cap reads on past k: the full order's other rows follow the head
                 in_head = np.zeros(b - a, np.bool_)
                 in_head[head] = True
-                order = np.concatenate((head, rest[~in_head[rest]]))
+                order = np.concatenate((head, order[~in_head[order]]))
+            else:
+                order = head
         shown = _capped(order, own, codes, cap, k, taken) if cap > 0 else order[:k]
         out[m : m + len(shown)] = shown
         m += len(shown)
