@@ -20,9 +20,16 @@ def ivf_flat(emb: np.ndarray, nlist: int) -> faiss.Index:
 
 
 def lists_of(emb: np.ndarray, nlist: int) -> ivf_search.IvfLists:
-    lists = ivf_search.IvfLists.of(ivf_flat(emb, nlist))
+    return lists_and_assignment(emb, nlist)[0]
+
+
+def lists_and_assignment(emb: np.ndarray, nlist: int) -> tuple[ivf_search.IvfLists, np.ndarray]:
+    """The index's lists and each item's list (what `reference` needs)."""
+    index = ivf_flat(emb, nlist)
+    lists = ivf_search.IvfLists.of(index)
     assert lists is not None
-    return lists
+    _, assignment = index.quantizer.search(emb, 1)
+    return lists, assignment[:, 0]
 
 
 def reference(
@@ -46,29 +53,23 @@ def reference(
 
 def test_top_k_is_the_best_items_of_the_best_lists_best_first() -> None:
     emb = unit_rows(4000, 16, seed=1)
-    index = ivf_flat(emb, 40)
-    lists = ivf_search.IvfLists.of(index)
-    assert lists is not None
-    _, assignment = index.quantizer.search(emb, 1)
+    lists, assignment = lists_and_assignment(emb, 40)
     queries = unit_rows(20, 16, seed=2)
     scores, ids = ivf_search.top_k(lists, queries, 5, 30)
     for q, row_ids, row_scores in zip(queries, ids, scores):
-        assert row_ids.tolist() == reference(emb, lists.centroids, assignment[:, 0], q, 5, 30)
+        assert row_ids.tolist() == reference(emb, lists.centroids, assignment, q, 5, 30)
         np.testing.assert_allclose(row_scores, emb[row_ids] @ q, rtol=0, atol=1e-6)
     assert ids.dtype == np.int64 and scores.dtype == np.float32
 
 
 def test_allowed_keeps_only_allowed_items_of_the_same_lists() -> None:
     emb = unit_rows(4000, 16, seed=13)
-    index = ivf_flat(emb, 40)
-    lists = ivf_search.IvfLists.of(index)
-    assert lists is not None
-    _, assignment = index.quantizer.search(emb, 1)
+    lists, assignment = lists_and_assignment(emb, 40)
     allowed = np.random.default_rng(14).random(4000) < 0.3
     queries = unit_rows(10, 16, seed=15)
     _, ids = ivf_search.top_k(lists, queries, 5, 30, allowed=allowed)
     for q, row_ids in zip(queries, ids):
-        assert row_ids.tolist() == reference(emb, lists.centroids, assignment[:, 0], q, 5, 30, allowed)
+        assert row_ids.tolist() == reference(emb, lists.centroids, assignment, q, 5, 30, allowed)
         assert allowed[row_ids].all()
 
 
