@@ -115,6 +115,7 @@ class RankedColumns:
     scores: np.ndarray  # float64 [k]
     source_bits: np.ndarray  # uint8 [k], SOURCE_BITS of the sources that proposed each item
     explanations: list[str | None] | None = None  # None = no explanations asked for
+    items: np.ndarray | None = None  # int32 [k] catalogue rows of item_ids; None when not known
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -833,6 +834,7 @@ class Recommender:
                 shown_scores[a:b],
                 sources[a:b],
                 self._explain(p.history, shown[a:b]) if p.req.explain else None,
+                shown[a:b],
             )
             personalised = len(p.history) > 0 or p.query_vec is not None
             results.append(

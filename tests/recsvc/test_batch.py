@@ -21,6 +21,7 @@ from recsvc.batch import (
     parts_dir,
     read_users,
     results_frame,
+    results_rows,
     run_batch,
 )
 from recsvc.compute_threads import usable_cores
@@ -379,6 +380,19 @@ def test_results_frame_ranks_each_users_items_from_one_and_joins_sources() -> No
         ("u3", "c", 1, 2.0, "popular"),
     ]
     assert results_frame(["u2"], [results[1]]).height == 0
+
+
+def test_recommender_results_travel_as_catalogue_rows_and_frame_like_their_ids(
+    recommender: Recommender, users: list[str]
+) -> None:
+    results = recommender.recommend_many([RecommendRequest(user_id=u, k=K) for u in users[:5]])
+    rows = results_rows(users[:5], results)
+    assert rows.item_ids is None and rows.items.dtype == np.int32  # no strings pickled per chunk
+    catalogue = pl.Series(recommender.catalog.item_ids.tolist(), dtype=pl.Utf8)
+    by_ids = [RecommendResult(r.items, r.model_version, [], True, {}) for r in results]  # ids only
+    assert rows.frame(catalogue).equals(results_frame(users[:5], by_ids))
+    with pytest.raises(ValueError, match="catalogue"):
+        rows.frame()
 
 
 def test_thread_budget_makes_blas_and_faiss_single_threaded_and_restores_them() -> None:
