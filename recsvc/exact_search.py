@@ -23,6 +23,16 @@ from numba import njit
 
 # Queries per kernel call: bounds the [queries, items] score buffer (32 x 50k items = 6.4 MB).
 CHUNK = 32
+# ... and fewer for wide vectors, so a chunk's queries stay in L1 (32-48 KB) while every item row
+# is scored against them: at 384-d, 32 queries (48 KB) spilled to L2, and chunks of 8 scored
+# 50k random items ~30% faster per query and IVF's 1,264 centroids ~15% (batches of 32-256).
+L1_QUERY_BYTES = 16 * 1024
+
+
+def chunk_size(dim: int) -> int:
+    """Queries per kernel call at `dim`: CHUNK, or fewer (a multiple of 4, at least 4) so that
+    they fit in L1_QUERY_BYTES."""
+    return max(4, min(CHUNK, L1_QUERY_BYTES // (4 * max(dim, 1)) // 4 * 4))
 
 
 # reassoc lets LLVM vectorise each dot product; the summation order is fixed by this code, never
@@ -118,13 +128,14 @@ def top_k(
     n = emb.shape[0]
     if not 1 <= depth <= n:
         raise ValueError(f"depth must be in [1, {n}], got {depth}")
-    starts = range(0, len(queries), CHUNK)
+    chunk = chunk_size(emb.shape[1])
+    starts = range(0, len(queries), chunk)
     if threads > 1 and len(starts) > 1:
         with ThreadPoolExecutor(max_workers=min(threads, len(starts))) as pool:
-            parts = list(pool.map(lambda s: _top_k_chunk(emb, queries[s : s + CHUNK], depth), starts))
+            parts = list(pool.map(lambda s: _top_k_chunk(emb, queries[s : s + chunk], depth), starts))
     else:
-        parts = [_top_k_chunk(emb, queries[s : s + CHUNK], depth) for s in starts]
-    if len(parts) == 1:  # every serving batch: no copy
+        parts = [_top_k_chunk(emb, queries[s : s + chunk], depth) for s in starts]
+    if len(parts) == 1:  # a serving batch of up to chunk_size queries: no copy
         return parts[0]
     if not parts:
         return np.zeros((0, depth), np.int32), np.zeros((0, depth), np.float32)

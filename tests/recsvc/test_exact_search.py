@@ -38,12 +38,18 @@ def test_a_query_gets_the_same_bits_alone_or_in_any_batch(dim: int) -> None:
     """Four-query groups and the one-query remainder are separate loops that LLVM vectorises on
     its own; this is the guard that they still round alike."""
     emb = unit_rows(2000, dim, seed=4)
-    queries = unit_rows(71, dim, seed=5)  # crosses the 4-query groups and the 32-query chunks
+    queries = unit_rows(71, dim, seed=5)  # crosses the 4-query groups and the chunks (8 or 32 queries)
     ids, scores = exact_search.top_k(emb, queries, 60)
     for j in (0, 3, 32, 70):
         alone_ids, alone_scores = exact_search.top_k(emb, queries[j : j + 1], 60)
         assert alone_ids[0].tolist() == ids[j].tolist()
         assert alone_scores[0].tobytes() == scores[j].tobytes()
+
+
+@pytest.mark.parametrize(("dim", "chunk"), [(16, 32), (64, 32), (128, 32), (384, 8), (768, 4), (8192, 4)])
+def test_a_chunk_holds_as_many_queries_as_fit_in_l1_in_fours(dim: int, chunk: int) -> None:
+    assert exact_search.chunk_size(dim) == chunk
+    assert chunk * dim * 4 <= exact_search.L1_QUERY_BYTES or chunk == 4
 
 
 def test_threads_split_the_queries_without_changing_any_answer() -> None:
