@@ -258,8 +258,11 @@ def generate_many(
     extras: Sequence[Sequence[SourceList]] | None = None,
     cf_items: Sequence[np.ndarray | None] | None = None,
     cf_scores: Sequence[np.ndarray | None] | None = None,
+    events: HistoryRows | None = None,
 ) -> list[Candidates]:
     """All sources for many users (each as `generate` describes), in one compiled kernel.
+    `events`: `HistoryRows.of(histories, nows)` when the caller has it already (the features
+    of the same block use it too).
 
     Why: per user, candidate generation is ~40 numpy calls on arrays of a few hundred rows, so
     call overhead, not arithmetic, was its cost on the serving path. Here the computed sources
@@ -272,7 +275,8 @@ def generate_many(
         raise ValueError("histories, ann_items, ann_scores and nows must have the same length")
     if n_users == 0:
         return []
-    events = HistoryRows.of(histories, nows)
+    if events is None:
+        events = HistoryRows.of(histories, nows)
     decayed = events.weights * decay(events.now - events.timestamps, cfg.cooc_half_life_days)
     given: list[SourceList] = []
     table: list[tuple[int, int, int]] = []

@@ -42,7 +42,7 @@ from recsvc.cold_slots import cold_slot_count
 from recsvc.config import CandidateConfig, RecommenderConfig
 from recsvc.features import HISTORY_COS_ITEMS, build_features_many, feature_index, pairwise_dot, tower_inputs
 from recsvc.final_order import final_rows
-from recsvc.history import Event, UserHistory
+from recsvc.history import Event, HistoryRows, UserHistory
 from recsvc.retrieval import best_first, ranked_search, rescored
 from recsvc.user_tower import user_vector
 
@@ -341,7 +341,11 @@ class Recommender:
         timings: dict[str, float],
     ) -> list[RecommendResult]:
         """Candidates, one feature matrix and one ranker call for a block of requests."""
-        generated = self._generate_many(prepared, ann, queries, cf, timings)
+        t = time.perf_counter()
+        # the block's events, for both the candidate sources and the features
+        events = HistoryRows.of([p.history for p in prepared], [p.now for p in prepared])
+        timings["candidates"] += _ms(t)
+        generated = self._generate_many(prepared, ann, queries, cf, events, timings)
         cands = [
             self._candidates(p, g, a, q, c, timings)
             for p, g, a, q, c in zip(prepared, generated, ann, queries, cf)
@@ -360,6 +364,7 @@ class Recommender:
             self.cand_cfg,
             cf=self.bundle.cf,
             cf_user_factors=[p.cf_vec for p in prepared],
+            events=events,
         )
         bounds = np.cumsum([0] + [len(c) for c in cands])
         rows = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
@@ -698,6 +703,7 @@ class Recommender:
         ann: Sequence[tuple[np.ndarray, np.ndarray]],
         queries: Sequence[tuple[np.ndarray, np.ndarray]],
         cf: Sequence[tuple[np.ndarray, np.ndarray]],
+        events: HistoryRows,
         timings: dict[str, float],
     ) -> list[Candidates]:
         """Every request's candidate sources in one `generate_many` (equal to `_generate` each;
@@ -714,6 +720,7 @@ class Recommender:
             extras=[self._extra_sources(p, q) for p, q in zip(prepared, queries)],
             cf_items=[c[0] if p.cf_vec is not None else None for p, c in zip(prepared, cf)],
             cf_scores=[c[1] if p.cf_vec is not None else None for p, c in zip(prepared, cf)],
+            events=events,
         )
         timings["candidates"] += _ms(t)
         return cands
