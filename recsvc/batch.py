@@ -149,26 +149,19 @@ class ChunkRows:
 
     user_ids: list[str]
     counts: np.ndarray  # int64, rows per user, in user order
-    items: np.ndarray  # int32, rows of `item_ids`, or of the catalogue's ids when it is None
+    items: np.ndarray  # int32 catalogue rows
     scores: np.ndarray  # float32
     source_bits: np.ndarray  # uint8, SOURCE_BITS of each row
-    item_ids: np.ndarray | None = None  # object str; None = the catalogue's (never sent per chunk)
 
-    def frame(self, catalogue_ids: pl.Series | None = None) -> pl.DataFrame:
-        """The candidate frame (CANDIDATE_SCHEMA), rank 1 = best within each user.
-        `catalogue_ids`: the catalogue's item ids as a String series, for rows of the catalogue."""
-        if self.item_ids is not None:
-            ids = pl.Series(self.item_ids.tolist(), dtype=pl.Utf8)
-        elif catalogue_ids is not None:
-            ids = catalogue_ids
-        else:
-            raise ValueError("these rows index the catalogue: pass its item ids")
+    def frame(self, catalogue_ids: pl.Series) -> pl.DataFrame:
+        """The candidate frame (CANDIDATE_SCHEMA), rank 1 = best within each user;
+        `catalogue_ids` is `Catalog.id_series()`."""
         starts = np.cumsum(self.counts) - self.counts
         user_rows = np.repeat(np.arange(len(self.user_ids)), self.counts)
         return pl.DataFrame(
             {
                 "user_id": pl.Series(self.user_ids, dtype=pl.Utf8).gather(user_rows),
-                "item_id": ids.gather(self.items),
+                "item_id": catalogue_ids.gather(self.items),
                 "rank": np.arange(len(self.items), dtype=np.int32) - np.repeat(starts, self.counts) + 1,
                 "score": self.scores,
                 "sources": _SOURCE_NAMES.gather(self.source_bits),
@@ -178,29 +171,22 @@ class ChunkRows:
 
 
 def results_rows(user_ids: Sequence[str], results: Sequence[RecommendResult]) -> ChunkRows:
-    """Recommender results -> columns, concatenating each result's `RankedColumns`.
+    """`Recommender.recommend_many` results -> columns, concatenating each result's `RankedColumns`.
 
     Column by column, never an object per row: ~100 rows per user made object-by-object work a
-    tenth of the batch's time. Results that know their catalogue rows (all of
-    `Recommender.recommend_many`'s) are sent as rows; others carry their own item ids.
+    tenth of the batch's time.
     """
     columns = [r.columns for r in results]
-    counts = np.fromiter((len(c) for c in columns), dtype=np.int64, count=len(columns))
-    scores = np.concatenate([np.zeros(0), *(c.scores for c in columns)]).astype(np.float32)
-    bits = np.concatenate([np.zeros(0, np.uint8), *(c.source_bits for c in columns)])
     rows = [c.items for c in columns if c.items is not None]
-    if len(rows) == len(columns):
-        items = np.concatenate([np.zeros(0, np.int32), *rows]).astype(np.int32, copy=False)
-        return ChunkRows(list(user_ids), counts, items, scores, bits)
-    item_ids = np.concatenate([np.zeros(0, dtype=object), *(c.item_ids for c in columns)])
-    return ChunkRows(list(user_ids), counts, np.arange(len(item_ids), dtype=np.int32), scores, bits, item_ids)
-
-
-def results_frame(
-    user_ids: Sequence[str], results: Sequence[RecommendResult], catalogue_ids: pl.Series | None = None
-) -> pl.DataFrame:
-    """Recommender results -> candidate frame (CANDIDATE_SCHEMA)."""
-    return results_rows(user_ids, results).frame(catalogue_ids)
+    if len(rows) != len(columns):
+        raise ValueError("every result must carry its catalogue rows (RankedColumns.items)")
+    return ChunkRows(
+        list(user_ids),
+        np.fromiter((len(c) for c in columns), dtype=np.int64, count=len(columns)),
+        np.concatenate([np.zeros(0, np.int32), *rows]).astype(np.int32, copy=False),
+        np.concatenate([np.zeros(0), *(c.scores for c in columns)]).astype(np.float32),
+        np.concatenate([np.zeros(0, np.uint8), *(c.source_bits for c in columns)]),
+    )
 
 
 @dataclass(frozen=True)
@@ -376,7 +362,7 @@ def run_batch(
         recommender.model_version,
     )
 
-    catalogue_ids = pl.Series(recommender.catalog.item_ids.tolist(), dtype=pl.Utf8)
+    catalogue_ids = recommender.catalog.id_series()
 
     def rank_chunk(chunk: list[str]) -> ChunkRows:
         reqs = [RecommendRequest(user_id=u, k=k, repeat_policy=repeat_policy) for u in chunk]

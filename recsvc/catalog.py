@@ -142,10 +142,14 @@ class Catalog:
             mask &= ~self.value_mask(attribute, values)
         return mask
 
+    def id_series(self) -> pl.Series:
+        """The item ids as a polars String series "item_id", row i = item i."""
+        return pl.Series("item_id", self.item_ids.tolist(), dtype=pl.Utf8)
+
     def save(self, path: str | Path) -> None:
         """One parquet file: item_id, price and the attribute columns as strings."""
         columns: dict[str, pl.Series] = {
-            "item_id": pl.Series("item_id", self.item_ids.tolist(), dtype=pl.Utf8),
+            "item_id": self.id_series(),
             "price": pl.Series("price", self.price, dtype=pl.Float32),
         }
         for name, codes in self.attributes.items():

@@ -20,12 +20,19 @@ from recsvc.batch import (
     parse_shard,
     parts_dir,
     read_users,
-    results_frame,
     results_rows,
     run_batch,
 )
+from recsvc.candidates import BITS_BY_NAMES
 from recsvc.compute_threads import usable_cores
-from recsvc.recommender import RankingPolicy, Recommender, RecommendRequest, RecommendResult, ScoredItem
+from recsvc.recommender import (
+    RankedColumns,
+    RankingPolicy,
+    Recommender,
+    RecommendRequest,
+    RecommendResult,
+    ScoredItem,
+)
 from tests.helpers.bundle_builder import write_bundle
 
 K = 8
@@ -367,32 +374,53 @@ def test_cli_bad_bundle_and_users_file_exit_2_naming_them(bundles_root: Path, tm
     assert "no user_id column" in capsys.readouterr().err
 
 
+def _ranked(rows: list[int], scores: list[float], sources: list[tuple[str, ...]]) -> RecommendResult:
+    """A result as `recommend_many` makes it: columns with catalogue rows (ids "i<row>")."""
+    columns = RankedColumns(
+        np.asarray([f"i{r}" for r in rows], dtype=object),
+        np.asarray(scores, dtype=np.float64),
+        np.asarray([BITS_BY_NAMES[s] for s in sources], dtype=np.uint8),
+        None,
+        np.asarray(rows, dtype=np.int32),
+    )
+    return RecommendResult(None, "v", [], True, {}, columns=columns)
+
+
 def test_results_frame_ranks_each_users_items_from_one_and_joins_sources() -> None:
+    catalogue = pl.Series("item_id", ["i0", "i1", "i2"])
     results = [
-        RecommendResult([ScoredItem("a", 1.0, ("ann", "cooc")), ScoredItem("b", 0.5, ())], "v", [], True, {}),
-        RecommendResult([], "v", [], False, {}),
-        RecommendResult([ScoredItem("c", 2.0, ("popular",))], "v", [], False, {}),
+        _ranked([0, 1], [1.0, 0.5], [("ann", "cooc"), ()]),
+        _ranked([], [], []),
+        _ranked([2], [2.0], [("popular",)]),
     ]
-    frame = results_frame(["u1", "u2", "u3"], results)
+    frame = results_rows(["u1", "u2", "u3"], results).frame(catalogue)
     assert frame.rows() == [
-        ("u1", "a", 1, 1.0, "ann,cooc"),
-        ("u1", "b", 2, 0.5, ""),
-        ("u3", "c", 1, 2.0, "popular"),
+        ("u1", "i0", 1, 1.0, "ann,cooc"),
+        ("u1", "i1", 2, 0.5, ""),
+        ("u3", "i2", 1, 2.0, "popular"),
     ]
-    assert results_frame(["u2"], [results[1]]).height == 0
+    assert results_rows(["u2"], [results[1]]).frame(catalogue).height == 0
 
 
-def test_recommender_results_travel_as_catalogue_rows_and_frame_like_their_ids(
+def test_recommender_results_travel_as_catalogue_rows_and_frame_like_their_items(
     recommender: Recommender, users: list[str]
 ) -> None:
     results = recommender.recommend_many([RecommendRequest(user_id=u, k=K) for u in users[:5]])
     rows = results_rows(users[:5], results)
-    assert rows.item_ids is None and rows.items.dtype == np.int32  # no strings pickled per chunk
-    catalogue = pl.Series(recommender.catalog.item_ids.tolist(), dtype=pl.Utf8)
-    by_ids = [RecommendResult(r.items, r.model_version, [], True, {}) for r in results]  # ids only
-    assert rows.frame(catalogue).equals(results_frame(users[:5], by_ids))
-    with pytest.raises(ValueError, match="catalogue"):
-        rows.frame()
+    assert rows.items.dtype == np.int32  # no strings pickled per chunk
+    frame = rows.frame(recommender.catalog.id_series())
+    expected = [
+        (u, it.item_id, rank, np.float32(it.score), ",".join(it.sources))
+        for u, r in zip(users[:5], results)
+        for rank, it in enumerate(r.items, start=1)
+    ]
+    assert frame.rows() == expected
+
+
+def test_results_without_catalogue_rows_are_refused() -> None:
+    by_ids = RecommendResult([ScoredItem("a", 1.0, ("ann",))], "v", [], True, {})
+    with pytest.raises(ValueError, match="catalogue rows"):
+        results_rows(["u1"], [by_ids])
 
 
 def test_thread_budget_makes_blas_and_faiss_single_threaded_and_restores_them() -> None:
