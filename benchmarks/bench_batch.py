@@ -89,18 +89,12 @@ class ServerProcess:
     def cpu_seconds(self) -> float | None:
         """User + system CPU of the server so far (all threads; with --processes N, the
         supervisor and its server processes); None off Linux."""
+        from bench_serve import tree_cpu_s
+
         try:
-            ticks = 0
-            for stat in Path("/proc").glob("[0-9]*/stat"):
-                try:
-                    fields = stat.read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue  # a process that just ended
-                if stat.parent.name == str(self.proc.pid) or fields[1] == str(self.proc.pid):
-                    ticks += int(fields[11]) + int(fields[12])
-        except OSError:
+            return tree_cpu_s(self.proc.pid)
+        except OSError:  # no /proc
             return None
-        return ticks / os.sysconf("SC_CLK_TCK")
 
     def wait_until_serving(self, timeout: float) -> None:
         """Health SERVING, or a clear error as soon as the server process has died."""

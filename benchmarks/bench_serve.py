@@ -619,7 +619,7 @@ def _metric(body: str, name: str) -> float:
     return total
 
 
-def _tree_cpu_s(root_pid: int) -> float:
+def tree_cpu_s(root_pid: int) -> float:
     """User + system CPU seconds of `root_pid` and every live descendant (from /proc)."""
     ticks = os.sysconf("SC_CLK_TCK")
     children: dict[int, list[int]] = {}
@@ -708,7 +708,7 @@ def start_cli_server(
     def stats() -> tuple[float, float, float]:
         body = _scrape(metrics_port)
         return (
-            _tree_cpu_s(proc.pid),
+            tree_cpu_s(proc.pid),
             _metric(body, "recsvc_batch_size_count"),
             _metric(body, "recsvc_batch_size_sum"),
         )
